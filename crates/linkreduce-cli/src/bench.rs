@@ -1,0 +1,534 @@
+//! `linkreduce bench`: linkreduce and NCCL timed in the same run, eagerly and
+//! as CUDA-graph replays, one thread per GPU.
+
+use std::fmt;
+use std::process::ExitCode;
+use std::sync::Barrier;
+
+use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+use cudarc::driver::{CudaGraph, CudaStream};
+use indicatif::{ProgressBar, ProgressStyle};
+use linkreduce::group::in_process;
+use linkreduce::nccl::{NcclComm, SymmetricBuffer};
+use linkreduce::verify::input_value;
+use linkreduce::{
+    Algorithm, AlgorithmChoice, CallOptions, Communicator, Config, DType, DeviceBuffer, Element,
+    Error, Result,
+};
+use serde::Serialize;
+
+use crate::sizes::{format_size, parse_sizes};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// GPUs, one rank each (default: all visible).
+    #[arg(long, value_delimiter = ',')]
+    devices: Option<Vec<usize>>,
+    /// Message sizes in bytes: lists and LOW:HIGH doubling ranges.
+    #[arg(long, default_value = "1K:256M")]
+    sizes: String,
+    #[arg(long, default_value = "bf16")]
+    dtype: DType,
+    /// Implementations to time.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "nccl,auto,one-stage,two-stage,nccl-symmetric"
+    )]
+    implementations: Vec<Implementation>,
+    /// Timed repetitions; the median is reported.
+    #[arg(long, default_value_t = 7)]
+    repetitions: usize,
+    /// Write every figure and the run's facts here as JSON.
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+enum Implementation {
+    Auto,
+    OneStage,
+    TwoStage,
+    Nccl,
+    NcclSymmetric,
+}
+
+impl fmt::Display for Implementation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Implementation::Auto => "linkreduce",
+            Implementation::OneStage => "lr-one-stage",
+            Implementation::TwoStage => "lr-two-stage",
+            Implementation::Nccl => "nccl",
+            Implementation::NcclSymmetric => "nccl-symm",
+        })
+    }
+}
+
+impl Implementation {
+    fn algorithm(self) -> Option<AlgorithmChoice> {
+        match self {
+            Implementation::Auto => Some(AlgorithmChoice::Auto),
+            Implementation::OneStage => Some(AlgorithmChoice::Force(Algorithm::OneStage)),
+            Implementation::TwoStage => Some(AlgorithmChoice::Force(Algorithm::TwoStage)),
+            Implementation::Nccl | Implementation::NcclSymmetric => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize)]
+#[serde(rename_all = "kebab-case")]
+enum Mode {
+    Eager,
+    Graph,
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct Row {
+    bytes: usize,
+    count: usize,
+    dtype: DType,
+    implementation: Implementation,
+    mode: Mode,
+    /// Median over repetitions of the slowest rank's time per call.
+    time_us: f64,
+    algbw_gbps: f64,
+    busbw_gbps: f64,
+    wrong: usize,
+    /// NCCL's time over this one's in the same run and mode (>1: faster).
+    speedup_vs_nccl: Option<f64>,
+}
+
+#[derive(Serialize)]
+struct Report {
+    command: String,
+    gpus: Vec<String>,
+    driver: String,
+    nccl: String,
+    world_size: usize,
+    max_blocks: u32,
+    rows: Vec<Row>,
+}
+
+/// Per-rank state kept across sizes.
+struct Rank<'a> {
+    comm: &'a mut Communicator,
+    nccl: Option<&'a mut NcclComm>,
+}
+
+/// Calls per timed repetition: enough to dwarf launch overheads, few
+/// enough that the largest sizes stay quick.
+fn calls_per_repetition(bytes: usize) -> usize {
+    ((256usize << 20) / bytes).clamp(5, 50)
+}
+
+pub fn run(args: Args) -> Result<ExitCode> {
+    let sizes = parse_sizes(&args.sizes).map_err(Error::InvalidConfig)?;
+    let devices = crate::pick_devices(&args.devices)?;
+    let config = Config {
+        staging_bytes: 1 << 20,
+        ..Config::default()
+    };
+    let mut comms = in_process(&devices, config)?;
+    let wants_nccl = args.implementations.iter().any(|i| i.algorithm().is_none());
+    let mut nccl = if wants_nccl {
+        let streams: Vec<_> = comms.iter().map(|c| c.stream().clone()).collect();
+        NcclComm::init_all(&streams)?
+    } else {
+        Vec::new()
+    };
+    let world = comms.len();
+    let progress = ProgressBar::new((sizes.len() * args.implementations.len()) as u64);
+    progress.set_style(
+        ProgressStyle::with_template("{bar:40} {pos}/{len} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let mut rows = Vec::new();
+    let mut nccl_iter = nccl.iter_mut();
+    let mut ranks: Vec<Rank> = comms
+        .iter_mut()
+        .map(|comm| Rank {
+            comm,
+            nccl: nccl_iter.next(),
+        })
+        .collect();
+    print_header();
+    // Implementations outer, sizes inner: NCCL's rows exist before the
+    // ratios need them, and one implementation that stalls costs only its
+    // own rows.
+    for &implementation in &args.implementations {
+        for &bytes in &sizes {
+            let count = bytes / args.dtype.size();
+            if count == 0 {
+                continue;
+            }
+            progress.set_message(format!("{} {implementation}", format_size(bytes)));
+            let measured = match args.dtype {
+                DType::F32 => measure::<f32>(&mut ranks, implementation, count, args.repetitions),
+                DType::F16 => {
+                    measure::<half::f16>(&mut ranks, implementation, count, args.repetitions)
+                }
+                DType::BF16 => {
+                    measure::<half::bf16>(&mut ranks, implementation, count, args.repetitions)
+                }
+            }?;
+            for (mode, time_us) in [
+                (Mode::Eager, measured.eager_us),
+                (Mode::Graph, measured.graph_us),
+            ] {
+                let algbw = bytes as f64 / (time_us * 1e3);
+                let mut row = Row {
+                    bytes,
+                    count,
+                    dtype: args.dtype,
+                    implementation,
+                    mode,
+                    time_us,
+                    algbw_gbps: algbw,
+                    busbw_gbps: algbw * 2.0 * (world - 1) as f64 / world as f64,
+                    wrong: measured.wrong,
+                    speedup_vs_nccl: None,
+                };
+                row.speedup_vs_nccl = speedup_vs_nccl(&rows, &row);
+                progress.suspend(|| print_row(&row));
+                rows.push(row);
+            }
+            progress.inc(1);
+        }
+    }
+    progress.finish_and_clear();
+    drop(ranks);
+    rows.sort_by_key(|r| (r.bytes, r.implementation as u8, r.mode as u8));
+    println!();
+    print_header();
+    rows.iter().for_each(print_row);
+    let max_blocks = comms[0].max_blocks();
+    let report = Report {
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+        gpus: comms
+            .iter()
+            .map(|c| c.context().name().unwrap_or_else(|_| "unknown".into()))
+            .collect(),
+        driver: driver_string(),
+        nccl: linkreduce::nccl::version()
+            .map(|(a, b, c)| format!("{a}.{b}.{c}"))
+            .unwrap_or_else(|e| e.to_string()),
+        world_size: world,
+        max_blocks,
+        rows,
+    };
+    if let Some(path) = &args.json {
+        let text = serde_json::to_string_pretty(&report)
+            .map_err(|e| Error::InvalidConfig(format!("cannot encode the report: {e}")))?;
+        std::fs::write(path, text)
+            .map_err(|e| Error::InvalidConfig(format!("cannot write {}: {e}", path.display())))?;
+    }
+    drop(nccl);
+    let wrong: usize = report.rows.iter().map(|r| r.wrong).sum();
+    Ok(if wrong == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+fn driver_string() -> String {
+    let mut version = 0;
+    // SAFETY: the driver is loaded (a group was created); `version` is
+    // valid for writes.
+    let status = unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut version) };
+    if status.result().is_ok() {
+        format!("{}.{}", version / 1000, (version % 1000) / 10)
+    } else {
+        "unknown".into()
+    }
+}
+
+struct Measured {
+    eager_us: f64,
+    graph_us: f64,
+    wrong: usize,
+}
+
+/// The buffers one rank all-reduces between.
+enum Buffers<T> {
+    Linkreduce {
+        input: DeviceBuffer<T>,
+        output: DeviceBuffer<T>,
+    },
+    Nccl {
+        input: DeviceBuffer<T>,
+        output: DeviceBuffer<T>,
+    },
+    Symmetric {
+        input: SymmetricBuffer,
+        output: SymmetricBuffer,
+    },
+}
+
+impl<T: Element> Buffers<T> {
+    fn addresses(&self) -> (u64, u64) {
+        match self {
+            Buffers::Linkreduce { input, output } | Buffers::Nccl { input, output } => {
+                (input.device_address(), output.device_address())
+            }
+            Buffers::Symmetric { input, output } => {
+                (input.device_address(), output.device_address())
+            }
+        }
+    }
+}
+
+fn call<T: Element>(
+    rank: &mut Rank,
+    implementation: Implementation,
+    buffers: &mut Buffers<T>,
+    count: usize,
+) -> Result<()> {
+    match (implementation.algorithm(), buffers) {
+        (Some(algorithm), Buffers::Linkreduce { input, output }) => rank.comm.all_reduce_with(
+            input,
+            output,
+            CallOptions {
+                algorithm,
+                zero_copy: true,
+            },
+        ),
+        (None, buffers) => {
+            let nccl = rank
+                .nccl
+                .as_deref_mut()
+                .ok_or_else(|| Error::InvalidConfig("NCCL was not initialised".into()))?;
+            let (send, recv) = buffers.addresses();
+            // SAFETY: both addresses hold `count` elements of T on this
+            // rank's device and outlive the enqueued work (synchronised
+            // before the buffers drop).
+            unsafe { nccl.all_reduce_raw(T::DTYPE, send, recv, count) }
+        }
+        _ => Err(Error::InvalidConfig(
+            "buffers do not match the implementation".into(),
+        )),
+    }
+}
+
+fn event_pair(
+    stream: &CudaStream,
+) -> Result<(cudarc::driver::CudaEvent, cudarc::driver::CudaEvent)> {
+    let ctx = stream.context();
+    let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+    Ok((
+        ctx.new_event(flags)
+            .map_err(Error::driver("cuEventCreate"))?,
+        ctx.new_event(flags)
+            .map_err(Error::driver("cuEventCreate"))?,
+    ))
+}
+
+/// Times `work` (which enqueues `calls` all-reduces) `repetitions` times
+/// after a barrier of all rank threads; microseconds per call.
+fn time_calls(
+    stream: &CudaStream,
+    start_line: &Barrier,
+    repetitions: usize,
+    calls: usize,
+    mut work: impl FnMut() -> Result<()>,
+) -> Result<Vec<f64>> {
+    let (start, end) = event_pair(stream)?;
+    let mut times = Vec::with_capacity(repetitions);
+    for _ in 0..repetitions {
+        start_line.wait();
+        start
+            .record(stream)
+            .map_err(Error::driver("cuEventRecord"))?;
+        work()?;
+        end.record(stream).map_err(Error::driver("cuEventRecord"))?;
+        end.synchronize()
+            .map_err(Error::driver("cuEventSynchronize"))?;
+        let ms = start
+            .elapsed_ms(&end)
+            .map_err(Error::driver("cuEventElapsedTime"))?;
+        times.push(ms as f64 * 1e3 / calls as f64);
+    }
+    Ok(times)
+}
+
+fn capture<T: Element>(
+    rank: &mut Rank,
+    implementation: Implementation,
+    buffers: &mut Buffers<T>,
+    count: usize,
+    calls: usize,
+) -> Result<CudaGraph> {
+    let stream = rank.comm.stream().clone();
+    stream
+        .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+        .map_err(Error::driver("cuStreamBeginCapture"))?;
+    let captured = (0..calls).try_for_each(|_| call(rank, implementation, buffers, count));
+    let graph = stream
+        .end_capture(CUgraphInstantiate_flags(0))
+        .map_err(Error::driver("cuStreamEndCapture"));
+    captured?;
+    graph?.ok_or_else(|| Error::InvalidConfig("capture produced no graph".into()))
+}
+
+/// What one rank measured for one size: per-repetition microseconds per
+/// call, eager and graphed, and the result of the first call.
+struct RankRun<T> {
+    eager: Vec<f64>,
+    graphed: Vec<f64>,
+    result: Vec<T>,
+}
+
+fn measure<T: Element + Default>(
+    ranks: &mut [Rank],
+    implementation: Implementation,
+    count: usize,
+    repetitions: usize,
+) -> Result<Measured> {
+    let world = ranks.len();
+    let calls = calls_per_repetition(count * std::mem::size_of::<T>());
+    let start_line = Barrier::new(world);
+    let per_rank = std::thread::scope(|scope| {
+        let start_line = &start_line;
+        let handles: Vec<_> = ranks
+            .iter_mut()
+            .map(|rank| {
+                scope.spawn(move || -> Result<RankRun<T>> {
+                    let stream = rank.comm.stream().clone();
+                    let host: Vec<T> = (0..count)
+                        .map(|i| T::from_f64(input_value(1, rank.comm.rank(), i)))
+                        .collect();
+                    let mut buffers = match implementation {
+                        Implementation::NcclSymmetric => {
+                            let nccl = rank.nccl.as_deref().ok_or_else(|| {
+                                Error::InvalidConfig("NCCL was not initialised".into())
+                            })?;
+                            let bytes = count * std::mem::size_of::<T>();
+                            Buffers::Symmetric {
+                                input: SymmetricBuffer::new(nccl, bytes)?,
+                                output: SymmetricBuffer::new(nccl, bytes)?,
+                            }
+                        }
+                        Implementation::Nccl => Buffers::Nccl {
+                            input: rank.comm.alloc::<T>(count)?,
+                            output: rank.comm.alloc::<T>(count)?,
+                        },
+                        _ => {
+                            let input = rank.comm.alloc::<T>(count)?;
+                            rank.comm.register(&input)?;
+                            Buffers::Linkreduce {
+                                input,
+                                output: rank.comm.alloc::<T>(count)?,
+                            }
+                        }
+                    };
+                    let (input_address, output_address) = buffers.addresses();
+                    // SAFETY: the input holds `count` elements of T.
+                    unsafe { linkreduce::memory::copy_to_device(&stream, input_address, &host) }?;
+                    // Correctness first, on the same buffers that are timed.
+                    call(rank, implementation, &mut buffers, count)?;
+                    stream
+                        .synchronize()
+                        .map_err(Error::driver("cuStreamSynchronize"))?;
+                    let mut result = vec![T::default(); count];
+                    // SAFETY: the output holds `count` elements of T.
+                    unsafe {
+                        linkreduce::memory::copy_to_host(&stream, &mut result, output_address)
+                    }?;
+                    for _ in 0..3 {
+                        call(rank, implementation, &mut buffers, count)?;
+                    }
+                    let eager = time_calls(&stream, start_line, repetitions, calls, || {
+                        (0..calls).try_for_each(|_| call(rank, implementation, &mut buffers, count))
+                    });
+                    let eager = eager?;
+                    let graph = capture(rank, implementation, &mut buffers, count, calls)?;
+                    graph.launch().map_err(Error::driver("cuGraphLaunch"))?;
+                    let graphed = time_calls(&stream, start_line, repetitions, calls, || {
+                        graph.launch().map_err(Error::driver("cuGraphLaunch"))
+                    })?;
+                    stream
+                        .synchronize()
+                        .map_err(Error::driver("cuStreamSynchronize"))?;
+                    rank.comm.synchronize()?;
+                    if let Buffers::Linkreduce { input, .. } = &buffers {
+                        rank.comm.deregister(input);
+                    }
+                    Ok(RankRun {
+                        eager,
+                        graphed,
+                        result,
+                    })
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(Error::InvalidConfig("a rank's thread panicked".into()))
+                })
+            })
+            .collect::<Result<Vec<_>>>()
+    })?;
+    let slowest = |pick: fn(&RankRun<T>) -> &Vec<f64>| {
+        let mut worst: Vec<f64> = (0..repetitions)
+            .map(|rep| per_rank.iter().map(|r| pick(r)[rep]).fold(0.0, f64::max))
+            .collect();
+        worst.sort_by(f64::total_cmp);
+        worst[worst.len() / 2]
+    };
+    let wrong = (0..count)
+        .map(|i| {
+            let expected = T::from_f64((0..world).map(|r| input_value(1, r, i)).sum()).to_f64();
+            per_rank
+                .iter()
+                .filter(|r| r.result[i].to_f64() != expected)
+                .count()
+        })
+        .sum();
+    Ok(Measured {
+        eager_us: slowest(|r| &r.eager),
+        graph_us: slowest(|r| &r.graphed),
+        wrong,
+    })
+}
+
+/// NCCL's time over `row`'s at the same size and mode (>1: `row` is faster).
+fn speedup_vs_nccl(rows: &[Row], row: &Row) -> Option<f64> {
+    rows.iter()
+        .find(|r| {
+            r.implementation == Implementation::Nccl
+                && r.bytes == row.bytes
+                && r.mode as u8 == row.mode as u8
+        })
+        .map(|nccl| nccl.time_us / row.time_us)
+}
+
+fn print_header() {
+    println!(
+        "{:>9} {:>11} {:>5} {:>13} {:>6} {:>10} {:>9} {:>9} {:>6} {:>8}",
+        "size", "count", "type", "impl", "mode", "time(us)", "algbw", "busbw", "wrong", "vs nccl"
+    );
+}
+
+fn print_row(row: &Row) {
+    let ratio = row
+        .speedup_vs_nccl
+        .map(|r| format!("{r:.2}x"))
+        .unwrap_or_else(|| "-".into());
+    println!(
+        "{:>9} {:>11} {:>5} {:>13} {:>6} {:>10.2} {:>9.2} {:>9.2} {:>6} {:>8}",
+        format_size(row.bytes),
+        row.count,
+        row.dtype.name(),
+        row.implementation.to_string(),
+        format!("{:?}", row.mode).to_lowercase(),
+        row.time_us,
+        row.algbw_gbps,
+        row.busbw_gbps,
+        row.wrong,
+        ratio
+    );
+}

@@ -1,0 +1,111 @@
+//! `linkreduce info`: what linkreduce sees on this machine.
+
+use std::process::ExitCode;
+
+use cudarc::driver::sys::{self, CUdevice_P2PAttribute};
+use cudarc::driver::CudaContext;
+use linkreduce::kernels::nvrtc_version;
+use linkreduce::memory::can_access_peer;
+use linkreduce::{algorithm, AlgorithmChoice, Error, Result};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// GPUs to report on (default: all visible).
+    #[arg(long, value_delimiter = ',')]
+    devices: Option<Vec<usize>>,
+}
+
+fn driver_version() -> Result<i32> {
+    let mut version = 0;
+    // SAFETY: the driver is loaded (device_count succeeded); `version` is
+    // valid for writes.
+    unsafe { sys::cuDriverGetVersion(&mut version) }
+        .result()
+        .map_err(Error::driver("cuDriverGetVersion"))?;
+    Ok(version)
+}
+
+fn p2p_attribute(
+    from: &CudaContext,
+    to: &CudaContext,
+    attribute: CUdevice_P2PAttribute,
+) -> Result<i32> {
+    let mut value = 0;
+    // SAFETY: both device handles are valid; `value` is valid for writes.
+    unsafe {
+        sys::cuDeviceGetP2PAttribute(&mut value, attribute, from.cu_device(), to.cu_device())
+    }
+    .result()
+    .map_err(Error::driver("cuDeviceGetP2PAttribute"))?;
+    Ok(value)
+}
+
+pub fn run(args: Args) -> Result<ExitCode> {
+    let devices = crate::pick_devices(&args.devices)?;
+    let driver = driver_version()?;
+    println!("CUDA driver: {}.{}", driver / 1000, (driver % 1000) / 10);
+    match nvrtc_version() {
+        Ok((major, minor)) => println!("NVRTC: {major}.{minor}"),
+        Err(error) => println!("NVRTC: unavailable ({error})"),
+    }
+    match linkreduce::nccl::version() {
+        Ok((major, minor, patch)) => println!("NCCL: {major}.{minor}.{patch}"),
+        Err(error) => println!("NCCL: unavailable ({error})"),
+    }
+    let mut contexts = Vec::new();
+    for &ordinal in &devices {
+        let ctx = CudaContext::new(ordinal).map_err(Error::driver("cuDevicePrimaryCtxRetain"))?;
+        let (major, minor) = ctx
+            .compute_capability()
+            .map_err(Error::driver("cuDeviceGetAttribute"))?;
+        let sms = ctx
+            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(Error::driver("cuDeviceGetAttribute"))?;
+        let name = ctx.name().unwrap_or_else(|_| "unknown".into());
+        let memory = ctx.total_mem().unwrap_or(0) >> 30;
+        println!("GPU {ordinal}: {name}, sm_{major}{minor}, {sms} SMs, {memory} GiB");
+        contexts.push(ctx);
+    }
+    let mut all_linked = true;
+    for (i, from) in contexts.iter().enumerate() {
+        for (j, to) in contexts.iter().enumerate() {
+            if i == j {
+                continue;
+            }
+            let access = can_access_peer(from, to)?;
+            let rank = p2p_attribute(
+                from,
+                to,
+                CUdevice_P2PAttribute::CU_DEVICE_P2P_ATTRIBUTE_PERFORMANCE_RANK,
+            )?;
+            let atomics = p2p_attribute(
+                from,
+                to,
+                CUdevice_P2PAttribute::CU_DEVICE_P2P_ATTRIBUTE_NATIVE_ATOMIC_SUPPORTED,
+            )?;
+            all_linked &= access;
+            println!(
+                "GPU {} -> GPU {}: peer access {}, performance rank {rank}, native atomics {}",
+                devices[i],
+                devices[j],
+                if access { "yes" } else { "NO" },
+                if atomics != 0 { "yes" } else { "no" },
+            );
+        }
+    }
+    let world = devices.len();
+    if !(2..=8).contains(&world) {
+        println!("linkreduce kernels: not used for {world} rank(s) (they cover 2 to 8); NCCL is the path");
+    } else if !all_linked {
+        println!("linkreduce kernels: not used (some pair lacks peer access); NCCL is the path");
+    } else {
+        for bytes in [1 << 10, 256 << 10, 512 << 10, 1 << 20, 256 << 20] {
+            let choice = algorithm::choose(world, bytes, AlgorithmChoice::Auto);
+            println!(
+                "{world} ranks, {}: {choice}",
+                crate::sizes::format_size(bytes)
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,62 @@
+//! `linkreduce`: benchmarks side by side with NCCL, correctness sweeps and
+//! topology reports for the linkreduce library.
+
+mod bench;
+mod check;
+mod info;
+mod sizes;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "linkreduce",
+    version,
+    about = "Custom GPU all-reduce: benchmark, check, inspect"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Time linkreduce and NCCL over a sweep of message sizes.
+    Bench(bench::Args),
+    /// Check results against a CPU reference over sizes, dtypes, algorithms
+    /// and world sizes; exits non-zero on any mismatch.
+    Check(check::Args),
+    /// Show devices, peer access, library versions and algorithm choices.
+    Info(info::Args),
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Bench(args) => bench::run(args),
+        Command::Check(args) => check::run(args),
+        Command::Info(args) => info::run(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("linkreduce: {error}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// The GPUs to use: the ones asked for, or every visible one.
+fn pick_devices(asked: &Option<Vec<usize>>) -> linkreduce::Result<Vec<usize>> {
+    let count = linkreduce::memory::device_count()?;
+    Ok(match asked {
+        Some(devices) => devices.clone(),
+        None => (0..count).collect(),
+    })
+}

@@ -1,0 +1,153 @@
+//! Which algorithm an all-reduce uses. The choice lives here and nowhere else.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// The data-movement schemes the kernels implement (see SPEC.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Algorithm {
+    /// Every rank reads every peer's whole input: (W-1) x N bytes pulled per
+    /// rank, two barriers. Best for small messages and two GPUs.
+    OneStage,
+    /// Reduce-scatter into scratch, then all-gather: 2(W-1)/W x N bytes per
+    /// rank, three barriers. Best for large messages on more than two GPUs.
+    TwoStage,
+}
+
+impl Algorithm {
+    pub const ALL: [Algorithm; 2] = [Algorithm::OneStage, Algorithm::TwoStage];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Algorithm::OneStage => "one-stage",
+            Algorithm::TwoStage => "two-stage",
+        }
+    }
+
+    /// The prefix of this algorithm's kernel symbols.
+    pub(crate) fn kernel_prefix(self) -> &'static str {
+        match self {
+            Algorithm::OneStage => "one_stage",
+            Algorithm::TwoStage => "two_stage",
+        }
+    }
+}
+
+impl fmt::Display for Algorithm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Algorithm {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "one-stage" | "one_stage" | "oneshot" | "one-shot" | "1" => Ok(Algorithm::OneStage),
+            "two-stage" | "two_stage" | "twoshot" | "two-shot" | "2" => Ok(Algorithm::TwoStage),
+            _ => Err(format!(
+                "unknown algorithm {s:?}: expected one-stage or two-stage"
+            )),
+        }
+    }
+}
+
+/// The caller's wish: let linkreduce decide, or force one algorithm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum AlgorithmChoice {
+    #[default]
+    Auto,
+    Force(Algorithm),
+}
+
+/// The reference rule of SPEC.md: two GPUs always one-stage; up to four
+/// ranks below 512 KiB and up to eight below 256 KiB one-stage; otherwise
+/// two-stage.
+pub fn choose(world_size: usize, message_bytes: usize, choice: AlgorithmChoice) -> Algorithm {
+    if let AlgorithmChoice::Force(algorithm) = choice {
+        return algorithm;
+    }
+    let one_stage = match world_size {
+        0..=2 => true,
+        3..=4 => message_bytes < 512 * 1024,
+        _ => message_bytes < 256 * 1024,
+    };
+    if one_stage {
+        Algorithm::OneStage
+    } else {
+        Algorithm::TwoStage
+    }
+}
+
+/// How many blocks a launch uses: enough for one packet per thread, at most
+/// `max_blocks` (the group-wide limit that keeps every rank's grid resident).
+/// Depends only on values every rank shares, so all ranks launch the same
+/// grid, which the barrier needs.
+pub fn blocks_for(
+    algorithm: Algorithm,
+    world_size: usize,
+    packets: usize,
+    threads_per_block: u32,
+    max_blocks: u32,
+) -> u32 {
+    let per_rank = match algorithm {
+        Algorithm::OneStage => packets,
+        Algorithm::TwoStage => packets.div_ceil(world_size.max(1)),
+    };
+    let wanted = per_rank.div_ceil(threads_per_block as usize).max(1);
+    wanted.min(max_blocks.max(1) as usize) as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grids_grow_with_the_work_up_to_the_limit() {
+        let one = Algorithm::OneStage;
+        assert_eq!(blocks_for(one, 2, 0, 512, 36), 1);
+        assert_eq!(blocks_for(one, 2, 512, 512, 36), 1);
+        assert_eq!(blocks_for(one, 2, 513, 512, 36), 2);
+        assert_eq!(blocks_for(one, 2, 1 << 30, 512, 36), 36);
+        assert_eq!(blocks_for(Algorithm::TwoStage, 4, 4 * 512 + 1, 512, 36), 2);
+        assert_eq!(blocks_for(one, 2, 1 << 20, 512, 0), 1);
+    }
+
+    #[test]
+    fn two_ranks_always_use_one_stage() {
+        for bytes in [0, 1 << 10, 1 << 20, 1 << 30] {
+            assert_eq!(choose(2, bytes, AlgorithmChoice::Auto), Algorithm::OneStage);
+        }
+    }
+
+    #[test]
+    fn thresholds_follow_the_reference_rule() {
+        let auto = AlgorithmChoice::Auto;
+        assert_eq!(choose(4, 512 * 1024 - 1, auto), Algorithm::OneStage);
+        assert_eq!(choose(4, 512 * 1024, auto), Algorithm::TwoStage);
+        assert_eq!(choose(3, 256 * 1024, auto), Algorithm::OneStage);
+        assert_eq!(choose(8, 256 * 1024 - 1, auto), Algorithm::OneStage);
+        assert_eq!(choose(8, 256 * 1024, auto), Algorithm::TwoStage);
+        assert_eq!(choose(6, 300 * 1024, auto), Algorithm::TwoStage);
+    }
+
+    #[test]
+    fn a_forced_algorithm_wins() {
+        let forced = AlgorithmChoice::Force(Algorithm::TwoStage);
+        assert_eq!(choose(2, 16, forced), Algorithm::TwoStage);
+        let forced = AlgorithmChoice::Force(Algorithm::OneStage);
+        assert_eq!(choose(8, 1 << 30, forced), Algorithm::OneStage);
+    }
+
+    #[test]
+    fn names_parse_back() {
+        for algorithm in Algorithm::ALL {
+            assert_eq!(algorithm.name().parse::<Algorithm>().unwrap(), algorithm);
+        }
+        assert!("three-stage".parse::<Algorithm>().is_err());
+    }
+}

@@ -1,0 +1,696 @@
+//! The communicator: one rank's handle for all-reduces, and the enqueue path
+//! that turns a call into staging copies and kernel launches.
+//!
+//! Set-up is collective (every rank builds its communicator at the same time
+//! through a [`Rendezvous`]); so are [`Communicator::register`] and
+//! [`Communicator::register_graph_buffers`]. All-reduces are collective on the
+//! GPU: every rank must make the same calls, with the same lengths, in the
+//! same order.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cudarc::driver::sys::{self, CUstreamCaptureStatus};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
+};
+
+use crate::algorithm::{blocks_for, choose, Algorithm, AlgorithmChoice};
+use crate::dtype::{DType, Element};
+use crate::error::{Error, Result};
+use crate::kernels::{
+    compile_cubin, kernel_name, AllReduceArgs, Arch, BarrierArgs, Fault, Record, MAX_BLOCKS,
+    MAX_RANKS, PACKET_BYTES, SCRATCH_OFFSET, SCRATCH_TAIL_BYTES, THREADS_PER_BLOCK, WORLD_SIZES,
+};
+use crate::memory::{check, copy_to_device, DeviceBuffer, DeviceMemory, HostMapped, PointerInfo};
+use crate::registry::{Located, Registry};
+use crate::rendezvous::Rendezvous;
+
+/// Where a launch reads this rank's input from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    /// The caller's buffer, through its record.
+    Direct(Located),
+    /// A copy in this rank's staging buffer (record `staging_record`).
+    Staged,
+}
+
+/// Tunables of a communicator. Every rank must use the same values.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// How long a kernel waits for a peer at a barrier before giving up.
+    pub timeout: Duration,
+    /// How long set-up and registration wait for the other ranks.
+    pub rendezvous_timeout: Duration,
+    /// Registered staging buffer for inputs that are not registered.
+    pub staging_bytes: usize,
+    /// Scratch for the two-stage algorithm's reduced slices; larger
+    /// messages are split into several launches.
+    pub scratch_bytes: usize,
+    /// Capacity of the device table of registered buffers.
+    pub max_records: usize,
+    /// Upper bound on blocks per launch, further limited so that every
+    /// rank's grid stays resident. Large messages need many blocks to reach
+    /// NVLink bandwidth; small ones use few whatever this is.
+    pub max_blocks: u32,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            timeout: Duration::from_secs(5),
+            rendezvous_timeout: Duration::from_secs(60),
+            staging_bytes: 32 << 20,
+            scratch_bytes: 32 << 20,
+            max_records: 4096,
+            max_blocks: MAX_BLOCKS as u32,
+        }
+    }
+}
+
+impl Config {
+    pub(crate) fn validate(&self) -> Result<()> {
+        let bad = |what: String| Err(Error::InvalidConfig(what));
+        if self.timeout.is_zero() {
+            return bad("timeout must be positive".into());
+        }
+        if self.staging_bytes < PACKET_BYTES {
+            return bad(format!("staging_bytes must be at least {PACKET_BYTES}"));
+        }
+        let least_scratch = (MAX_RANKS + 2) * PACKET_BYTES + SCRATCH_TAIL_BYTES;
+        if self.scratch_bytes < least_scratch {
+            return bad(format!("scratch_bytes must be at least {least_scratch}"));
+        }
+        if self.max_records < 1 {
+            return bad("max_records must be at least 1 (the staging buffer's)".into());
+        }
+        if self.max_blocks < 1 || self.max_blocks as usize > MAX_BLOCKS {
+            return bad(format!("max_blocks must be in 1..={MAX_BLOCKS}"));
+        }
+        Ok(())
+    }
+}
+
+/// Per-call options.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CallOptions {
+    pub algorithm: AlgorithmChoice,
+    /// Refuse (instead of copying into staging) an input that is not
+    /// registered.
+    pub zero_copy: bool,
+}
+
+/// One rank of a group that all-reduces across GPUs.
+pub struct Communicator {
+    rank: usize,
+    world_size: usize,
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    kernels: HashMap<(Algorithm, DType), CudaFunction>,
+    /// Blocks per launch at most: the same on every rank.
+    max_blocks: u32,
+    signal_peers: [u64; MAX_RANKS],
+    registry: Registry,
+    staging_record: usize,
+    config: Config,
+    /// Why the communicator cannot be used any more, once it cannot.
+    poisoned: Option<String>,
+    rendezvous: Box<dyn Rendezvous>,
+    fault: HostMapped<Fault>,
+    table: DeviceMemory,
+    staging: DeviceMemory,
+    /// Owned here, used through `signal_peers` (by this rank and its peers).
+    _signal: DeviceMemory,
+}
+
+impl Communicator {
+    /// Builds this rank's communicator; collective over `rendezvous`.
+    ///
+    /// Peers' memory is addressed directly, so every rank must live in this
+    /// process with peer access enabled between their devices (what
+    /// [`crate::group::in_process`] arranges).
+    pub(crate) fn in_process(
+        rendezvous: Box<dyn Rendezvous>,
+        ctx: Arc<CudaContext>,
+        config: Config,
+    ) -> Result<Self> {
+        config.validate()?;
+        let rank = rendezvous.rank();
+        let world_size = rendezvous.world_size();
+        if !WORLD_SIZES.contains(&world_size) {
+            return Err(Error::UnsupportedWorldSize(world_size));
+        }
+        ctx.bind_to_thread()
+            .map_err(Error::driver("cuCtxSetCurrent"))?;
+        let stream = ctx.new_stream().map_err(Error::driver("cuStreamCreate"))?;
+        let kernels = load_kernels(&ctx, world_size)?;
+
+        // Ranks that share a GPU spin on each other, so all their blocks
+        // must be resident at once: split each GPU's capacity among them.
+        let resident = resident_blocks(&ctx, &kernels)?;
+        let uuid = ctx.uuid().map_err(Error::driver("cuDeviceGetUuid"))?;
+        let uuid_word = |half: usize| {
+            let bytes: Vec<u8> = uuid.bytes[half * 8..half * 8 + 8]
+                .iter()
+                .map(|&b| b as u8)
+                .collect();
+            u64::from_le_bytes(bytes.try_into().unwrap_or_default())
+        };
+        let peers = all_gather_u64s(
+            rendezvous.as_ref(),
+            &[uuid_word(0), uuid_word(1), resident as u64],
+        )?;
+        let max_blocks = peers
+            .iter()
+            .map(|p| {
+                let sharing = peers.iter().filter(|q| q[..2] == p[..2]).count() as u64;
+                p[2] / sharing
+            })
+            .min()
+            .unwrap_or(0)
+            .min(config.max_blocks as u64) as u32;
+        if max_blocks == 0 {
+            return Err(Error::InvalidConfig(
+                "a GPU cannot keep one block of every rank on it resident; use fewer ranks per GPU"
+                    .into(),
+            ));
+        }
+
+        let signal = DeviceMemory::zeroed(&stream, SCRATCH_OFFSET + config.scratch_bytes)?;
+        let staging = DeviceMemory::zeroed(&stream, config.staging_bytes)?;
+        let table =
+            DeviceMemory::zeroed(&stream, config.max_records * std::mem::size_of::<Record>())?;
+        let fault = HostMapped::<Fault>::new(&ctx)?;
+        // Peers use the signal region as soon as they learn its address.
+        stream
+            .synchronize()
+            .map_err(Error::driver("cuStreamSynchronize"))?;
+        let addresses = all_gather_u64s(rendezvous.as_ref(), &[signal.ptr(), staging.ptr()])?;
+        let mut signal_peers = [0u64; MAX_RANKS];
+        let mut staging_peers: Record = [0; MAX_RANKS];
+        for (peer, pair) in addresses.iter().enumerate() {
+            signal_peers[peer] = pair[0];
+            staging_peers[peer] = pair[1];
+        }
+        let mut registry = Registry::new(config.max_records);
+        let staging_record = registry.reserve()?;
+        let communicator = Communicator {
+            rank,
+            world_size,
+            ctx,
+            stream,
+            kernels,
+            max_blocks,
+            signal_peers,
+            registry,
+            staging_record,
+            config,
+            poisoned: None,
+            rendezvous,
+            fault,
+            table,
+            staging,
+            _signal: signal,
+        };
+        communicator.write_record(staging_record, &staging_peers)?;
+        // Nobody launches before every signal region is zeroed.
+        communicator.rendezvous.barrier()?;
+        Ok(communicator)
+    }
+
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    pub fn world_size(&self) -> usize {
+        self.world_size
+    }
+
+    /// The device this rank runs on.
+    pub fn device(&self) -> usize {
+        self.ctx.ordinal()
+    }
+
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    /// The stream every operation of this communicator is enqueued on; to
+    /// capture all-reduces in a CUDA graph, capture this stream.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// The largest grid a launch uses (same on every rank).
+    pub fn max_blocks(&self) -> u32 {
+        self.max_blocks
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The algorithm an automatic call of `bytes` uses.
+    pub fn algorithm_for(&self, bytes: usize) -> Algorithm {
+        choose(self.world_size, bytes, AlgorithmChoice::Auto)
+    }
+
+    /// Allocates a zeroed buffer that peers can read, on this rank's stream.
+    pub fn alloc<T: Element>(&self, len: usize) -> Result<DeviceBuffer<T>> {
+        DeviceBuffer::zeroed(&self.stream, len)
+    }
+
+    /// Allocates a buffer peers can read and copies `host` into it.
+    pub fn upload<T: Element>(&self, host: &[T]) -> Result<DeviceBuffer<T>> {
+        let mut buffer = self.alloc::<T>(host.len())?;
+        self.stream
+            .memcpy_htod(host, &mut buffer)
+            .map_err(Error::driver("cuMemcpyHtoD"))?;
+        Ok(buffer)
+    }
+
+    /// Copies `buffer` to the host once this rank's stream reaches it.
+    pub fn download<T: Element + Default>(&self, buffer: &impl DevicePtr<T>) -> Result<Vec<T>> {
+        self.stream
+            .clone_dtoh(buffer)
+            .map_err(Error::driver("cuMemcpyDtoH"))
+    }
+
+    /// Sums `input` over all ranks into `output` (any device buffer of the
+    /// same length on this rank's device).
+    pub fn all_reduce<T: Element>(
+        &mut self,
+        input: &impl DevicePtr<T>,
+        output: &mut impl DevicePtrMut<T>,
+    ) -> Result<()> {
+        self.all_reduce_with(input, output, CallOptions::default())
+    }
+
+    pub fn all_reduce_with<T: Element>(
+        &mut self,
+        input: &impl DevicePtr<T>,
+        output: &mut impl DevicePtrMut<T>,
+        options: CallOptions,
+    ) -> Result<()> {
+        if input.len() != output.len() {
+            return Err(Error::LengthMismatch {
+                input: input.len(),
+                output: output.len(),
+            });
+        }
+        let stream = self.stream.clone();
+        let (input_ptr, _read) = input.device_ptr(&stream);
+        let (output_ptr, _write) = output.device_ptr_mut(&stream);
+        self.enqueue(T::DTYPE, input_ptr, output_ptr, input.len(), options)
+    }
+
+    /// Sums `buffer` over all ranks in place.
+    pub fn all_reduce_in_place<T: Element>(
+        &mut self,
+        buffer: &mut impl DevicePtrMut<T>,
+        options: CallOptions,
+    ) -> Result<()> {
+        let stream = self.stream.clone();
+        let len = buffer.len();
+        let (ptr, _write) = buffer.device_ptr_mut(&stream);
+        self.enqueue(T::DTYPE, ptr, ptr, len, options)
+    }
+
+    /// Registers `buffer` so that all-reduces read it directly instead of
+    /// copying it into staging. Collective: every rank registers its own
+    /// buffer of the same size, in the same order.
+    pub fn register<T: Element>(&mut self, buffer: &impl DevicePtr<T>) -> Result<()> {
+        self.check_usable()?;
+        let stream = self.stream.clone();
+        let (ptr, _read) = buffer.device_ptr(&stream);
+        let bytes = buffer.num_bytes() as u64;
+        let shareable = self.shareable(ptr, bytes as usize);
+        let ok = u64::from(shareable.is_ok());
+        let all = all_gather_u64s(self.rendezvous.as_ref(), &[ok, ptr, bytes])?;
+        shareable?;
+        if let Some(bad) = all.iter().position(|p| p[0] == 0) {
+            return Err(Error::RankMismatch {
+                what: "registration",
+                detail: format!("rank {bad} could not share its buffer"),
+            });
+        }
+        if let Some(bad) = all.iter().position(|p| p[2] != bytes) {
+            return Err(Error::RankMismatch {
+                what: "registration",
+                detail: format!(
+                    "rank {bad} registered {} bytes, this rank {bytes}",
+                    all[bad][2]
+                ),
+            });
+        }
+        let record = self.registry.reserve()?;
+        let mut peers: Record = [0; MAX_RANKS];
+        for (peer, p) in all.iter().enumerate() {
+            peers[peer] = p[1];
+        }
+        self.write_record(record, &peers)?;
+        self.registry.insert(ptr, bytes, record);
+        Ok(())
+    }
+
+    /// Forgets a registration on this rank, so that the memory can be freed
+    /// and its address reused. Its record stays taken.
+    pub fn deregister<T: Element>(&mut self, buffer: &impl DevicePtr<T>) {
+        let stream = self.stream.clone();
+        let (ptr, _read) = buffer.device_ptr(&stream);
+        self.registry.remove(ptr);
+    }
+
+    /// Records of the device table in use (the staging buffer's included).
+    pub fn records_used(&self) -> usize {
+        self.registry.records_used()
+    }
+
+    /// Fills the records that calls reserved while the stream was being
+    /// captured, so that the captured graph reads every peer's buffers.
+    /// Collective; call it after capture ends and before the first replay.
+    /// Returns how many records were filled.
+    pub fn register_graph_buffers(&mut self) -> Result<usize> {
+        self.check_usable()?;
+        let pending = self.registry.take_pending();
+        let local: Vec<u64> = pending.iter().map(|&(_, ptr)| ptr).collect();
+        let all = all_gather_u64s(self.rendezvous.as_ref(), &local)?;
+        if let Some(bad) = all.iter().position(|p| p.len() != local.len()) {
+            return Err(Error::RankMismatch {
+                what: "graph buffer registration",
+                detail: format!(
+                    "rank {bad} captured {} all-reduces on unregistered buffers, this rank {}",
+                    all[bad].len(),
+                    local.len()
+                ),
+            });
+        }
+        for (j, &(record, _)) in pending.iter().enumerate() {
+            let mut peers: Record = [0; MAX_RANKS];
+            for (peer, ptrs) in all.iter().enumerate() {
+                peers[peer] = ptrs[j];
+            }
+            self.write_record(record, &peers)?;
+        }
+        Ok(pending.len())
+    }
+
+    /// Waits for this rank's enqueued work and reports a peer timeout that
+    /// happened in it.
+    pub fn synchronize(&mut self) -> Result<()> {
+        self.check_usable()?;
+        self.stream
+            .synchronize()
+            .map_err(Error::driver("cuStreamSynchronize"))?;
+        self.check_usable()
+    }
+
+    /// Fails when the communicator was poisoned or a kernel reported a
+    /// timed-out peer since the last check.
+    fn check_usable(&mut self) -> Result<()> {
+        if let Some(reason) = &self.poisoned {
+            return Err(Error::Poisoned(reason.clone()));
+        }
+        let fault = self.fault.read();
+        if fault.code == 0 {
+            return Ok(());
+        }
+        let error = Error::PeerTimeout {
+            rank: fault.rank as usize,
+            peer: fault.peer as usize,
+            barrier: fault.barrier,
+            block: fault.block,
+        };
+        self.poisoned = Some(error.to_string());
+        Err(error)
+    }
+
+    fn shareable(&self, ptr: u64, bytes: usize) -> Result<()> {
+        PointerInfo::shareable(ptr, bytes, self.device()).map(|_| ())
+    }
+
+    fn capturing(&self) -> Result<bool> {
+        let status = self
+            .stream
+            .capture_status()
+            .map_err(Error::driver("cuStreamIsCapturing"))?;
+        match status {
+            CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE => Ok(false),
+            CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_ACTIVE => Ok(true),
+            _ => Err(Error::InvalidConfig(
+                "the stream's capture was invalidated; end the capture and start again".into(),
+            )),
+        }
+    }
+
+    /// Decides where the kernel reads this rank's input from: in place
+    /// (registered, or captured and registered after capture) or from a
+    /// staging copy.
+    fn locate_input(
+        &mut self,
+        algorithm: Algorithm,
+        input: u64,
+        output: u64,
+        bytes: usize,
+        zero_copy: bool,
+    ) -> Result<Source> {
+        let overlaps = input < output + bytes as u64 && output < input + bytes as u64;
+        // One-stage writes the output while peers may still read the input.
+        let hazard = algorithm == Algorithm::OneStage && overlaps;
+        let aligned = input % PACKET_BYTES as u64 == 0;
+        let registered = self.registry.lookup(input, bytes as u64);
+        if let (Some(located), true, false) = (registered, aligned, hazard) {
+            return Ok(Source::Direct(located));
+        }
+        if registered.is_none() && aligned && !hazard && self.capturing()? {
+            self.shareable(input, bytes)?;
+            let record = self.registry.reserve_pending(input)?;
+            return Ok(Source::Direct(Located { record, offset: 0 }));
+        }
+        if zero_copy && registered.is_none() {
+            return Err(Error::NotRegistered { ptr: input });
+        }
+        // A registered input staged only because of the in-place hazard may
+        // be of any size: it goes through staging in pieces.
+        if registered.is_none() && bytes > self.staging.bytes() {
+            return Err(Error::InputTooLarge {
+                bytes,
+                capacity: self.staging.bytes(),
+            });
+        }
+        Ok(Source::Staged)
+    }
+
+    /// Copies `bytes` of input into this rank's staging buffer.
+    fn stage(&self, input: u64, bytes: usize) -> Result<()> {
+        debug_assert!(bytes <= self.staging.bytes());
+        // SAFETY: the input holds at least `bytes` bytes (it came from a
+        // device slice at least that long) and so does staging (callers
+        // never stage more than its size).
+        check(
+            unsafe {
+                sys::cuMemcpyDtoDAsync_v2(self.staging.ptr(), input, bytes, self.stream.cu_stream())
+            },
+            "cuMemcpyDtoDAsync",
+        )
+    }
+
+    /// The most elements one launch may take: two-stage slices must fit in
+    /// scratch. A multiple of the packet so that chunks stay aligned.
+    fn max_chunk(&self, algorithm: Algorithm, dtype: DType) -> usize {
+        match algorithm {
+            Algorithm::OneStage => usize::MAX,
+            Algorithm::TwoStage => {
+                let slice_packets = (self.config.scratch_bytes - SCRATCH_TAIL_BYTES) / PACKET_BYTES;
+                // The last slice may hold up to W-1 packets more than the rest.
+                let packets = (slice_packets - self.world_size) * self.world_size;
+                packets * (PACKET_BYTES / dtype.size())
+            }
+        }
+    }
+
+    fn enqueue(
+        &mut self,
+        dtype: DType,
+        input: u64,
+        output: u64,
+        count: usize,
+        options: CallOptions,
+    ) -> Result<()> {
+        self.check_usable()?;
+        if count == 0 {
+            return Ok(());
+        }
+        if output % PACKET_BYTES as u64 != 0 {
+            return Err(Error::Misaligned {
+                ptr: output,
+                alignment: PACKET_BYTES as u64,
+            });
+        }
+        self.ctx
+            .bind_to_thread()
+            .map_err(Error::driver("cuCtxSetCurrent"))?;
+        let bytes = count * dtype.size();
+        let algorithm = choose(self.world_size, bytes, options.algorithm);
+        let source = self.locate_input(algorithm, input, output, bytes, options.zero_copy)?;
+        let mut chunk = self.max_chunk(algorithm, dtype);
+        if source == Source::Staged {
+            chunk = chunk.min(self.staging.bytes() / PACKET_BYTES * PACKET_BYTES / dtype.size());
+        }
+        let mut done = 0;
+        while done < count {
+            let n = chunk.min(count - done);
+            let offset = (done * dtype.size()) as u64;
+            let located = match source {
+                Source::Direct(located) => Located {
+                    record: located.record,
+                    offset: located.offset + offset,
+                },
+                Source::Staged => {
+                    // The previous chunk's kernel ended on this stream, so
+                    // every peer has finished reading staging.
+                    self.stage(input + offset, n * dtype.size())?;
+                    Located {
+                        record: self.staging_record,
+                        offset: 0,
+                    }
+                }
+            };
+            self.launch(algorithm, dtype, located, output + offset, n)?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    fn launch(
+        &self,
+        algorithm: Algorithm,
+        dtype: DType,
+        source: Located,
+        output: u64,
+        count: usize,
+    ) -> Result<()> {
+        let packets = count * dtype.size() / PACKET_BYTES;
+        let blocks = blocks_for(
+            algorithm,
+            self.world_size,
+            packets,
+            THREADS_PER_BLOCK,
+            self.max_blocks,
+        );
+        let args = AllReduceArgs {
+            barrier: BarrierArgs {
+                peers: self.signal_peers,
+                fault: self.fault.device_ptr(),
+                timeout_ns: self.config.timeout.as_nanos().min(u64::MAX as u128) as u64,
+                rank: self.rank as u32,
+            },
+            input_record: self.table.ptr() + (source.record * std::mem::size_of::<Record>()) as u64,
+            input_offset: source.offset,
+            output,
+            count: count as u64,
+        };
+        let function = self.kernels.get(&(algorithm, dtype)).ok_or_else(|| {
+            Error::InvalidConfig(format!("no {algorithm} kernel for {dtype} was loaded"))
+        })?;
+        let config = LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (THREADS_PER_BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut launch = self.stream.launch_builder(function);
+        launch.arg(&args);
+        // SAFETY: every kernel takes exactly one `AllReduceArgs` by value.
+        // Its pointers are valid: the signal regions and the record table
+        // live as long as their communicators (collectively dropped), the
+        // record's buffers were checked shareable when recorded, and the
+        // output holds `count` elements (it came from a slice that long).
+        unsafe { launch.launch(config) }
+            .map(|_| ())
+            .map_err(Error::driver("cuLaunchKernel"))
+    }
+
+    fn write_record(&self, index: usize, record: &Record) -> Result<()> {
+        let at = self.table.ptr() + (index * std::mem::size_of::<Record>()) as u64;
+        // SAFETY: `index` came from the registry, which never hands out one
+        // past the table's capacity, so the record fits inside the table.
+        unsafe { copy_to_device(&self.stream, at, record) }
+    }
+}
+
+impl Drop for Communicator {
+    fn drop(&mut self) {
+        // Peers finished with this rank's memory once its last kernel passed
+        // its end barrier; wait for that before freeing.
+        let _ = self.stream.synchronize();
+    }
+}
+
+/// Loads this world size's kernels for every algorithm and dtype.
+fn load_kernels(
+    ctx: &Arc<CudaContext>,
+    world_size: usize,
+) -> Result<HashMap<(Algorithm, DType), CudaFunction>> {
+    let (major, minor) = ctx
+        .compute_capability()
+        .map_err(Error::driver("cuDeviceGetAttribute"))?;
+    let arch = Arch {
+        major: major as u32,
+        minor: minor as u32,
+    };
+    let cubin = compile_cubin(arch)?;
+    let module = ctx
+        .load_module(cudarc::nvrtc::Ptx::from_binary(cubin.to_vec()))
+        .map_err(Error::driver("cuModuleLoadData"))?;
+    let mut kernels = HashMap::new();
+    for algorithm in Algorithm::ALL {
+        for dtype in DType::ALL {
+            let function = module
+                .load_function(&kernel_name(algorithm, dtype, world_size))
+                .map_err(Error::driver("cuModuleGetFunction"))?;
+            kernels.insert((algorithm, dtype), function);
+        }
+    }
+    Ok(kernels)
+}
+
+/// Blocks of the heaviest kernel that fit on the whole GPU at once.
+fn resident_blocks(
+    ctx: &Arc<CudaContext>,
+    kernels: &HashMap<(Algorithm, DType), CudaFunction>,
+) -> Result<u32> {
+    let sms = ctx
+        .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+        .map_err(Error::driver("cuDeviceGetAttribute"))? as u32;
+    let mut per_sm = u32::MAX;
+    for function in kernels.values() {
+        let blocks = function
+            .occupancy_max_active_blocks_per_multiprocessor(THREADS_PER_BLOCK, 0, None)
+            .map_err(Error::driver("cuOccupancyMaxActiveBlocksPerMultiprocessor"))?;
+        per_sm = per_sm.min(blocks);
+    }
+    Ok(per_sm.saturating_mul(sms))
+}
+
+/// All-gathers a list of u64 per rank.
+fn all_gather_u64s(rendezvous: &dyn Rendezvous, values: &[u64]) -> Result<Vec<Vec<u64>>> {
+    let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let gathered = rendezvous.all_gather(&bytes)?;
+    gathered
+        .into_iter()
+        .enumerate()
+        .map(|(rank, bytes)| {
+            if bytes.len() % 8 != 0 {
+                return Err(Error::RankMismatch {
+                    what: "address exchange",
+                    detail: format!("rank {rank} sent {} bytes", bytes.len()),
+                });
+            }
+            Ok(bytes
+                .chunks_exact(8)
+                .map(|c| u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+                .collect())
+        })
+        .collect()
+}

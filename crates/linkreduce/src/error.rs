@@ -1,0 +1,80 @@
+//! The one error type of the library. Every variant says what was wrong and,
+//! where there is one, what the caller can do about it.
+
+use crate::dtype::DType;
+use crate::rendezvous::RendezvousError;
+
+/// Result alias used throughout the crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("the CUDA driver library (libcuda.so) was not found: install an NVIDIA driver or add its folder to LD_LIBRARY_PATH")]
+    DriverNotFound,
+    #[error("no CUDA device is visible (check nvidia-smi and CUDA_VISIBLE_DEVICES)")]
+    NoDevice,
+    #[error("device {ordinal} does not exist: {count} CUDA device(s) are visible")]
+    DeviceOutOfRange { ordinal: usize, count: usize },
+    #[error("NVRTC (libnvrtc.so) was not found: install the CUDA toolkit or `pip install nvidia-cuda-nvrtc` and add its lib folder to LD_LIBRARY_PATH")]
+    NvrtcNotFound,
+    #[error("NCCL (libnccl.so) was not found: install NCCL or add its folder to LD_LIBRARY_PATH")]
+    NcclNotFound,
+    #[error("NVRTC failed to compile the kernels for {arch} (options {options:?}):\n{log}")]
+    Compile {
+        arch: String,
+        options: Vec<String>,
+        log: String,
+    },
+    #[error("CUDA driver call {call} failed: {source}")]
+    Driver {
+        call: &'static str,
+        #[source]
+        source: cudarc::driver::DriverError,
+    },
+    #[error("NCCL call {call} failed: {reason}")]
+    Nccl { call: &'static str, reason: String },
+    #[error("unsupported world size {0}: linkreduce's kernels cover 2 to 8 ranks (use NCCL for larger groups)")]
+    UnsupportedWorldSize(usize),
+    #[error(
+        "GPU {from} cannot access GPU {to} directly (no peer access); use NCCL for this topology"
+    )]
+    NoPeerAccess { from: usize, to: usize },
+    #[error(
+        "input has {input} elements but output has {output}; an all-reduce needs equal lengths"
+    )]
+    LengthMismatch { input: usize, output: usize },
+    #[error("input is {input:?} but output is {output:?}; an all-reduce needs one element type")]
+    DTypeMismatch { input: DType, output: DType },
+    #[error("buffer at {ptr:#x} is not {alignment}-byte aligned; allocate it through CUDA or offset it by a multiple of {alignment} bytes")]
+    Misaligned { ptr: u64, alignment: u64 },
+    #[error("input at {ptr:#x} is not registered and the call asked for zero-copy; register the buffer with Communicator::register first, or allow the staging copy")]
+    NotRegistered { ptr: u64 },
+    #[error("input of {bytes} bytes is larger than the staging buffer ({capacity} bytes); register the input buffer, or raise Config::staging_bytes")]
+    InputTooLarge { bytes: usize, capacity: usize },
+    #[error("the buffer record table is full ({capacity} records); raise Config::max_records")]
+    RecordTableFull { capacity: usize },
+    #[error("pointer {ptr:#x} cannot be shared with peers: {reason}")]
+    NotShareable { ptr: u64, reason: String },
+    #[error("ranks disagree during {what}: {detail}")]
+    RankMismatch { what: &'static str, detail: String },
+    #[error("rank {rank} timed out at barrier {barrier} (block {block}) waiting for rank {peer}: the peer died, hangs, or was not called with the same operation; this communicator can no longer be used")]
+    PeerTimeout {
+        rank: usize,
+        peer: usize,
+        barrier: u32,
+        block: u32,
+    },
+    #[error("this communicator failed earlier ({0}) and cannot be used again; create a new one")]
+    Poisoned(String),
+    #[error("invalid configuration: {0}")]
+    InvalidConfig(String),
+    #[error(transparent)]
+    Rendezvous(#[from] RendezvousError),
+}
+
+impl Error {
+    /// Wraps a driver error with the name of the call that failed.
+    pub fn driver(call: &'static str) -> impl FnOnce(cudarc::driver::DriverError) -> Error {
+        move |source| Error::Driver { call, source }
+    }
+}

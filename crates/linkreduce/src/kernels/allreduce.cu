@@ -1,0 +1,222 @@
+// All-reduce kernels: one-stage and two-stage, for f32, f16 and bf16, for
+// every world size 2..8. Appended to barrier.cu before compilation.
+//
+// Data moves in 16-byte packets; 16-bit types are accumulated in f32 and
+// rounded once. Ranks are summed in order 0..W-1 on every rank so that all
+// ranks produce bitwise-identical results. Elements past the last whole
+// packet (the tail, fewer than one packet) take a scalar path.
+
+#define LR_THREADS 512
+// Where a rank's scratch area starts inside its signal region.
+#define LR_SCRATCH_OFFSET 17408ull
+static_assert(sizeof(Signal) <= LR_SCRATCH_OFFSET, "scratch overlaps the counters");
+static_assert(LR_SCRATCH_OFFSET % 256 == 0, "scratch must stay 256-byte aligned");
+
+struct __align__(16) Pack {
+  u32 w[4];
+};
+
+// The W input pointers of one registered buffer, one per rank.
+struct Record {
+  const char* rank[LR_MAX_RANKS];
+};
+
+struct AllReduceArgs {
+  BarrierArgs bar;
+  const Record* input;  // peers' copies of the input
+  u64 input_offset;     // bytes added to every pointer of the record
+  char* output;         // this rank's output
+  u64 count;            // elements
+};
+
+// Element types: storage bits, packet width, conversion through f32.
+struct F32 {
+  typedef u32 Bits;
+  enum { PER_PACK = 4, BITS = 32 };
+  static __device__ __forceinline__ float to_f32(u32 b) { return __uint_as_float(b); }
+  static __device__ __forceinline__ u32 from_f32(float f) { return __float_as_uint(f); }
+};
+
+struct BF16 {
+  typedef unsigned short Bits;
+  enum { PER_PACK = 8, BITS = 16 };
+  static __device__ __forceinline__ float to_f32(u32 b) { return __uint_as_float(b << 16); }
+  static __device__ __forceinline__ u32 from_f32(float f) {
+    unsigned short r;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(f));
+    return r;
+  }
+};
+
+struct F16 {
+  typedef unsigned short Bits;
+  enum { PER_PACK = 8, BITS = 16 };
+  static __device__ __forceinline__ float to_f32(u32 b) {
+    float f;
+    unsigned short h = (unsigned short)b;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+  }
+  static __device__ __forceinline__ u32 from_f32(float f) {
+    unsigned short r;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r) : "f"(f));
+    return r;
+  }
+};
+
+// Element `i` of a packet, as storage bits.
+template <typename D>
+static __device__ __forceinline__ u32 lr_lane(const Pack& p, int i) {
+  if (D::BITS == 32) return p.w[i];
+  return (p.w[i / 2] >> (16 * (i % 2))) & 0xffffu;
+}
+
+// Sums W packets in rank order and rounds once.
+template <typename D, int W>
+static __device__ __forceinline__ Pack lr_reduce(const Pack (&in)[W]) {
+  Pack out;
+#pragma unroll
+  for (int w = 0; w < 4; ++w) out.w[w] = 0;
+#pragma unroll
+  for (int i = 0; i < D::PER_PACK; ++i) {
+    float sum = D::to_f32(lr_lane<D>(in[0], i));
+#pragma unroll
+    for (int r = 1; r < W; ++r) sum += D::to_f32(lr_lane<D>(in[r], i));
+    u32 bits = D::from_f32(sum);
+    if (D::BITS == 32) {
+      out.w[i] = bits;
+    } else {
+      out.w[i / 2] |= bits << (16 * (i % 2));
+    }
+  }
+  return out;
+}
+
+// Sums element `e` of W arrays in rank order (the scalar tail path).
+template <typename D, int W>
+static __device__ __forceinline__ typename D::Bits lr_reduce_one(const char* const (&src)[W], u64 e) {
+  float sum = D::to_f32(((const typename D::Bits*)src[0])[e]);
+#pragma unroll
+  for (int r = 1; r < W; ++r) sum += D::to_f32(((const typename D::Bits*)src[r])[e]);
+  return (typename D::Bits)D::from_f32(sum);
+}
+
+template <int W>
+static __device__ __forceinline__ void lr_sources(const AllReduceArgs& a, const char* (&src)[W]) {
+#pragma unroll
+  for (int r = 0; r < W; ++r) src[r] = a.input->rank[r] + a.input_offset;
+}
+
+static __device__ __forceinline__ char* lr_scratch(const AllReduceArgs& a, int rank) {
+  return (char*)a.bar.peers.rank[rank] + LR_SCRATCH_OFFSET;
+}
+
+// One-stage: every rank reads all of every peer's input and writes the sum.
+// Must not run in place: a peer may still read the input being overwritten.
+template <typename D, int W>
+static __device__ __forceinline__ void lr_one_stage(const AllReduceArgs& a) {
+  const u32 epoch = a.bar.peers.rank[a.bar.rank]->epoch[blockIdx.x];
+  // Fetch the record before waiting so that its latency hides in the barrier.
+  const char* src[W];
+  lr_sources<W>(a, src);
+  if (!lr_barrier<W, false>(a.bar, epoch + 1, 0)) return;
+  const u64 packs = a.count / D::PER_PACK;
+  const u64 first = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+  const u64 stride = (u64)gridDim.x * blockDim.x;
+  for (u64 i = first; i < packs; i += stride) {
+    Pack p[W];
+#pragma unroll
+    for (int r = 0; r < W; ++r) p[r] = ((const Pack*)src[r])[i];
+    ((Pack*)a.output)[i] = lr_reduce<D, W>(p);
+  }
+  const u64 tail = a.count - packs * D::PER_PACK;
+  if (first < tail) {
+    const u64 e = packs * D::PER_PACK + first;
+    ((typename D::Bits*)a.output)[e] = lr_reduce_one<D, W>(src, e);
+  }
+
+  // Keeps this rank from returning (and its caller from overwriting the
+  // input) while peers still read it.
+  if (!lr_barrier<W, false>(a.bar, epoch + 2, 1)) return;
+  lr_finish_epochs(a.bar, epoch + 2);
+}
+
+// Two-stage: reduce-scatter into each rank's scratch, then all-gather.
+// Slice r (packets [r*part, r*part+len_r)) is reduced by rank r; the last
+// slice takes the remainder, and the last rank also reduces the tail.
+// Index j of a slice is handled by the same thread in both stages, because
+// visibility is only promised between the same block index across the
+// publishing barrier.
+template <typename D, int W>
+static __device__ __forceinline__ void lr_two_stage(const AllReduceArgs& a) {
+  const u32 epoch = a.bar.peers.rank[a.bar.rank]->epoch[blockIdx.x];
+  // Fetch the record before waiting so that its latency hides in the barrier.
+  const char* src[W];
+  lr_sources<W>(a, src);
+  if (!lr_barrier<W, false>(a.bar, epoch + 1, 0)) return;
+  const int rank = (int)a.bar.rank;
+  const u64 packs = a.count / D::PER_PACK;
+  const u64 part = packs / W;
+  const u64 last_len = packs - (W - 1) * part;
+  const u64 my_len = rank == W - 1 ? last_len : part;
+  const u64 my_start = (u64)rank * part;
+  const u64 tail = a.count - packs * D::PER_PACK;
+  const u64 first = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+  const u64 stride = (u64)gridDim.x * blockDim.x;
+
+  Pack* mine = (Pack*)lr_scratch(a, rank);
+  for (u64 j = first; j < my_len; j += stride) {
+    Pack p[W];
+#pragma unroll
+    for (int r = 0; r < W; ++r) p[r] = ((const Pack*)src[r])[my_start + j];
+    mine[j] = lr_reduce<D, W>(p);
+  }
+  if (rank == W - 1 && first < tail) {
+    const u64 e = packs * D::PER_PACK + first;
+    ((typename D::Bits*)(mine + last_len))[first] = lr_reduce_one<D, W>(src, e);
+  }
+
+  if (!lr_barrier<W, true>(a.bar, epoch + 2, 1)) return;
+
+  const Pack* slices[W];
+#pragma unroll
+  for (int r = 0; r < W; ++r) slices[r] = (const Pack*)lr_scratch(a, r);
+  Pack* out = (Pack*)a.output;
+  for (u64 j = first; j < part; j += stride) {
+    Pack p[W];
+#pragma unroll
+    for (int r = 0; r < W; ++r) p[r] = slices[r][j];
+#pragma unroll
+    for (int r = 0; r < W; ++r) out[(u64)r * part + j] = p[r];
+  }
+  for (u64 j = part + first; j < last_len; j += stride) {
+    out[(u64)(W - 1) * part + j] = slices[W - 1][j];
+  }
+  if (first < tail) {
+    const typename D::Bits* reduced_tail = (const typename D::Bits*)(slices[W - 1] + last_len);
+    ((typename D::Bits*)a.output)[packs * D::PER_PACK + first] = reduced_tail[first];
+  }
+
+  // Keeps this rank's scratch and input alive until peers finished reading.
+  if (!lr_barrier<W, false>(a.bar, epoch + 3, 2)) return;
+  lr_finish_epochs(a.bar, epoch + 3);
+}
+
+#define LR_KERNELS(NAME, D, W)                                                                  \
+  extern "C" __global__ void __launch_bounds__(LR_THREADS)                                     \
+      linkreduce_one_stage_##NAME##_w##W(AllReduceArgs a) { lr_one_stage<D, W>(a); }           \
+  extern "C" __global__ void __launch_bounds__(LR_THREADS)                                     \
+      linkreduce_two_stage_##NAME##_w##W(AllReduceArgs a) { lr_two_stage<D, W>(a); }
+
+#define LR_KERNELS_ALL_WORLDS(NAME, D) \
+  LR_KERNELS(NAME, D, 2)               \
+  LR_KERNELS(NAME, D, 3)               \
+  LR_KERNELS(NAME, D, 4)               \
+  LR_KERNELS(NAME, D, 5)               \
+  LR_KERNELS(NAME, D, 6)               \
+  LR_KERNELS(NAME, D, 7)               \
+  LR_KERNELS(NAME, D, 8)
+
+LR_KERNELS_ALL_WORLDS(f32, F32)
+LR_KERNELS_ALL_WORLDS(f16, F16)
+LR_KERNELS_ALL_WORLDS(bf16, BF16)

@@ -1,0 +1,30 @@
+//! linkreduce: the all-reduce of tensor-parallel inference on one node of
+//! NVIDIA GPUs, with kernels that read peers' memory directly over NVLink.
+//!
+//! Layout, from the bottom up:
+//! - [`kernels`]: the CUDA C++ device code (the barrier protocol in
+//!   `barrier.cu`, the algorithms in `allreduce.cu`) and its NVRTC compilation;
+//! - [`memory`]: device memory peers can read, peer access, pointer queries;
+//! - [`registry`]: which record of the device table a buffer uses;
+//! - [`rendezvous`]: how ranks exchange bytes at set-up;
+//! - [`algorithm`]: which algorithm and grid a call uses;
+//! - [`comm`]: the communicator and its enqueue path; [`group`] builds one
+//!   per rank inside a process.
+
+pub mod algorithm;
+pub mod comm;
+pub mod dtype;
+pub mod error;
+pub mod group;
+pub mod kernels;
+pub mod memory;
+pub mod nccl;
+mod registry;
+pub mod rendezvous;
+pub mod verify;
+
+pub use algorithm::{Algorithm, AlgorithmChoice};
+pub use comm::{CallOptions, Communicator, Config};
+pub use dtype::{DType, Element};
+pub use error::{Error, Result};
+pub use memory::DeviceBuffer;

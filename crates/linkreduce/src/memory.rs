@@ -1,0 +1,390 @@
+//! Device memory that peers may read, host memory the GPU can write, peer
+//! access, and pointer queries: the small safe types over the driver's raw
+//! calls that the rest of the crate builds on.
+//!
+//! Allocations come from `cuMemAlloc`, never from a stream-ordered pool:
+//! legacy CUDA IPC refuses pool memory (see GPU.md).
+
+use std::marker::PhantomData;
+use std::sync::Arc;
+
+use cudarc::driver::sys::{self, CUresult};
+use cudarc::driver::{CudaContext, CudaStream, DevicePtr, DevicePtrMut, DeviceSlice, SyncOnDrop};
+
+use crate::error::{Error, Result};
+
+/// Turns a raw driver status into our error, naming the call.
+pub fn check(status: CUresult, call: &'static str) -> Result<()> {
+    status.result().map_err(Error::driver(call))
+}
+
+/// Loads libcuda and initialises it; the first thing every entry point does,
+/// so that a missing driver is an error rather than a panic inside cudarc.
+pub fn ensure_driver() -> Result<()> {
+    // SAFETY: only tries to dlopen the library by its candidate names.
+    if !unsafe { sys::is_culib_present() } {
+        return Err(Error::DriverNotFound);
+    }
+    cudarc::driver::result::init().map_err(Error::driver("cuInit"))
+}
+
+/// Number of visible devices (an error when there is none).
+pub fn device_count() -> Result<usize> {
+    ensure_driver()?;
+    let count = cudarc::driver::result::device::get_count()
+        .map_err(Error::driver("cuDeviceGetCount"))? as usize;
+    if count == 0 {
+        return Err(Error::NoDevice);
+    }
+    Ok(count)
+}
+
+/// A `cuMemAlloc` allocation, freed on drop. Never wraps memory opened from
+/// a peer: that is closed, not freed.
+pub(crate) struct DeviceMemory {
+    ctx: Arc<CudaContext>,
+    ptr: u64,
+    bytes: usize,
+}
+
+impl DeviceMemory {
+    /// Allocates `bytes` (at least one) and zeroes them in `stream`'s order.
+    ///
+    /// The zeroing must be ordered with the stream that later uses the
+    /// memory: a plain `cuMemsetD8` runs on the legacy stream, which
+    /// cudarc's non-blocking streams do not wait for.
+    pub fn zeroed(stream: &CudaStream, bytes: usize) -> Result<Self> {
+        let ctx = stream.context();
+        ctx.bind_to_thread()
+            .map_err(Error::driver("cuCtxSetCurrent"))?;
+        let mut ptr = 0;
+        // SAFETY: `ptr` is valid for writes; the context is current.
+        check(
+            unsafe { sys::cuMemAlloc_v2(&mut ptr, bytes.max(1)) },
+            "cuMemAlloc",
+        )?;
+        let memory = DeviceMemory {
+            ctx: ctx.clone(),
+            ptr,
+            bytes,
+        };
+        // SAFETY: the range was just allocated with at least `bytes` bytes.
+        check(
+            unsafe { sys::cuMemsetD8Async(ptr, 0, bytes, stream.cu_stream()) },
+            "cuMemsetD8Async",
+        )?;
+        Ok(memory)
+    }
+
+    pub fn ptr(&self) -> u64 {
+        self.ptr
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
+impl Drop for DeviceMemory {
+    fn drop(&mut self) {
+        if self.ctx.bind_to_thread().is_ok() {
+            // SAFETY: `ptr` came from cuMemAlloc and is freed exactly once;
+            // cuMemFree waits for work still using it.
+            let _ = unsafe { sys::cuMemFree_v2(self.ptr) };
+        }
+    }
+}
+
+/// A device buffer of `T` in memory peers can read (and that CUDA IPC can
+/// export), usable wherever cudarc takes a device slice.
+pub struct DeviceBuffer<T> {
+    memory: DeviceMemory,
+    len: usize,
+    stream: Arc<CudaStream>,
+    marker: PhantomData<T>,
+}
+
+impl<T> DeviceBuffer<T> {
+    /// A zeroed buffer of `len` elements whose copies go through `stream`.
+    pub fn zeroed(stream: &Arc<CudaStream>, len: usize) -> Result<Self> {
+        let bytes = len
+            .checked_mul(std::mem::size_of::<T>())
+            .ok_or_else(|| Error::InvalidConfig(format!("{len} elements overflow a byte count")))?;
+        Ok(DeviceBuffer {
+            memory: DeviceMemory::zeroed(stream, bytes)?,
+            len,
+            stream: stream.clone(),
+            marker: PhantomData,
+        })
+    }
+
+    /// The device address of the first element.
+    pub fn device_address(&self) -> u64 {
+        self.memory.ptr()
+    }
+}
+
+impl<T> DeviceSlice<T> for DeviceBuffer<T> {
+    fn len(&self) -> usize {
+        self.len
+    }
+    fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+}
+
+impl<T> DevicePtr<T> for DeviceBuffer<T> {
+    fn device_ptr<'a>(&'a self, _stream: &'a CudaStream) -> (sys::CUdeviceptr, SyncOnDrop<'a>) {
+        // Ordering is the caller's: streams are not tracked for this memory.
+        (self.memory.ptr(), SyncOnDrop::Record(None))
+    }
+}
+
+impl<T> DevicePtrMut<T> for DeviceBuffer<T> {
+    fn device_ptr_mut<'a>(
+        &'a mut self,
+        _stream: &'a CudaStream,
+    ) -> (sys::CUdeviceptr, SyncOnDrop<'a>) {
+        (self.memory.ptr(), SyncOnDrop::Record(None))
+    }
+}
+
+/// Copies `src` to device address `dst` in `stream`'s order and waits for
+/// it, so that neither side can race with work on other streams.
+///
+/// # Safety
+/// `dst` must address at least `size_of_val(src)` writable bytes on the
+/// stream's device.
+pub unsafe fn copy_to_device<T: Copy>(stream: &CudaStream, dst: u64, src: &[T]) -> Result<()> {
+    stream
+        .context()
+        .bind_to_thread()
+        .map_err(Error::driver("cuCtxSetCurrent"))?;
+    let bytes = std::mem::size_of_val(src);
+    check(
+        sys::cuMemcpyHtoDAsync_v2(dst, src.as_ptr() as *const _, bytes, stream.cu_stream()),
+        "cuMemcpyHtoDAsync",
+    )?;
+    stream
+        .synchronize()
+        .map_err(Error::driver("cuStreamSynchronize"))
+}
+
+/// Copies device address `src` into `dst` in `stream`'s order and waits.
+///
+/// # Safety
+/// `src` must address at least `size_of_val(dst)` readable bytes.
+pub unsafe fn copy_to_host<T: Copy>(stream: &CudaStream, dst: &mut [T], src: u64) -> Result<()> {
+    stream
+        .context()
+        .bind_to_thread()
+        .map_err(Error::driver("cuCtxSetCurrent"))?;
+    let bytes = std::mem::size_of_val(dst);
+    check(
+        sys::cuMemcpyDtoHAsync_v2(dst.as_mut_ptr() as *mut _, src, bytes, stream.cu_stream()),
+        "cuMemcpyDtoHAsync",
+    )?;
+    stream
+        .synchronize()
+        .map_err(Error::driver("cuStreamSynchronize"))
+}
+
+/// A value of `T` in page-locked host memory that the GPU writes directly;
+/// the host reads it without synchronising (kernels' fault reports).
+pub(crate) struct HostMapped<T: Copy + Default> {
+    ctx: Arc<CudaContext>,
+    host: *mut T,
+    device: u64,
+}
+
+// SAFETY: the pointer is owned by this value and only read or written
+// through volatile accesses of a `Copy` type.
+unsafe impl<T: Copy + Default> Send for HostMapped<T> {}
+
+impl<T: Copy + Default> HostMapped<T> {
+    pub fn new(ctx: &Arc<CudaContext>) -> Result<Self> {
+        ctx.bind_to_thread()
+            .map_err(Error::driver("cuCtxSetCurrent"))?;
+        let mut host = std::ptr::null_mut();
+        let flags = sys::CU_MEMHOSTALLOC_DEVICEMAP | sys::CU_MEMHOSTALLOC_PORTABLE;
+        // SAFETY: `host` is valid for writes; the context is current.
+        check(
+            unsafe { sys::cuMemHostAlloc(&mut host, std::mem::size_of::<T>(), flags) },
+            "cuMemHostAlloc",
+        )?;
+        let mut mapped = HostMapped {
+            ctx: ctx.clone(),
+            host: host as *mut T,
+            device: 0,
+        };
+        mapped.write(T::default());
+        // SAFETY: `host` is a mapped allocation from cuMemHostAlloc above.
+        check(
+            unsafe { sys::cuMemHostGetDevicePointer_v2(&mut mapped.device, host, 0) },
+            "cuMemHostGetDevicePointer",
+        )?;
+        Ok(mapped)
+    }
+
+    pub fn device_ptr(&self) -> u64 {
+        self.device
+    }
+
+    pub fn read(&self) -> T {
+        // SAFETY: `host` points to a live, aligned `T` (page-locked memory);
+        // volatile because the GPU writes it behind the compiler's back.
+        unsafe { std::ptr::read_volatile(self.host) }
+    }
+
+    pub fn write(&self, value: T) {
+        // SAFETY: as in `read`.
+        unsafe { std::ptr::write_volatile(self.host, value) }
+    }
+}
+
+impl<T: Copy + Default> Drop for HostMapped<T> {
+    fn drop(&mut self) {
+        if self.ctx.bind_to_thread().is_ok() {
+            // SAFETY: allocated by cuMemHostAlloc and freed exactly once.
+            let _ = unsafe { sys::cuMemFreeHost(self.host as *mut _) };
+        }
+    }
+}
+
+/// Whether `from` can read and write `to`'s memory directly.
+pub fn can_access_peer(from: &CudaContext, to: &CudaContext) -> Result<bool> {
+    if from.cu_device() == to.cu_device() {
+        return Ok(true);
+    }
+    let mut can = 0;
+    // SAFETY: `can` is valid for writes; both devices are valid handles.
+    check(
+        unsafe { sys::cuDeviceCanAccessPeer(&mut can, from.cu_device(), to.cu_device()) },
+        "cuDeviceCanAccessPeer",
+    )?;
+    Ok(can != 0)
+}
+
+/// Lets `from` map `to`'s memory (legacy allocations and the default pool).
+/// Enabling twice is not an error.
+pub(crate) fn enable_peer_access(from: &CudaContext, to: &CudaContext) -> Result<()> {
+    if from.cu_device() == to.cu_device() {
+        return Ok(());
+    }
+    if !can_access_peer(from, to)? {
+        return Err(Error::NoPeerAccess {
+            from: from.ordinal(),
+            to: to.ordinal(),
+        });
+    }
+    from.bind_to_thread()
+        .map_err(Error::driver("cuCtxSetCurrent"))?;
+    // SAFETY: `to` is a live context; flags must be 0.
+    match unsafe { sys::cuCtxEnablePeerAccess(to.cu_ctx(), 0) } {
+        CUresult::CUDA_SUCCESS | CUresult::CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED => {}
+        other => check(other, "cuCtxEnablePeerAccess")?,
+    }
+    // Memory from `to`'s default stream-ordered pool (what cudarc allocates)
+    // needs its own grant.
+    let mut pool = std::ptr::null_mut();
+    // SAFETY: `pool` is valid for writes; the device handle is valid.
+    check(
+        unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, to.cu_device()) },
+        "cuDeviceGetDefaultMemPool",
+    )?;
+    let access = sys::CUmemAccessDesc {
+        location: sys::CUmemLocation {
+            type_: sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE,
+            id: from.cu_device(),
+        },
+        flags: sys::CUmemAccess_flags::CU_MEM_ACCESS_FLAGS_PROT_READWRITE,
+    };
+    // SAFETY: `pool` is `to`'s default pool; one descriptor is passed.
+    check(
+        unsafe { sys::cuMemPoolSetAccess(pool, &access, 1) },
+        "cuMemPoolSetAccess",
+    )
+}
+
+/// What the driver knows about a device address.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PointerInfo {
+    pub device_ordinal: i32,
+    /// Start and size of the allocation that contains the address.
+    pub base: u64,
+    pub size: usize,
+    pub is_device_memory: bool,
+}
+
+impl PointerInfo {
+    pub fn query(ptr: u64) -> Result<PointerInfo> {
+        let mut memory_type: u32 = 0;
+        let mut ordinal: i32 = -1;
+        let mut managed: u32 = 0;
+        let mut base: u64 = 0;
+        let mut size: usize = 0;
+        let attribute = |data: *mut std::ffi::c_void, which| {
+            // SAFETY: each `data` points to a local of the size the driver
+            // writes for `which` (u32/i32 for enums and ordinals, a pointer
+            // for handles, u64/usize for addresses and sizes).
+            let status = unsafe { sys::cuPointerGetAttribute(data, which, ptr) };
+            check(status, "cuPointerGetAttribute")
+        };
+        use sys::CUpointer_attribute::*;
+        attribute(
+            &mut memory_type as *mut _ as *mut _,
+            CU_POINTER_ATTRIBUTE_MEMORY_TYPE,
+        )
+        .map_err(|_| Error::NotShareable {
+            ptr,
+            reason: "the driver does not know this address: it is not CUDA memory".into(),
+        })?;
+        attribute(
+            &mut managed as *mut _ as *mut _,
+            CU_POINTER_ATTRIBUTE_IS_MANAGED,
+        )?;
+        attribute(
+            &mut ordinal as *mut _ as *mut _,
+            CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL,
+        )?;
+        attribute(
+            &mut base as *mut _ as *mut _,
+            CU_POINTER_ATTRIBUTE_RANGE_START_ADDR,
+        )?;
+        attribute(
+            &mut size as *mut _ as *mut _,
+            CU_POINTER_ATTRIBUTE_RANGE_SIZE,
+        )?;
+        Ok(PointerInfo {
+            device_ordinal: ordinal,
+            base,
+            size,
+            is_device_memory: memory_type == sys::CUmemorytype::CU_MEMORYTYPE_DEVICE as u32
+                && managed == 0,
+        })
+    }
+
+    /// Checks that peers of a rank on `ordinal` can read `bytes` at `ptr`.
+    pub fn shareable(ptr: u64, bytes: usize, ordinal: usize) -> Result<PointerInfo> {
+        let info = PointerInfo::query(ptr)?;
+        let reason = if !info.is_device_memory {
+            Some("it is host or managed memory; use device memory".to_string())
+        } else if info.device_ordinal != ordinal as i32 {
+            Some(format!(
+                "it lives on device {} but this rank uses device {ordinal}",
+                info.device_ordinal
+            ))
+        } else if ptr + bytes as u64 > info.base + info.size as u64 {
+            Some(format!(
+                "{bytes} bytes from it overrun its allocation ({} bytes from {:#x})",
+                info.size, info.base
+            ))
+        } else {
+            None
+        };
+        match reason {
+            Some(reason) => Err(Error::NotShareable { ptr, reason }),
+            None => Ok(info),
+        }
+    }
+}

@@ -1,0 +1,211 @@
+//! NCCL, for what the custom kernels do not cover and as the yardstick of
+//! every benchmark. A thin safe layer over cudarc's raw NCCL calls: cudarc's
+//! own `Comm` is not `Send` and panics when NCCL reports an error on drop.
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
+use cudarc::nccl::{result as nccl, sys as nccl_sys};
+
+use crate::dtype::{DType, Element};
+use crate::error::{Error, Result};
+
+/// `NCCL_WIN_COLL_SYMMETRIC`: the window is allocated alike on every rank,
+/// which lets NCCL 2.27+ use its symmetric-memory kernels.
+const WIN_COLL_SYMMETRIC: i32 = 0x01;
+
+fn ensure_nccl() -> Result<()> {
+    // SAFETY: only tries to dlopen the library by its candidate names.
+    if unsafe { nccl_sys::is_culib_present() } {
+        Ok(())
+    } else {
+        Err(Error::NcclNotFound)
+    }
+}
+
+fn nccl_error(call: &'static str) -> impl FnOnce(nccl::NcclError) -> Error {
+    move |error| Error::Nccl {
+        call,
+        reason: format!("{error:?}"),
+    }
+}
+
+/// NCCL's version as (major, minor, patch).
+pub fn version() -> Result<(i32, i32, i32)> {
+    ensure_nccl()?;
+    let mut code = 0;
+    // SAFETY: the library is present; `code` is valid for writes.
+    unsafe { nccl_sys::ncclGetVersion(&mut code) }
+        .result()
+        .map_err(nccl_error("ncclGetVersion"))?;
+    // Since 2.9 the code is major*10000 + minor*100 + patch.
+    Ok((code / 10000, (code % 10000) / 100, code % 100))
+}
+
+fn nccl_dtype(dtype: DType) -> nccl_sys::ncclDataType_t {
+    match dtype {
+        DType::F32 => nccl_sys::ncclDataType_t::ncclFloat32,
+        DType::F16 => nccl_sys::ncclDataType_t::ncclFloat16,
+        DType::BF16 => nccl_sys::ncclDataType_t::ncclBfloat16,
+    }
+}
+
+/// One rank's NCCL communicator, bound to a stream.
+pub struct NcclComm {
+    comm: nccl_sys::ncclComm_t,
+    stream: Arc<CudaStream>,
+    rank: usize,
+}
+
+// SAFETY: an NCCL communicator may be used from any thread as long as one
+// thread uses it at a time, which `&mut`/ownership rules ensure here for
+// the operations that enqueue work.
+unsafe impl Send for NcclComm {}
+
+impl NcclComm {
+    /// One communicator per stream, all in this process (`ncclCommInitAll`);
+    /// rank i uses `streams[i]`. NCCL needs distinct GPUs.
+    pub fn init_all(streams: &[Arc<CudaStream>]) -> Result<Vec<NcclComm>> {
+        ensure_nccl()?;
+        let ordinals: Vec<i32> = streams
+            .iter()
+            .map(|s| s.context().ordinal() as i32)
+            .collect();
+        let mut comms = vec![std::ptr::null_mut(); streams.len()];
+        // SAFETY: `comms` has room for one handle per device in `ordinals`.
+        unsafe { nccl::comm_init_all(comms.as_mut_ptr(), comms.len() as i32, ordinals.as_ptr()) }
+            .map_err(nccl_error("ncclCommInitAll"))?;
+        Ok(comms
+            .into_iter()
+            .zip(streams)
+            .enumerate()
+            .map(|(rank, (comm, stream))| NcclComm {
+                comm,
+                stream: stream.clone(),
+                rank,
+            })
+            .collect())
+    }
+
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// Sums `input` over all ranks into `output` on this rank's stream.
+    pub fn all_reduce<T: Element>(
+        &mut self,
+        input: &impl DevicePtr<T>,
+        output: &mut impl DevicePtrMut<T>,
+    ) -> Result<()> {
+        if input.len() != output.len() {
+            return Err(Error::LengthMismatch {
+                input: input.len(),
+                output: output.len(),
+            });
+        }
+        let stream = self.stream.clone();
+        let (send, _read) = input.device_ptr(&stream);
+        let (recv, _write) = output.device_ptr_mut(&stream);
+        // SAFETY: both pointers address `len` elements of T on this rank's
+        // device (they come from device slices of that length).
+        unsafe { self.all_reduce_raw(T::DTYPE, send, recv, input.len()) }
+    }
+
+    /// # Safety
+    /// `send` and `recv` must each address `count` elements of `dtype` on
+    /// this communicator's device, alive until the enqueued work completes.
+    pub unsafe fn all_reduce_raw(
+        &mut self,
+        dtype: DType,
+        send: u64,
+        recv: u64,
+        count: usize,
+    ) -> Result<()> {
+        nccl::all_reduce(
+            send as *const _,
+            recv as *mut _,
+            count,
+            nccl_dtype(dtype),
+            nccl_sys::ncclRedOp_t::ncclSum,
+            self.comm,
+            self.stream.cu_stream() as _,
+        )
+        .map(|_| ())
+        .map_err(nccl_error("ncclAllReduce"))
+    }
+}
+
+impl Drop for NcclComm {
+    fn drop(&mut self) {
+        // SAFETY: the handle came from ncclCommInitAll and is destroyed once.
+        let _ = unsafe { nccl::comm_destroy(self.comm) };
+    }
+}
+
+/// A buffer from `ncclMemAlloc` registered as a symmetric window of one
+/// communicator. Creating and dropping it are collective over that
+/// communicator's ranks.
+pub struct SymmetricBuffer {
+    comm: nccl_sys::ncclComm_t,
+    ptr: *mut std::ffi::c_void,
+    window: nccl_sys::ncclWindow_t,
+    bytes: usize,
+}
+
+// SAFETY: plain handles, used by one thread at a time.
+unsafe impl Send for SymmetricBuffer {}
+
+impl SymmetricBuffer {
+    pub fn new(comm: &NcclComm, bytes: usize) -> Result<Self> {
+        comm.stream
+            .context()
+            .bind_to_thread()
+            .map_err(Error::driver("cuCtxSetCurrent"))?;
+        let mut ptr = std::ptr::null_mut();
+        // SAFETY: `ptr` is valid for writes.
+        unsafe { nccl_sys::ncclMemAlloc(&mut ptr, bytes) }
+            .result()
+            .map_err(nccl_error("ncclMemAlloc"))?;
+        let mut window = std::ptr::null_mut();
+        // SAFETY: `ptr` holds `bytes` bytes from ncclMemAlloc; `window` is
+        // valid for writes.
+        let registered = unsafe {
+            nccl_sys::ncclCommWindowRegister(comm.comm, ptr, bytes, &mut window, WIN_COLL_SYMMETRIC)
+        }
+        .result();
+        if let Err(error) = registered {
+            // SAFETY: allocated above, freed once.
+            let _ = unsafe { nccl_sys::ncclMemFree(ptr) };
+            return Err(nccl_error("ncclCommWindowRegister")(error));
+        }
+        Ok(SymmetricBuffer {
+            comm: comm.comm,
+            ptr,
+            window,
+            bytes,
+        })
+    }
+
+    pub fn device_address(&self) -> u64 {
+        self.ptr as u64
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
+impl Drop for SymmetricBuffer {
+    fn drop(&mut self) {
+        // SAFETY: the window and the memory were created in `new` and are
+        // released once, window first.
+        unsafe {
+            let _ = nccl_sys::ncclCommWindowDeregister(self.comm, self.window);
+            let _ = nccl_sys::ncclMemFree(self.ptr);
+        }
+    }
+}

@@ -1,0 +1,353 @@
+//! Correctness checks on real GPUs, shared by the GPU tests and
+//! `linkreduce check`: integer-valued inputs (so every dtype sums exactly),
+//! a CPU reference in f64, and a comparison of every rank's output with the
+//! reference and with rank 0's.
+
+use std::fmt;
+
+use cudarc::driver::sys::CUstreamCaptureMode;
+use cudarc::driver::DeviceSlice;
+
+use crate::algorithm::AlgorithmChoice;
+use crate::comm::{CallOptions, Communicator};
+use crate::dtype::{DType, Element};
+use crate::error::{Error, Result};
+use crate::memory::DeviceBuffer;
+
+/// How a case hands its buffers to the all-reduce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Placement {
+    /// Unregistered input, separate output: the call copies into staging.
+    Staged,
+    /// Registered input, separate output: read in place by peers.
+    Registered,
+    /// Output = input, registered.
+    InPlaceRegistered,
+    /// Output = input, not registered.
+    InPlaceStaged,
+}
+
+impl Placement {
+    pub const ALL: [Placement; 4] = [
+        Placement::Staged,
+        Placement::Registered,
+        Placement::InPlaceRegistered,
+        Placement::InPlaceStaged,
+    ];
+
+    fn registered(self) -> bool {
+        matches!(self, Placement::Registered | Placement::InPlaceRegistered)
+    }
+
+    fn in_place(self) -> bool {
+        matches!(
+            self,
+            Placement::InPlaceRegistered | Placement::InPlaceStaged
+        )
+    }
+}
+
+impl fmt::Display for Placement {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Placement::Staged => "staged",
+            Placement::Registered => "registered",
+            Placement::InPlaceRegistered => "in-place-registered",
+            Placement::InPlaceStaged => "in-place-staged",
+        })
+    }
+}
+
+/// One all-reduce to check.
+#[derive(Debug, Clone, Copy)]
+pub struct Case {
+    pub dtype: DType,
+    pub len: usize,
+    pub algorithm: AlgorithmChoice,
+    pub placement: Placement,
+}
+
+/// What a check found.
+#[derive(Debug, Clone, Default)]
+pub struct Outcome {
+    /// Elements (over all ranks) that differ from the reference.
+    pub mismatches: usize,
+    /// The first of them: (rank, index, got, expected).
+    pub first_mismatch: Option<(usize, usize, f64, f64)>,
+    /// Whether every rank's output has the same bits as rank 0's.
+    pub ranks_identical: bool,
+}
+
+impl Outcome {
+    pub fn passed(&self) -> bool {
+        self.mismatches == 0 && self.ranks_identical
+    }
+}
+
+impl fmt::Display for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.first_mismatch {
+            None if self.ranks_identical => write!(f, "ok"),
+            None => write!(f, "ranks differ from rank 0"),
+            Some((rank, index, got, want)) => {
+                write!(
+                f,
+                "{} wrong element(s); first: rank {rank} index {index} got {got} expected {want}{}",
+                self.mismatches,
+                if self.ranks_identical { "" } else { "; ranks differ" }
+            )
+            }
+        }
+    }
+}
+
+/// A small integer in -16..=16, different for every (seed, rank, index):
+/// sums of up to 8 of them are exact in bf16, f16 and f32.
+pub fn input_value(seed: u64, rank: usize, index: usize) -> f64 {
+    let mut x = seed ^ ((rank as u64) << 40) ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    x ^= x >> 33;
+    (x % 33) as f64 - 16.0
+}
+
+fn inputs<T: Element>(seed: u64, rank: usize, len: usize) -> Vec<T> {
+    (0..len)
+        .map(|i| T::from_f64(input_value(seed, rank, i)))
+        .collect()
+}
+
+/// Compares every rank's output with the f64 sum of all inputs and with
+/// rank 0's output.
+fn compare<T: Element>(seed: u64, outputs: &[Vec<T>]) -> Outcome {
+    let world = outputs.len();
+    let mut outcome = Outcome {
+        ranks_identical: true,
+        ..Outcome::default()
+    };
+    let len = outputs.first().map_or(0, Vec::len);
+    for i in 0..len {
+        let expected = T::from_f64((0..world).map(|r| input_value(seed, r, i)).sum()).to_f64();
+        let first = outputs[0][i].to_f64();
+        for (rank, output) in outputs.iter().enumerate() {
+            let got = output[i].to_f64();
+            if got != expected {
+                outcome.mismatches += 1;
+                outcome
+                    .first_mismatch
+                    .get_or_insert((rank, i, got, expected));
+            }
+            if got.to_bits() != first.to_bits() {
+                outcome.ranks_identical = false;
+            }
+        }
+    }
+    outcome
+}
+
+/// Runs `f` on every communicator at once, one thread per rank.
+pub fn on_every_rank<R: Send>(
+    comms: &mut [Communicator],
+    f: impl Fn(&mut Communicator) -> Result<R> + Sync,
+) -> Result<Vec<R>> {
+    std::thread::scope(|scope| {
+        let f = &f;
+        let handles: Vec<_> = comms
+            .iter_mut()
+            .map(|comm| scope.spawn(move || f(comm)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(Error::InvalidConfig("a rank's thread panicked".into()))
+                })
+            })
+            .collect()
+    })
+}
+
+/// Fills a buffer with all-ones bits (NaN in every dtype), so that an
+/// element the kernel never writes cannot pass.
+fn poison<T: Element>(comm: &Communicator, buffer: &mut DeviceBuffer<T>) -> Result<()> {
+    let bytes = buffer.num_bytes();
+    let stream = comm.stream();
+    // SAFETY: the buffer owns `bytes` bytes at its address.
+    crate::memory::check(
+        unsafe {
+            cudarc::driver::sys::cuMemsetD8Async(
+                buffer.device_address(),
+                0xff,
+                bytes,
+                stream.cu_stream(),
+            )
+        },
+        "cuMemsetD8Async",
+    )
+}
+
+/// Runs one all-reduce on every rank and checks the result.
+pub fn check_case(comms: &mut [Communicator], case: Case, seed: u64) -> Result<Outcome> {
+    match case.dtype {
+        DType::F32 => check_typed::<f32>(comms, case, seed),
+        DType::F16 => check_typed::<half::f16>(comms, case, seed),
+        DType::BF16 => check_typed::<half::bf16>(comms, case, seed),
+    }
+}
+
+fn check_typed<T: Element + Default>(
+    comms: &mut [Communicator],
+    case: Case,
+    seed: u64,
+) -> Result<Outcome> {
+    let options = CallOptions {
+        algorithm: case.algorithm,
+        zero_copy: false,
+    };
+    let outputs = on_every_rank(comms, |comm| {
+        let mut input = comm.upload(&inputs::<T>(seed, comm.rank(), case.len))?;
+        if case.placement.registered() {
+            comm.register(&input)?;
+        }
+        let result = if case.placement.in_place() {
+            comm.all_reduce_in_place(&mut input, options)?;
+            comm.synchronize()?;
+            comm.download(&input)
+        } else {
+            let mut output = comm.alloc::<T>(case.len)?;
+            poison(comm, &mut output)?;
+            comm.all_reduce_with(&input, &mut output, options)?;
+            comm.synchronize()?;
+            comm.download(&output)
+        };
+        if case.placement.registered() {
+            comm.deregister(&input);
+        }
+        result
+    })?;
+    Ok(compare(seed, &outputs))
+}
+
+/// Captures an out-of-place all-reduce of unregistered buffers and an
+/// in-place one (algorithm `in_place`) in one CUDA graph, registers the
+/// graph's buffers, then replays it `replays` times with fresh inputs,
+/// checking every replay. Returns the first failing replay's outcome, or the
+/// last one.
+pub fn check_graph(
+    comms: &mut [Communicator],
+    dtype: DType,
+    len: usize,
+    in_place: AlgorithmChoice,
+    replays: usize,
+) -> Result<(usize, Outcome)> {
+    match dtype {
+        DType::F32 => check_graph_typed::<f32>(comms, len, in_place, replays),
+        DType::F16 => check_graph_typed::<half::f16>(comms, len, in_place, replays),
+        DType::BF16 => check_graph_typed::<half::bf16>(comms, len, in_place, replays),
+    }
+}
+
+fn check_graph_typed<T: Element + Default>(
+    comms: &mut [Communicator],
+    len: usize,
+    in_place: AlgorithmChoice,
+    replays: usize,
+) -> Result<(usize, Outcome)> {
+    let outputs = on_every_rank(comms, |comm| {
+        let stream = comm.stream().clone();
+        let mut input = comm.alloc::<T>(len)?;
+        let mut output = comm.alloc::<T>(len)?;
+        let mut inout = comm.alloc::<T>(len)?;
+        stream
+            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
+            .map_err(Error::driver("cuStreamBeginCapture"))?;
+        let captured = comm.all_reduce(&input, &mut output).and_then(|_| {
+            let options = CallOptions {
+                algorithm: in_place,
+                zero_copy: false,
+            };
+            comm.all_reduce_in_place(&mut inout, options)
+        });
+        let graph = stream
+            .end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0))
+            .map_err(Error::driver("cuStreamEndCapture"));
+        captured?;
+        let graph =
+            graph?.ok_or_else(|| Error::InvalidConfig("capture produced no graph".into()))?;
+        comm.register_graph_buffers()?;
+        let mut per_replay = Vec::with_capacity(replays);
+        for replay in 0..replays {
+            let seed = replay as u64 * 2 + 1;
+            let a = inputs::<T>(seed, comm.rank(), len);
+            let b = inputs::<T>(seed + 1, comm.rank(), len);
+            stream
+                .memcpy_htod(&a, &mut input)
+                .map_err(Error::driver("cuMemcpyHtoD"))?;
+            stream
+                .memcpy_htod(&b, &mut inout)
+                .map_err(Error::driver("cuMemcpyHtoD"))?;
+            poison(comm, &mut output)?;
+            graph.launch().map_err(Error::driver("cuGraphLaunch"))?;
+            comm.synchronize()?;
+            per_replay.push((comm.download(&output)?, comm.download(&inout)?));
+        }
+        Ok(per_replay)
+    })?;
+    let mut last = (0, Outcome::default());
+    for replay in 0..replays {
+        let seed = replay as u64 * 2 + 1;
+        for (which, seed) in [(0, seed), (1, seed + 1)] {
+            let per_rank: Vec<Vec<T>> = outputs
+                .iter()
+                .map(|r| {
+                    if which == 0 {
+                        r[replay].0.clone()
+                    } else {
+                        r[replay].1.clone()
+                    }
+                })
+                .collect();
+            let outcome = compare(seed, &per_rank);
+            if !outcome.passed() {
+                return Ok((replay, outcome));
+            }
+            last = (replay, outcome);
+        }
+    }
+    Ok(last)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inputs_are_small_integers_that_vary() {
+        let values: Vec<f64> = (0..1000).map(|i| input_value(7, 3, i)).collect();
+        assert!(values
+            .iter()
+            .all(|v| v.fract() == 0.0 && (-16.0..=16.0).contains(v)));
+        let distinct: std::collections::BTreeSet<i64> = values.iter().map(|&v| v as i64).collect();
+        assert!(distinct.len() > 20);
+        assert_ne!(input_value(7, 3, 5), input_value(7, 4, 5));
+    }
+
+    #[test]
+    fn compare_finds_wrong_elements_and_rank_disagreement() {
+        let seed = 11;
+        let reference: Vec<f32> = (0..16)
+            .map(|i| (0..2).map(|r| input_value(seed, r, i)).sum::<f64>() as f32)
+            .collect();
+        let good = compare(seed, &[reference.clone(), reference.clone()]);
+        assert!(good.passed(), "{good}");
+        let mut wrong = reference.clone();
+        wrong[5] += 1.0;
+        let bad = compare(seed, &[reference.clone(), wrong]);
+        assert_eq!(bad.mismatches, 1);
+        assert_eq!(bad.first_mismatch.map(|m| (m.0, m.1)), Some((1, 5)));
+        assert!(!bad.ranks_identical);
+        let mut nan = reference;
+        nan[0] = f32::NAN;
+        assert!(!compare(seed, &[nan.clone(), nan]).passed());
+    }
+}
