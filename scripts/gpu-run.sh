@@ -1,33 +1,51 @@
 #!/usr/bin/env bash
 # Runs on the GPU machine over binaries staged by scripts/stage-gpu.sh:
 # device facts, every test binary with LINKREDUCE_REQUIRE_GPU=1, the
-# correctness sweep and the benchmark. Logs go to $OUT (or ./gpu-logs).
-# Usage: bash scripts/gpu-run.sh [tests|check|bench ...]   (default: all)
+# correctness sweep and the benchmark, each with ranks as threads and as
+# processes. Logs go to $OUT (or ./gpu-logs).
+#
+# Usage: bash scripts/gpu-run.sh [info tests check check-processes bench bench-processes ...]
+#   (default: all of them)
+# Environment: TEST_TIMEOUT, CHECK_TIMEOUT, BENCH_TIMEOUT (seconds per step),
+#   CHECK_ARGS, BENCH_ARGS (extra arguments, e.g. "--ranks 2" on one GPU),
+#   BENCH_SIZES (default 1K:256M plus sizes that are not powers of two).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-gpu-logs}"
 mkdir -p "$out"
 export LINKREDUCE_REQUIRE_GPU=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 export LINKREDUCE_CACHE_DIR="${LINKREDUCE_CACHE_DIR:-/tmp/linkreduce-cache}"
+export LINKREDUCE_COMMIT="$(head -c 12 stage/COMMIT)$(grep -q uncommitted stage/COMMIT && echo +dirty)"
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(info tests check bench)
+[ ${#steps[@]} -eq 0 ] && steps=(info tests check check-processes bench bench-processes)
+sizes="${BENCH_SIZES:-1K:256M,3000,100000,1000000,5000000}"
 status=0
 {
   echo "commit: $(cat stage/COMMIT)"
   echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  echo "steps: ${steps[*]}"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
   nvidia-smi topo -m
 } > "$out/facts.txt" 2>&1
+run() { # name timeout command...
+  local name=$1 limit=$2; shift 2
+  echo "\$ $*" > "$out/$name.txt"
+  local started=$SECONDS
+  timeout "$limit" "$@" >> "$out/$name.txt" 2>&1 || { echo "exit status $?" >> "$out/$name.txt"; status=1; }
+  echo "($name: $((SECONDS - started)) s)" >> "$out/$name.txt"
+  tail -n 5 "$out/$name.txt"
+}
 for step in "${steps[@]}"; do
   case "$step" in
-    info) stage/linkreduce info 2>&1 | tee "$out/info.txt" ;;
+    info) run info 60 stage/linkreduce info ;;
     tests)
       for t in stage/tests/*; do
-        echo "== $t"
-        timeout "${TEST_TIMEOUT:-600}" "$t" --test-threads=1 2>&1 || status=1
-      done | tee "$out/tests.txt" ;;
-    check) timeout 900 stage/linkreduce check 2>&1 | tee "$out/check.txt" || status=1 ;;
-    bench) timeout "${BENCH_TIMEOUT:-900}" stage/linkreduce bench --json "$out/bench.json" --sizes "${BENCH_SIZES:-1K:256M,3000,100000,1000000,5000000}" 2>&1 | tee "$out/bench.txt" || status=1 ;;
+        run "test-$(basename "$t")" "${TEST_TIMEOUT:-600}" "$t" --test-threads=1
+      done ;;
+    check) run check "${CHECK_TIMEOUT:-900}" stage/linkreduce check ${CHECK_ARGS:-} ;;
+    check-processes) run check-processes "${CHECK_TIMEOUT:-900}" stage/linkreduce check --mode processes ${CHECK_ARGS:-} ;;
+    bench) run bench "${BENCH_TIMEOUT:-900}" stage/linkreduce bench --json "$out/bench.json" --sizes "$sizes" ${BENCH_ARGS:-} ;;
+    bench-processes) run bench-processes "${BENCH_TIMEOUT:-900}" stage/linkreduce bench --mode processes --json "$out/bench-processes.json" --sizes "$sizes" ${BENCH_ARGS:-} ;;
     *) echo "unknown step $step"; status=2 ;;
   esac
 done

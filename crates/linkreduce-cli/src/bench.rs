@@ -1,15 +1,16 @@
 //! `linkreduce bench`: linkreduce and NCCL timed in the same run, eagerly and
-//! as CUDA-graph replays, one thread per GPU.
+//! as CUDA-graph replays, one rank per GPU as threads or processes. Every
+//! rank times its own calls; rank 0 gathers the times through the
+//! rendezvous and reports the slowest rank's.
 
 use std::fmt;
 use std::process::ExitCode;
-use std::sync::Barrier;
 
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use cudarc::driver::{CudaGraph, CudaStream};
 use indicatif::{ProgressBar, ProgressStyle};
-use linkreduce::group::in_process;
 use linkreduce::nccl::{NcclComm, SymmetricBuffer};
+use linkreduce::rendezvous::Rendezvous;
 use linkreduce::verify::input_value;
 use linkreduce::{
     Algorithm, AlgorithmChoice, CallOptions, Communicator, Config, DType, DeviceBuffer, Element,
@@ -17,6 +18,7 @@ use linkreduce::{
 };
 use serde::Serialize;
 
+use crate::ranks::{exit_code, on_ranks, Mode as RankMode};
 use crate::sizes::{format_size, parse_sizes};
 
 #[derive(clap::Args)]
@@ -39,9 +41,17 @@ pub struct Args {
     /// Timed repetitions; the median is reported.
     #[arg(long, default_value_t = 7)]
     repetitions: usize,
-    /// Write every figure and the run's facts here as JSON.
+    /// Write every figure and the run's facts here as JSON, and the plot
+    /// beside it (same name, .png).
     #[arg(long)]
     json: Option<std::path::PathBuf>,
+    /// Ranks (default: one per GPU); more ranks than GPUs share them, which
+    /// checks the machinery but says nothing about speed.
+    #[arg(long)]
+    ranks: Option<usize>,
+    /// Where the ranks live.
+    #[arg(long, value_enum, default_value_t = RankMode::Threads)]
+    mode: RankMode,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
@@ -103,6 +113,10 @@ struct Row {
 #[derive(Serialize)]
 struct Report {
     command: String,
+    /// Commit of the binary (LINKREDUCE_COMMIT, set by scripts/gpu-run.sh).
+    commit: Option<String>,
+    /// Where the ranks lived: threads or processes.
+    mode: &'static str,
     gpus: Vec<String>,
     driver: String,
     nccl: String,
@@ -111,10 +125,10 @@ struct Report {
     rows: Vec<Row>,
 }
 
-/// Per-rank state kept across sizes.
+/// One rank's state kept across sizes.
 struct Rank<'a> {
     comm: &'a mut Communicator,
-    nccl: Option<&'a mut NcclComm>,
+    nccl: Option<NcclComm>,
 }
 
 /// Calls per timed repetition: enough to dwarf launch overheads, few
@@ -125,54 +139,82 @@ fn calls_per_repetition(bytes: usize) -> usize {
 
 pub fn run(args: Args) -> Result<ExitCode> {
     let sizes = parse_sizes(&args.sizes).map_err(Error::InvalidConfig)?;
+    if args.repetitions == 0 {
+        return Err(Error::InvalidConfig(
+            "--repetitions must be at least 1".into(),
+        ));
+    }
     let devices = crate::pick_devices(&args.devices)?;
+    let world = args.ranks.unwrap_or(devices.len());
     let config = Config {
         staging_bytes: 1 << 20,
         ..Config::default()
     };
-    let mut comms = in_process(&devices, config)?;
+    let passed = on_ranks(args.mode, &devices, world, config, |comm| {
+        bench_rank(comm, &args, &sizes)
+    })?;
+    Ok(exit_code(passed != Some(false)))
+}
+
+/// Every implementation and size on this rank; rank 0 prints and writes
+/// the report. Returns whether every result was right.
+fn bench_rank(comm: &mut Communicator, args: &Args, sizes: &[usize]) -> Result<bool> {
+    let world = comm.world_size();
+    let leader = comm.rank() == 0;
+    let rendezvous = comm.rendezvous().clone();
     let wants_nccl = args.implementations.iter().any(|i| i.algorithm().is_none());
-    let mut nccl = if wants_nccl {
-        let streams: Vec<_> = comms.iter().map(|c| c.stream().clone()).collect();
-        NcclComm::init_all(&streams)?
+    // NCCL refuses two ranks on one GPU; linkreduce is still timed then.
+    let nccl = if wants_nccl {
+        comm.nccl()
+            .inspect_err(|error| {
+                if leader {
+                    eprintln!("linkreduce: NCCL unavailable, timing linkreduce only: {error}");
+                }
+            })
+            .ok()
     } else {
-        Vec::new()
+        None
     };
-    let world = comms.len();
-    let progress = ProgressBar::new((sizes.len() * args.implementations.len()) as u64);
+    let gpus = gather_strings(rendezvous.as_ref(), &device_name(comm))?;
+    let max_blocks = comm.max_blocks();
+    let progress = if leader {
+        ProgressBar::new((sizes.len() * args.implementations.len()) as u64)
+    } else {
+        ProgressBar::hidden()
+    };
     progress.set_style(
         ProgressStyle::with_template("{bar:40} {pos}/{len} {msg}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
+    let mut rank = Rank { comm, nccl };
     let mut rows = Vec::new();
-    let mut nccl_iter = nccl.iter_mut();
-    let mut ranks: Vec<Rank> = comms
-        .iter_mut()
-        .map(|comm| Rank {
-            comm,
-            nccl: nccl_iter.next(),
-        })
-        .collect();
-    print_header();
+    if leader {
+        print_header();
+    }
     // Implementations outer, sizes inner: NCCL's rows exist before the
     // ratios need them, and one implementation that stalls costs only its
     // own rows.
     for &implementation in &args.implementations {
-        for &bytes in &sizes {
+        if implementation.algorithm().is_none() && rank.nccl.is_none() {
+            progress.inc(sizes.len() as u64);
+            continue;
+        }
+        for &bytes in sizes {
             let count = bytes / args.dtype.size();
             if count == 0 {
                 continue;
             }
             progress.set_message(format!("{} {implementation}", format_size(bytes)));
-            let measured = match args.dtype {
-                DType::F32 => measure::<f32>(&mut ranks, implementation, count, args.repetitions),
+            let mine = match args.dtype {
+                DType::F32 => measure::<f32>(&mut rank, implementation, count, args.repetitions),
                 DType::F16 => {
-                    measure::<half::f16>(&mut ranks, implementation, count, args.repetitions)
+                    measure::<half::f16>(&mut rank, implementation, count, args.repetitions)
                 }
                 DType::BF16 => {
-                    measure::<half::bf16>(&mut ranks, implementation, count, args.repetitions)
+                    measure::<half::bf16>(&mut rank, implementation, count, args.repetitions)
                 }
             }?;
+            let measured = slowest_rank(rendezvous.as_ref(), &mine)?;
             for (mode, time_us) in [
                 (Mode::Eager, measured.eager_us),
                 (Mode::Graph, measured.graph_us),
@@ -191,46 +233,74 @@ pub fn run(args: Args) -> Result<ExitCode> {
                     speedup_vs_nccl: None,
                 };
                 row.speedup_vs_nccl = speedup_vs_nccl(&rows, &row);
-                progress.suspend(|| print_row(&row));
+                if leader {
+                    progress.suspend(|| print_row(&row));
+                }
                 rows.push(row);
             }
             progress.inc(1);
         }
     }
     progress.finish_and_clear();
-    drop(ranks);
-    rows.sort_by_key(|r| (r.bytes, r.implementation as u8, r.mode as u8));
-    println!();
-    print_header();
-    rows.iter().for_each(print_row);
-    let max_blocks = comms[0].max_blocks();
-    let report = Report {
-        command: std::env::args().collect::<Vec<_>>().join(" "),
-        gpus: comms
-            .iter()
-            .map(|c| c.context().name().unwrap_or_else(|_| "unknown".into()))
-            .collect(),
-        driver: driver_string(),
-        nccl: linkreduce::nccl::version()
-            .map(|(a, b, c)| format!("{a}.{b}.{c}"))
-            .unwrap_or_else(|e| e.to_string()),
-        world_size: world,
-        max_blocks,
-        rows,
-    };
-    if let Some(path) = &args.json {
-        let text = serde_json::to_string_pretty(&report)
-            .map_err(|e| Error::InvalidConfig(format!("cannot encode the report: {e}")))?;
-        std::fs::write(path, text)
-            .map_err(|e| Error::InvalidConfig(format!("cannot write {}: {e}", path.display())))?;
+    let wrong: usize = rows.iter().map(|r| r.wrong).sum();
+    if leader {
+        rows.sort_by_key(|r| (r.bytes, r.implementation as u8, r.mode as u8));
+        println!();
+        print_header();
+        rows.iter().for_each(print_row);
+        let report = Report {
+            command: std::env::args().collect::<Vec<_>>().join(" "),
+            commit: std::env::var("LINKREDUCE_COMMIT").ok(),
+            mode: args.mode.name(),
+            gpus,
+            driver: driver_string(),
+            nccl: linkreduce::nccl::version()
+                .map(|(a, b, c)| format!("{a}.{b}.{c}"))
+                .unwrap_or_else(|e| e.to_string()),
+            world_size: world,
+            max_blocks,
+            rows,
+        };
+        if let Some(path) = &args.json {
+            write_report(&report, path)?;
+        }
     }
-    drop(nccl);
-    let wrong: usize = report.rows.iter().map(|r| r.wrong).sum();
-    Ok(if wrong == 0 {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    })
+    Ok(wrong == 0)
+}
+
+/// Writes the JSON report and its plot beside it. A plot that cannot be
+/// drawn (no font on this machine) is a warning: `linkreduce plot` can
+/// draw it elsewhere from the JSON.
+fn write_report(report: &Report, path: &std::path::Path) -> Result<()> {
+    let text = serde_json::to_string_pretty(report)
+        .map_err(|e| Error::InvalidConfig(format!("cannot encode the report: {e}")))?;
+    std::fs::write(path, &text)
+        .map_err(|e| Error::InvalidConfig(format!("cannot write {}: {e}", path.display())))?;
+    let picture = path.with_extension("png");
+    match crate::plot::render(&text, &picture) {
+        Ok(()) => eprintln!("wrote {} and {}", path.display(), picture.display()),
+        Err(error) => eprintln!(
+            "wrote {}; no plot ({error}); draw it later with `linkreduce plot {}`",
+            path.display(),
+            path.display()
+        ),
+    }
+    Ok(())
+}
+
+fn device_name(comm: &Communicator) -> String {
+    comm.context()
+        .name()
+        .unwrap_or_else(|_| "unknown GPU".into())
+}
+
+/// Every rank's string, in rank order.
+fn gather_strings(rendezvous: &dyn Rendezvous, mine: &str) -> Result<Vec<String>> {
+    Ok(rendezvous
+        .all_gather(mine.as_bytes())?
+        .into_iter()
+        .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
+        .collect())
 }
 
 fn driver_string() -> String {
@@ -298,7 +368,7 @@ fn call<T: Element>(
         (None, buffers) => {
             let nccl = rank
                 .nccl
-                .as_deref_mut()
+                .as_mut()
                 .ok_or_else(|| Error::InvalidConfig("NCCL was not initialised".into()))?;
             let (send, recv) = buffers.addresses();
             // SAFETY: both addresses hold `count` elements of T on this
@@ -325,11 +395,11 @@ fn event_pair(
     ))
 }
 
-/// Times `work` (which enqueues `calls` all-reduces) `repetitions` times
-/// after a barrier of all rank threads; microseconds per call.
+/// Times `work` (which enqueues `calls` all-reduces) `repetitions` times,
+/// each after a barrier of all ranks; microseconds per call.
 fn time_calls(
     stream: &CudaStream,
-    start_line: &Barrier,
+    start_line: &dyn Rendezvous,
     repetitions: usize,
     calls: usize,
     mut work: impl FnMut() -> Result<()>,
@@ -337,7 +407,7 @@ fn time_calls(
     let (start, end) = event_pair(stream)?;
     let mut times = Vec::with_capacity(repetitions);
     for _ in 0..repetitions {
-        start_line.wait();
+        start_line.barrier()?;
         start
             .record(stream)
             .map_err(Error::driver("cuEventRecord"))?;
@@ -373,125 +443,129 @@ fn capture<T: Element>(
 }
 
 /// What one rank measured for one size: per-repetition microseconds per
-/// call, eager and graphed, and the result of the first call.
-struct RankRun<T> {
+/// call, eager and graphed, and its wrong elements.
+struct RankRun {
     eager: Vec<f64>,
     graphed: Vec<f64>,
-    result: Vec<T>,
+    wrong: usize,
 }
 
 fn measure<T: Element + Default>(
-    ranks: &mut [Rank],
+    rank: &mut Rank,
     implementation: Implementation,
     count: usize,
     repetitions: usize,
-) -> Result<Measured> {
-    let world = ranks.len();
+) -> Result<RankRun> {
     let calls = calls_per_repetition(count * std::mem::size_of::<T>());
-    let start_line = Barrier::new(world);
-    let per_rank = std::thread::scope(|scope| {
-        let start_line = &start_line;
-        let handles: Vec<_> = ranks
-            .iter_mut()
-            .map(|rank| {
-                scope.spawn(move || -> Result<RankRun<T>> {
-                    let stream = rank.comm.stream().clone();
-                    let host: Vec<T> = (0..count)
-                        .map(|i| T::from_f64(input_value(1, rank.comm.rank(), i)))
-                        .collect();
-                    let mut buffers = match implementation {
-                        Implementation::NcclSymmetric => {
-                            let nccl = rank.nccl.as_deref().ok_or_else(|| {
-                                Error::InvalidConfig("NCCL was not initialised".into())
-                            })?;
-                            let bytes = count * std::mem::size_of::<T>();
-                            Buffers::Symmetric {
-                                input: SymmetricBuffer::new(nccl, bytes)?,
-                                output: SymmetricBuffer::new(nccl, bytes)?,
-                            }
-                        }
-                        Implementation::Nccl => Buffers::Nccl {
-                            input: rank.comm.alloc::<T>(count)?,
-                            output: rank.comm.alloc::<T>(count)?,
-                        },
-                        _ => {
-                            let input = rank.comm.alloc::<T>(count)?;
-                            rank.comm.register(&input)?;
-                            Buffers::Linkreduce {
-                                input,
-                                output: rank.comm.alloc::<T>(count)?,
-                            }
-                        }
-                    };
-                    let (input_address, output_address) = buffers.addresses();
-                    // SAFETY: the input holds `count` elements of T.
-                    unsafe { linkreduce::memory::copy_to_device(&stream, input_address, &host) }?;
-                    // Correctness first, on the same buffers that are timed.
-                    call(rank, implementation, &mut buffers, count)?;
-                    stream
-                        .synchronize()
-                        .map_err(Error::driver("cuStreamSynchronize"))?;
-                    let mut result = vec![T::default(); count];
-                    // SAFETY: the output holds `count` elements of T.
-                    unsafe {
-                        linkreduce::memory::copy_to_host(&stream, &mut result, output_address)
-                    }?;
-                    for _ in 0..3 {
-                        call(rank, implementation, &mut buffers, count)?;
-                    }
-                    let eager = time_calls(&stream, start_line, repetitions, calls, || {
-                        (0..calls).try_for_each(|_| call(rank, implementation, &mut buffers, count))
-                    });
-                    let eager = eager?;
-                    let graph = capture(rank, implementation, &mut buffers, count, calls)?;
-                    graph.launch().map_err(Error::driver("cuGraphLaunch"))?;
-                    let graphed = time_calls(&stream, start_line, repetitions, calls, || {
-                        graph.launch().map_err(Error::driver("cuGraphLaunch"))
-                    })?;
-                    stream
-                        .synchronize()
-                        .map_err(Error::driver("cuStreamSynchronize"))?;
-                    rank.comm.synchronize()?;
-                    if let Buffers::Linkreduce { input, .. } = &buffers {
-                        rank.comm.deregister(input);
-                    }
-                    Ok(RankRun {
-                        eager,
-                        graphed,
-                        result,
-                    })
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join().unwrap_or_else(|_| {
-                    Err(Error::InvalidConfig("a rank's thread panicked".into()))
-                })
-            })
-            .collect::<Result<Vec<_>>>()
+    let stream = rank.comm.stream().clone();
+    let rendezvous = rank.comm.rendezvous().clone();
+    let world = rank.comm.world_size();
+    let host: Vec<T> = (0..count)
+        .map(|i| T::from_f64(input_value(1, rank.comm.rank(), i)))
+        .collect();
+    let mut buffers = match implementation {
+        Implementation::NcclSymmetric => {
+            let nccl = rank
+                .nccl
+                .as_ref()
+                .ok_or_else(|| Error::InvalidConfig("NCCL was not initialised".into()))?;
+            let bytes = count * std::mem::size_of::<T>();
+            Buffers::Symmetric {
+                input: SymmetricBuffer::new(nccl, bytes)?,
+                output: SymmetricBuffer::new(nccl, bytes)?,
+            }
+        }
+        Implementation::Nccl => Buffers::Nccl {
+            input: rank.comm.alloc::<T>(count)?,
+            output: rank.comm.alloc::<T>(count)?,
+        },
+        _ => {
+            let input = rank.comm.alloc::<T>(count)?;
+            rank.comm.register(&input)?;
+            Buffers::Linkreduce {
+                input,
+                output: rank.comm.alloc::<T>(count)?,
+            }
+        }
+    };
+    let (input_address, output_address) = buffers.addresses();
+    // SAFETY: the input holds `count` elements of T.
+    unsafe { linkreduce::memory::copy_to_device(&stream, input_address, &host) }?;
+    // Correctness first, on the same buffers that are timed.
+    call(rank, implementation, &mut buffers, count)?;
+    stream
+        .synchronize()
+        .map_err(Error::driver("cuStreamSynchronize"))?;
+    let mut result = vec![T::default(); count];
+    // SAFETY: the output holds `count` elements of T.
+    unsafe { linkreduce::memory::copy_to_host(&stream, &mut result, output_address) }?;
+    let wrong = (0..count)
+        .filter(|&i| {
+            let expected = T::from_f64((0..world).map(|r| input_value(1, r, i)).sum());
+            result[i].to_f64() != expected.to_f64()
+        })
+        .count();
+    for _ in 0..3 {
+        call(rank, implementation, &mut buffers, count)?;
+    }
+    let eager = time_calls(&stream, rendezvous.as_ref(), repetitions, calls, || {
+        (0..calls).try_for_each(|_| call(rank, implementation, &mut buffers, count))
     })?;
-    let slowest = |pick: fn(&RankRun<T>) -> &Vec<f64>| {
+    let graph = capture(rank, implementation, &mut buffers, count, calls)?;
+    graph.launch().map_err(Error::driver("cuGraphLaunch"))?;
+    let graphed = time_calls(&stream, rendezvous.as_ref(), repetitions, calls, || {
+        graph.launch().map_err(Error::driver("cuGraphLaunch"))
+    })?;
+    stream
+        .synchronize()
+        .map_err(Error::driver("cuStreamSynchronize"))?;
+    rank.comm.synchronize()?;
+    if let Buffers::Linkreduce { input, .. } = &buffers {
+        rank.comm.deregister(input);
+    }
+    Ok(RankRun {
+        eager,
+        graphed,
+        wrong,
+    })
+}
+
+/// All ranks' runs as one figure: per repetition the slowest rank's time,
+/// then the median over repetitions; wrong elements summed.
+fn slowest_rank(rendezvous: &dyn Rendezvous, mine: &RankRun) -> Result<Measured> {
+    let words: Vec<u8> = std::iter::once(mine.wrong as f64)
+        .chain(mine.eager.iter().copied())
+        .chain(mine.graphed.iter().copied())
+        .flat_map(f64::to_le_bytes)
+        .collect();
+    let runs: Vec<Vec<f64>> = rendezvous
+        .all_gather(&words)?
+        .iter()
+        .map(|bytes| {
+            bytes
+                .chunks_exact(8)
+                .map(|c| f64::from_le_bytes(c.try_into().unwrap_or_default()))
+                .collect()
+        })
+        .collect();
+    let repetitions = mine.eager.len();
+    if let Some(bad) = runs.iter().position(|r| r.len() != 1 + 2 * repetitions) {
+        return Err(Error::RankMismatch {
+            what: "benchmark timing",
+            detail: format!("rank {bad} sent {} figures", runs[bad].len()),
+        });
+    }
+    let median_of_slowest = |first: usize| {
         let mut worst: Vec<f64> = (0..repetitions)
-            .map(|rep| per_rank.iter().map(|r| pick(r)[rep]).fold(0.0, f64::max))
+            .map(|rep| runs.iter().map(|r| r[first + rep]).fold(0.0, f64::max))
             .collect();
         worst.sort_by(f64::total_cmp);
         worst[worst.len() / 2]
     };
-    let wrong = (0..count)
-        .map(|i| {
-            let expected = T::from_f64((0..world).map(|r| input_value(1, r, i)).sum()).to_f64();
-            per_rank
-                .iter()
-                .filter(|r| r.result[i].to_f64() != expected)
-                .count()
-        })
-        .sum();
     Ok(Measured {
-        eager_us: slowest(|r| &r.eager),
-        graph_us: slowest(|r| &r.graphed),
-        wrong,
+        eager_us: median_of_slowest(1),
+        graph_us: median_of_slowest(1 + repetitions),
+        wrong: runs.iter().map(|r| r[0] as usize).sum(),
     })
 }
 

@@ -1,10 +1,12 @@
-//! `linkreduce check`: the correctness sweep.
+//! `linkreduce check`: the correctness sweep, with ranks as threads or as
+//! processes.
 
 use std::process::ExitCode;
 
-use linkreduce::group::in_process;
-use linkreduce::verify::{check_case, check_graph, Case, Placement};
-use linkreduce::{Algorithm, AlgorithmChoice, Config, DType, Result};
+use linkreduce::verify::{check_case_on_rank, check_graph_on_rank, sweep_cases};
+use linkreduce::{Algorithm, AlgorithmChoice, Communicator, Config, DType, Result};
+
+use crate::ranks::{exit_code, is_worker, on_ranks, placement, Mode};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -23,68 +25,95 @@ pub struct Args {
         default_value = "1,7,8,4097,65536,1048579,8388608"
     )]
     lengths: Vec<usize>,
-    /// CUDA-graph replays checked per world size (0 to skip graphs).
+    /// CUDA-graph replays checked per world size, dtype and algorithm (0 to
+    /// skip graphs).
     #[arg(long, default_value_t = 100)]
     graph_replays: usize,
+    /// Where the ranks live.
+    #[arg(long, value_enum, default_value_t = Mode::Threads)]
+    mode: Mode,
 }
 
 pub fn run(args: Args) -> Result<ExitCode> {
     let gpus = crate::pick_devices(&args.devices)?;
-    let mut failures = 0usize;
-    let mut cases = 0usize;
+    let mut failed_worlds = Vec::new();
     for &world in &args.worlds {
-        let devices: Vec<usize> = (0..world).map(|rank| gpus[rank % gpus.len()]).collect();
-        let mut comms = in_process(&devices, Config::default())?;
-        let staging = comms[0].config().staging_bytes;
+        let passed = on_ranks(args.mode, &gpus, world, Config::default(), |comm| {
+            check_world(comm, &args)
+        })?;
+        match passed {
+            Some(true) => {}
+            Some(false) => failed_worlds.push(world),
+            None => continue,
+        }
+        // Ranks that are processes report through their rank 0.
+        if !is_worker() {
+            println!(
+                "world {world} on GPUs {:?} ({}): {}",
+                placement(&gpus, world),
+                args.mode.name(),
+                if passed == Some(true) {
+                    "passed"
+                } else {
+                    "FAILED"
+                }
+            );
+        }
+    }
+    if !is_worker() {
+        if failed_worlds.is_empty() {
+            println!("all world sizes passed");
+        } else {
+            println!("FAILED world sizes: {failed_worlds:?}");
+        }
+    }
+    Ok(exit_code(failed_worlds.is_empty()))
+}
+
+/// Every case of the sweep and the graph replays on this rank; rank 0 prints
+/// each mismatch (every rank reaches the same verdict) and the tally.
+fn check_world(comm: &mut Communicator, args: &Args) -> Result<bool> {
+    let leader = comm.rank() == 0;
+    let world = comm.world_size();
+    let cases = sweep_cases(&args.dtypes, &args.lengths, comm.config().staging_bytes);
+    let mut failures = 0;
+    for (seed, &case) in cases.iter().enumerate() {
+        let outcome = check_case_on_rank(comm, case, seed as u64)?;
+        if !outcome.passed() {
+            failures += 1;
+            if leader {
+                println!("MISMATCH world {world} {case}: {outcome}");
+            }
+        }
+    }
+    let mut graphs = 0;
+    if args.graph_replays > 0 {
         for &dtype in &args.dtypes {
             for algorithm in Algorithm::ALL {
-                for &len in &args.lengths {
-                    for placement in Placement::ALL {
-                        let staged =
-                            matches!(placement, Placement::Staged | Placement::InPlaceStaged);
-                        if staged && len * dtype.size() > staging {
-                            continue;
-                        }
-                        let case = Case {
-                            dtype,
-                            len,
-                            algorithm: AlgorithmChoice::Force(algorithm),
-                            placement,
-                        };
-                        let outcome = check_case(&mut comms, case, cases as u64)?;
-                        cases += 1;
-                        if !outcome.passed() {
-                            failures += 1;
-                            println!(
-                                "MISMATCH world {world} {dtype} {algorithm} len {len} {placement}: {outcome}"
-                            );
-                        }
-                    }
-                }
-            }
-            if args.graph_replays > 0 {
-                for algorithm in Algorithm::ALL {
-                    let (replay, outcome) = check_graph(
-                        &mut comms,
-                        dtype,
-                        65539,
-                        AlgorithmChoice::Force(algorithm),
-                        args.graph_replays,
-                    )?;
-                    cases += 1;
-                    if !outcome.passed() {
-                        failures += 1;
+                let (replay, outcome) = check_graph_on_rank(
+                    comm,
+                    dtype,
+                    65539,
+                    AlgorithmChoice::Force(algorithm),
+                    args.graph_replays,
+                )?;
+                graphs += 1;
+                if !outcome.passed() {
+                    failures += 1;
+                    if leader {
                         println!("MISMATCH world {world} {dtype} graph ({algorithm} in place) replay {replay}: {outcome}");
                     }
                 }
             }
         }
-        println!("world {world} on GPUs {devices:?}: done, {failures} failure(s) so far");
     }
-    println!("{} passed, {failures} failed", cases - failures);
-    Ok(if failures == 0 {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    })
+    if leader {
+        println!(
+            "world {world}: {} passed, {failures} failed ({} cases, {graphs} graphs x {} replays)",
+            cases.len() + graphs - failures,
+            cases.len(),
+            args.graph_replays
+        );
+    }
+    Ok(failures == 0)
 }

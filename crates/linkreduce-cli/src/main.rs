@@ -4,6 +4,9 @@
 mod bench;
 mod check;
 mod info;
+mod launch;
+mod plot;
+mod ranks;
 mod sizes;
 
 use std::process::ExitCode;
@@ -30,6 +33,11 @@ enum Command {
     Check(check::Args),
     /// Show devices, peer access, library versions and algorithm choices.
     Info(info::Args),
+    /// Start N processes of a command as ranks of one job, torchrun-style.
+    Launch(launch::Args),
+    /// Draw a `bench --json` report as a PNG: latency and bus bandwidth
+    /// against message size, per implementation and timing mode.
+    Plot(plot::Args),
 }
 
 fn main() -> ExitCode {
@@ -42,6 +50,8 @@ fn main() -> ExitCode {
         Command::Bench(args) => bench::run(args),
         Command::Check(args) => check::run(args),
         Command::Info(args) => info::run(args),
+        Command::Launch(args) => launch::run(args),
+        Command::Plot(args) => plot::run(args),
     };
     match result {
         Ok(code) => code,

@@ -64,6 +64,15 @@ pub enum AlgorithmChoice {
     Force(Algorithm),
 }
 
+impl fmt::Display for AlgorithmChoice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AlgorithmChoice::Auto => f.write_str("auto"),
+            AlgorithmChoice::Force(algorithm) => algorithm.fmt(f),
+        }
+    }
+}
+
 /// The reference rule of SPEC.md: two GPUs always one-stage; up to four
 /// ranks below 512 KiB and up to eight below 256 KiB one-stage; otherwise
 /// two-stage.

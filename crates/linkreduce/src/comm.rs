@@ -23,9 +23,15 @@ use crate::kernels::{
     compile_cubin, kernel_name, AllReduceArgs, Arch, BarrierArgs, Fault, Record, MAX_BLOCKS,
     MAX_RANKS, PACKET_BYTES, SCRATCH_OFFSET, SCRATCH_TAIL_BYTES, THREADS_PER_BLOCK, WORLD_SIZES,
 };
-use crate::memory::{check, copy_to_device, DeviceBuffer, DeviceMemory, HostMapped, PointerInfo};
+use crate::memory::{
+    check, copy_to_device, device_count, DeviceBuffer, DeviceMemory, HostMapped, PointerInfo,
+};
+use crate::nccl::NcclComm;
 use crate::registry::{Located, Registry};
-use crate::rendezvous::Rendezvous;
+use crate::rendezvous::{
+    agree, all_gather_u64s, gather_or_fail, Rendezvous, TcpRendezvous, TcpRendezvousConfig,
+};
+use crate::transport::Transport;
 
 /// Where a launch reads this rank's input from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -116,7 +122,8 @@ pub struct Communicator {
     config: Config,
     /// Why the communicator cannot be used any more, once it cannot.
     poisoned: Option<String>,
-    rendezvous: Box<dyn Rendezvous>,
+    rendezvous: Arc<dyn Rendezvous>,
+    transport: Transport,
     fault: HostMapped<Fault>,
     table: DeviceMemory,
     staging: DeviceMemory,
@@ -125,22 +132,27 @@ pub struct Communicator {
 }
 
 impl Communicator {
-    /// Builds this rank's communicator; collective over `rendezvous`.
-    ///
-    /// Peers' memory is addressed directly, so every rank must live in this
-    /// process with peer access enabled between their devices (what
-    /// [`crate::group::in_process`] arranges).
-    pub(crate) fn in_process(
-        rendezvous: Box<dyn Rendezvous>,
-        ctx: Arc<CudaContext>,
-        config: Config,
-    ) -> Result<Self> {
+    /// Builds this rank's communicator on GPU `device`; collective over
+    /// `rendezvous`, whose ranks may be threads of this process, other
+    /// processes, or both. Peers in this process get peer access to this
+    /// rank's device; peers in other processes map its memory through CUDA
+    /// IPC.
+    pub fn new(rendezvous: Arc<dyn Rendezvous>, device: usize, config: Config) -> Result<Self> {
         config.validate()?;
         let rank = rendezvous.rank();
         let world_size = rendezvous.world_size();
         if !WORLD_SIZES.contains(&world_size) {
             return Err(Error::UnsupportedWorldSize(world_size));
         }
+        let count = device_count()?;
+        if device >= count {
+            return Err(Error::DeviceOutOfRange {
+                ordinal: device,
+                count,
+            });
+        }
+        let ctx = CudaContext::new(device).map_err(Error::driver("cuDevicePrimaryCtxRetain"))?;
+        let mut transport = Transport::connect(rendezvous.as_ref(), &ctx)?;
         ctx.bind_to_thread()
             .map_err(Error::driver("cuCtxSetCurrent"))?;
         let stream = ctx.new_stream().map_err(Error::driver("cuStreamCreate"))?;
@@ -186,13 +198,12 @@ impl Communicator {
         stream
             .synchronize()
             .map_err(Error::driver("cuStreamSynchronize"))?;
-        let addresses = all_gather_u64s(rendezvous.as_ref(), &[signal.ptr(), staging.ptr()])?;
-        let mut signal_peers = [0u64; MAX_RANKS];
-        let mut staging_peers: Record = [0; MAX_RANKS];
-        for (peer, pair) in addresses.iter().enumerate() {
-            signal_peers[peer] = pair[0];
-            staging_peers[peer] = pair[1];
-        }
+        let shared = transport.share(
+            rendezvous.as_ref(),
+            "set-up",
+            &[signal.ptr(), staging.ptr()],
+        )?;
+        let (signal_peers, staging_peers) = (shared[0], shared[1]);
         let mut registry = Registry::new(config.max_records);
         let staging_record = registry.reserve()?;
         let communicator = Communicator {
@@ -208,15 +219,28 @@ impl Communicator {
             config,
             poisoned: None,
             rendezvous,
+            transport,
             fault,
             table,
             staging,
             _signal: signal,
         };
-        communicator.write_record(staging_record, &staging_peers)?;
-        // Nobody launches before every signal region is zeroed.
-        communicator.rendezvous.barrier()?;
+        // Nobody launches before every signal region is zeroed and every
+        // rank is ready.
+        let written = communicator.write_record(staging_record, &staging_peers);
+        agree(communicator.rendezvous.as_ref(), "set-up", written)?;
         Ok(communicator)
+    }
+
+    /// Builds the communicator of a process started the torchrun way (for
+    /// example by `linkreduce launch`): RANK, WORLD_SIZE, MASTER_ADDR and
+    /// MASTER_PORT say where to meet, and LOCAL_RANK picks the GPU
+    /// (modulo the visible GPUs, so that several ranks may share one).
+    pub fn from_env(config: Config) -> Result<Self> {
+        let local_rank = TcpRendezvousConfig::local_rank_from_env()?;
+        let device = local_rank % device_count()?;
+        let rendezvous = TcpRendezvous::connect(TcpRendezvousConfig::from_env()?)?;
+        Communicator::new(Arc::new(rendezvous), device, config)
     }
 
     pub fn rank(&self) -> usize {
@@ -240,6 +264,18 @@ impl Communicator {
     /// capture all-reduces in a CUDA graph, capture this stream.
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
+    }
+
+    /// The meeting point of this communicator's ranks, for callers that
+    /// coordinate the same ranks (an NCCL communicator, a benchmark).
+    pub fn rendezvous(&self) -> &Arc<dyn Rendezvous> {
+        &self.rendezvous
+    }
+
+    /// An NCCL communicator over the same ranks and devices, on this
+    /// communicator's stream. Collective.
+    pub fn nccl(&self) -> Result<NcclComm> {
+        NcclComm::from_rendezvous(self.rendezvous.as_ref(), &self.stream)
     }
 
     /// The largest grid a launch uses (same on every rank).
@@ -325,30 +361,23 @@ impl Communicator {
         let stream = self.stream.clone();
         let (ptr, _read) = buffer.device_ptr(&stream);
         let bytes = buffer.num_bytes() as u64;
-        let shareable = self.shareable(ptr, bytes as usize);
-        let ok = u64::from(shareable.is_ok());
-        let all = all_gather_u64s(self.rendezvous.as_ref(), &[ok, ptr, bytes])?;
-        shareable?;
-        if let Some(bad) = all.iter().position(|p| p[0] == 0) {
-            return Err(Error::RankMismatch {
-                what: "registration",
-                detail: format!("rank {bad} could not share its buffer"),
-            });
-        }
-        if let Some(bad) = all.iter().position(|p| p[2] != bytes) {
+        let local = self
+            .shareable(ptr, bytes as usize)
+            .map(|()| bytes.to_le_bytes().to_vec());
+        let all = gather_or_fail(self.rendezvous.as_ref(), "registration", local)?;
+        if let Some(bad) = all.iter().position(|b| b[..] != bytes.to_le_bytes()) {
             return Err(Error::RankMismatch {
                 what: "registration",
                 detail: format!(
                     "rank {bad} registered {} bytes, this rank {bytes}",
-                    all[bad][2]
+                    u64::from_le_bytes(all[bad].clone().try_into().unwrap_or_default())
                 ),
             });
         }
         let record = self.registry.reserve()?;
-        let mut peers: Record = [0; MAX_RANKS];
-        for (peer, p) in all.iter().enumerate() {
-            peers[peer] = p[1];
-        }
+        let peers = self
+            .transport
+            .share(self.rendezvous.as_ref(), "registration", &[ptr])?[0];
         self.write_record(record, &peers)?;
         self.registry.insert(ptr, bytes, record);
         Ok(())
@@ -375,23 +404,13 @@ impl Communicator {
         self.check_usable()?;
         let pending = self.registry.take_pending();
         let local: Vec<u64> = pending.iter().map(|&(_, ptr)| ptr).collect();
-        let all = all_gather_u64s(self.rendezvous.as_ref(), &local)?;
-        if let Some(bad) = all.iter().position(|p| p.len() != local.len()) {
-            return Err(Error::RankMismatch {
-                what: "graph buffer registration",
-                detail: format!(
-                    "rank {bad} captured {} all-reduces on unregistered buffers, this rank {}",
-                    all[bad].len(),
-                    local.len()
-                ),
-            });
-        }
-        for (j, &(record, _)) in pending.iter().enumerate() {
-            let mut peers: Record = [0; MAX_RANKS];
-            for (peer, ptrs) in all.iter().enumerate() {
-                peers[peer] = ptrs[j];
-            }
-            self.write_record(record, &peers)?;
+        let records = self.transport.share(
+            self.rendezvous.as_ref(),
+            "graph buffer registration",
+            &local,
+        )?;
+        for (&(index, _), record) in pending.iter().zip(&records) {
+            self.write_record(index, record)?;
         }
         Ok(pending.len())
     }
@@ -427,7 +446,8 @@ impl Communicator {
     }
 
     fn shareable(&self, ptr: u64, bytes: usize) -> Result<()> {
-        PointerInfo::shareable(ptr, bytes, self.device()).map(|_| ())
+        let info = PointerInfo::shareable(ptr, bytes, self.device())?;
+        self.transport.check_shareable(ptr, &info)
     }
 
     fn capturing(&self) -> Result<bool> {
@@ -671,26 +691,4 @@ fn resident_blocks(
         per_sm = per_sm.min(blocks);
     }
     Ok(per_sm.saturating_mul(sms))
-}
-
-/// All-gathers a list of u64 per rank.
-fn all_gather_u64s(rendezvous: &dyn Rendezvous, values: &[u64]) -> Result<Vec<Vec<u64>>> {
-    let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-    let gathered = rendezvous.all_gather(&bytes)?;
-    gathered
-        .into_iter()
-        .enumerate()
-        .map(|(rank, bytes)| {
-            if bytes.len() % 8 != 0 {
-                return Err(Error::RankMismatch {
-                    what: "address exchange",
-                    detail: format!("rank {rank} sent {} bytes", bytes.len()),
-                });
-            }
-            Ok(bytes
-                .chunks_exact(8)
-                .map(|c| u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
-                .collect())
-        })
-        .collect()
 }

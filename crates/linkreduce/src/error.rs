@@ -66,6 +66,12 @@ pub enum Error {
     },
     #[error("this communicator failed earlier ({0}) and cannot be used again; create a new one")]
     Poisoned(String),
+    #[error("rank {rank} failed during {what}: {reason}")]
+    PeerFailed {
+        rank: usize,
+        what: &'static str,
+        reason: String,
+    },
     #[error("invalid configuration: {0}")]
     InvalidConfig(String),
     #[error(transparent)]

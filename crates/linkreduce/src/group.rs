@@ -1,22 +1,20 @@
 //! In-process groups: one communicator per rank, all in this process, each
 //! meant to be moved to its own thread.
 
-use std::collections::HashMap;
 use std::sync::Arc;
-
-use cudarc::driver::CudaContext;
 
 use crate::comm::{Communicator, Config};
 use crate::error::{Error, Result};
 use crate::kernels::WORLD_SIZES;
-use crate::memory::{device_count, enable_peer_access};
+use crate::memory::device_count;
 use crate::rendezvous::{Rendezvous, ThreadRendezvous};
 
 /// Creates one communicator per entry of `devices` (rank i runs on
 /// `devices[i]`). A device may appear several times: its ranks then share
 /// it, which is how world sizes above the GPU count are tested.
 ///
-/// Checks and enables peer access between every pair of distinct devices.
+/// Peer access between every pair of distinct devices is checked and
+/// enabled while the communicators are built.
 pub fn in_process(devices: &[usize], config: Config) -> Result<Vec<Communicator>> {
     if !WORLD_SIZES.contains(&devices.len()) {
         return Err(Error::UnsupportedWorldSize(devices.len()));
@@ -26,27 +24,14 @@ pub fn in_process(devices: &[usize], config: Config) -> Result<Vec<Communicator>
     if let Some(&ordinal) = devices.iter().find(|&&d| d >= count) {
         return Err(Error::DeviceOutOfRange { ordinal, count });
     }
-    let mut contexts: HashMap<usize, Arc<CudaContext>> = HashMap::new();
-    for &ordinal in devices {
-        if let std::collections::hash_map::Entry::Vacant(slot) = contexts.entry(ordinal) {
-            slot.insert(
-                CudaContext::new(ordinal).map_err(Error::driver("cuDevicePrimaryCtxRetain"))?,
-            );
-        }
-    }
-    for from in contexts.values() {
-        for to in contexts.values() {
-            enable_peer_access(from, to)?;
-        }
-    }
     let rendezvous = ThreadRendezvous::group(devices.len(), config.rendezvous_timeout);
     std::thread::scope(|scope| {
         let builders: Vec<_> = rendezvous
             .into_iter()
             .map(|handle| {
-                let ctx = contexts[&devices[handle.rank()]].clone();
+                let device = devices[handle.rank()];
                 let config = config.clone();
-                scope.spawn(move || Communicator::in_process(Box::new(handle), ctx, config))
+                scope.spawn(move || Communicator::new(Arc::new(handle), device, config))
             })
             .collect();
         builders

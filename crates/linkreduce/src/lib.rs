@@ -5,22 +5,26 @@
 //! - [`kernels`]: the CUDA C++ device code (the barrier protocol in
 //!   `barrier.cu`, the algorithms in `allreduce.cu`) and its NVRTC compilation;
 //! - [`memory`]: device memory peers can read, peer access, pointer queries;
+//! - [`ipc`] and `transport`: how a rank maps peers' memory, through CUDA IPC
+//!   across processes or directly within one;
 //! - [`registry`]: which record of the device table a buffer uses;
 //! - [`rendezvous`]: how ranks exchange bytes at set-up;
 //! - [`algorithm`]: which algorithm and grid a call uses;
 //! - [`comm`]: the communicator and its enqueue path; [`group`] builds one
-//!   per rank inside a process.
+//!   per rank inside a process, [`Communicator::from_env`] one per process.
 
 pub mod algorithm;
 pub mod comm;
 pub mod dtype;
 pub mod error;
 pub mod group;
+pub mod ipc;
 pub mod kernels;
 pub mod memory;
 pub mod nccl;
 mod registry;
 pub mod rendezvous;
+mod transport;
 pub mod verify;
 
 pub use algorithm::{Algorithm, AlgorithmChoice};

@@ -314,6 +314,8 @@ pub(crate) struct PointerInfo {
     pub base: u64,
     pub size: usize,
     pub is_device_memory: bool,
+    /// Whether `cuIpcGetMemHandle` can export it (plain `cuMemAlloc`).
+    pub legacy_ipc_capable: bool,
 }
 
 impl PointerInfo {
@@ -323,6 +325,7 @@ impl PointerInfo {
         let mut managed: u32 = 0;
         let mut base: u64 = 0;
         let mut size: usize = 0;
+        let mut ipc_capable: u32 = 0;
         let attribute = |data: *mut std::ffi::c_void, which| {
             // SAFETY: each `data` points to a local of the size the driver
             // writes for `which` (u32/i32 for enums and ordinals, a pointer
@@ -355,7 +358,12 @@ impl PointerInfo {
             &mut size as *mut _ as *mut _,
             CU_POINTER_ATTRIBUTE_RANGE_SIZE,
         )?;
+        attribute(
+            &mut ipc_capable as *mut _ as *mut _,
+            CU_POINTER_ATTRIBUTE_IS_LEGACY_CUDA_IPC_CAPABLE,
+        )?;
         Ok(PointerInfo {
+            legacy_ipc_capable: ipc_capable != 0,
             device_ordinal: ordinal,
             base,
             size,

@@ -9,6 +9,7 @@ use cudarc::nccl::{result as nccl, sys as nccl_sys};
 
 use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
+use crate::rendezvous::{agree, gather_or_fail, Rendezvous};
 
 /// `NCCL_WIN_COLL_SYMMETRIC`: the window is allocated alike on every rank,
 /// which lets NCCL 2.27+ use its symmetric-memory kernels.
@@ -87,6 +88,49 @@ impl NcclComm {
             .collect())
     }
 
+    /// One communicator per rank of `rendezvous` (threads or processes),
+    /// on `stream`: rank 0's unique id travels over the rendezvous.
+    /// Collective.
+    pub fn from_rendezvous(rendezvous: &dyn Rendezvous, stream: &Arc<CudaStream>) -> Result<Self> {
+        let rank = rendezvous.rank();
+        let world = rendezvous.world_size();
+        let id = ensure_nccl().and_then(|()| {
+            if rank == 0 {
+                let id = nccl::get_uniqueid().map_err(nccl_error("ncclGetUniqueId"))?;
+                Ok(id.internal.iter().map(|&c| c as u8).collect())
+            } else {
+                Ok(Vec::new())
+            }
+        });
+        let ids = gather_or_fail(rendezvous, "NCCL set-up", id)?;
+        let mut id = nccl_sys::ncclUniqueId { internal: [0; 128] };
+        if ids[0].len() != id.internal.len() {
+            return Err(Error::RankMismatch {
+                what: "NCCL set-up",
+                detail: format!("rank 0 sent a {}-byte unique id", ids[0].len()),
+            });
+        }
+        for (to, &from) in id.internal.iter_mut().zip(&ids[0]) {
+            *to = from as _;
+        }
+        stream
+            .context()
+            .bind_to_thread()
+            .map_err(Error::driver("cuCtxSetCurrent"))?;
+        let mut comm = std::ptr::null_mut();
+        // SAFETY: `comm` is valid for writes; every rank passes the same id
+        // and world size and its own rank.
+        let created = unsafe { nccl::comm_init_rank(&mut comm, world as i32, id, rank as i32) }
+            .map(|_| ())
+            .map_err(nccl_error("ncclCommInitRank"));
+        agree(rendezvous, "NCCL set-up", created)?;
+        Ok(NcclComm {
+            comm,
+            stream: stream.clone(),
+            rank,
+        })
+    }
+
     pub fn rank(&self) -> usize {
         self.rank
     }
@@ -141,7 +185,8 @@ impl NcclComm {
 
 impl Drop for NcclComm {
     fn drop(&mut self) {
-        // SAFETY: the handle came from ncclCommInitAll and is destroyed once.
+        // SAFETY: the handle came from ncclCommInitAll or ncclCommInitRank and
+        // is destroyed once.
         let _ = unsafe { nccl::comm_destroy(self.comm) };
     }
 }

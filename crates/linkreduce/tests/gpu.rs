@@ -3,25 +3,14 @@
 //! Run them one at a time (`--test-threads=1`): ranks of two groups on one
 //! GPU would compete for residency.
 
+mod common;
+
 use std::time::{Duration, Instant};
 
+use common::gpus;
 use linkreduce::group::in_process;
-use linkreduce::memory::device_count;
-use linkreduce::verify::{check_case, check_graph, on_every_rank, Case, Placement};
+use linkreduce::verify::{check_case, check_graph, on_every_rank, sweep_cases, Case, Placement};
 use linkreduce::{Algorithm, AlgorithmChoice, CallOptions, Communicator, Config, DType, Error};
-
-/// The GPUs to use, or None (after saying why) when the test must skip.
-fn gpus() -> Option<usize> {
-    match device_count() {
-        Ok(count) => Some(count),
-        Err(error) => {
-            let required = std::env::var("LINKREDUCE_REQUIRE_GPU").is_ok_and(|v| v == "1");
-            assert!(!required, "LINKREDUCE_REQUIRE_GPU=1 but no GPU: {error}");
-            eprintln!("skipping GPU test: {error}");
-            None
-        }
-    }
-}
 
 /// `world` ranks spread round-robin over the visible GPUs.
 fn group(world: usize, gpus: usize, config: Config) -> Vec<Communicator> {
@@ -35,35 +24,18 @@ fn sweep_world(world: usize) {
     let Some(gpus) = gpus() else { return };
     let mut comms = group(world, gpus, Config::default());
     let started = Instant::now();
+    let cases = sweep_cases(&DType::ALL, &LENGTHS, comms[0].config().staging_bytes);
     let mut failures = Vec::new();
-    let mut cases = 0;
-    for dtype in DType::ALL {
-        for algorithm in Algorithm::ALL {
-            for len in LENGTHS {
-                for placement in Placement::ALL {
-                    // Staging holds 32 MiB: the largest inputs must be registered.
-                    let staged = matches!(placement, Placement::Staged | Placement::InPlaceStaged);
-                    if staged && len * dtype.size() > comms[0].config().staging_bytes {
-                        continue;
-                    }
-                    let case = Case {
-                        dtype,
-                        len,
-                        algorithm: AlgorithmChoice::Force(algorithm),
-                        placement,
-                    };
-                    let outcome = check_case(&mut comms, case, cases as u64)
-                        .unwrap_or_else(|e| panic!("{case:?}: {e}"));
-                    cases += 1;
-                    if !outcome.passed() {
-                        failures.push(format!("{case:?}: {outcome}"));
-                    }
-                }
-            }
+    for (seed, &case) in cases.iter().enumerate() {
+        let outcome =
+            check_case(&mut comms, case, seed as u64).unwrap_or_else(|e| panic!("{case}: {e}"));
+        if !outcome.passed() {
+            failures.push(format!("{case}: {outcome}"));
         }
     }
     eprintln!(
-        "world {world}: {cases} cases in {:.1} s, {} failed",
+        "world {world}: {} cases in {:.1} s, {} failed",
+        cases.len(),
         started.elapsed().as_secs_f64(),
         failures.len()
     );

@@ -18,7 +18,9 @@ pub use tcp::{TcpRendezvous, TcpRendezvousConfig};
 pub use threads::ThreadRendezvous;
 
 /// The operations a communicator needs from its ranks' meeting point.
-pub trait Rendezvous: Send {
+/// Shared (`Arc`) by a communicator and whoever else coordinates the same
+/// ranks, such as an NCCL communicator or a benchmark.
+pub trait Rendezvous: Send + Sync {
     /// This rank, in `0..world_size()`.
     fn rank(&self) -> usize;
 
@@ -54,4 +56,79 @@ pub enum RendezvousError {
     },
     #[error("rendezvous protocol error: {0}")]
     Protocol(String),
+}
+
+/// All-gathers a list of u64 per rank.
+pub(crate) fn all_gather_u64s(
+    rendezvous: &dyn Rendezvous,
+    values: &[u64],
+) -> crate::Result<Vec<Vec<u64>>> {
+    let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    gather_or_fail(rendezvous, "an exchange of addresses", Ok(bytes))?
+        .into_iter()
+        .enumerate()
+        .map(|(rank, bytes)| {
+            if bytes.len() % 8 != 0 {
+                return Err(crate::Error::RankMismatch {
+                    what: "an exchange of addresses",
+                    detail: format!("rank {rank} sent {} bytes", bytes.len()),
+                });
+            }
+            Ok(bytes
+                .chunks_exact(8)
+                .map(|c| u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+                .collect())
+        })
+        .collect()
+}
+
+/// All-gathers each rank's payload, or, when any rank's step failed, makes
+/// every rank fail: the rank that failed with its own error, the others
+/// with one naming it. Without this a rank that fails alone would leave its
+/// peers waiting in their next collective step until it times out.
+pub(crate) fn gather_or_fail(
+    rendezvous: &dyn Rendezvous,
+    what: &'static str,
+    local: crate::Result<Vec<u8>>,
+) -> crate::Result<Vec<Vec<u8>>> {
+    let gathered = exchange(rendezvous, what, local.as_deref());
+    local?;
+    gathered
+}
+
+/// Like [`gather_or_fail`] for a step whose result stays on this rank.
+pub(crate) fn agree<T>(
+    rendezvous: &dyn Rendezvous,
+    what: &'static str,
+    local: crate::Result<T>,
+) -> crate::Result<T> {
+    let gathered = exchange(rendezvous, what, local.as_ref().map(|_| &[][..]));
+    let value = local?;
+    gathered.map(|_| value)
+}
+
+/// Sends a status byte (1: ok, 0: failed) and the payload or the error's
+/// text; returns every payload, or the first failed rank as an error.
+fn exchange(
+    rendezvous: &dyn Rendezvous,
+    what: &'static str,
+    local: Result<&[u8], &crate::Error>,
+) -> crate::Result<Vec<Vec<u8>>> {
+    let message = match local {
+        Ok(payload) => [&[1u8][..], payload].concat(),
+        Err(error) => [&[0u8][..], error.to_string().as_bytes()].concat(),
+    };
+    rendezvous
+        .all_gather(&message)?
+        .into_iter()
+        .enumerate()
+        .map(|(rank, message)| match message.split_first() {
+            Some((1, payload)) => Ok(payload.to_vec()),
+            _ => Err(crate::Error::PeerFailed {
+                rank,
+                what,
+                reason: String::from_utf8_lossy(message.get(1..).unwrap_or_default()).into_owned(),
+            }),
+        })
+        .collect()
 }

@@ -1,0 +1,123 @@
+//! CUDA IPC: naming this process's device memory so that peer processes can
+//! map it, and mapping theirs.
+//!
+//! A legacy IPC handle names a whole `cuMemAlloc` allocation, so an address
+//! travels as (handle of its allocation's base, offset from that base).
+//! Memory from stream-ordered pools or `cuMemCreate` has no such handle.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use cudarc::driver::sys;
+use cudarc::driver::CudaContext;
+
+use crate::error::{Error, Result};
+use crate::memory::{check, PointerInfo};
+
+/// Bytes of a `CUipcMemHandle`.
+pub(crate) const HANDLE_BYTES: usize = 64;
+
+/// Peer allocations mapped in this process right now, over all
+/// communicators: what a leak test watches.
+static OPEN_HANDLES: AtomicUsize = AtomicUsize::new(0);
+
+/// How many peer allocations this process has mapped through CUDA IPC and
+/// not yet closed.
+pub fn open_handles() -> usize {
+    OPEN_HANDLES.load(Ordering::Relaxed)
+}
+
+/// A device address as another process can name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Exported {
+    pub handle: [u8; HANDLE_BYTES],
+    pub offset: u64,
+}
+
+impl Exported {
+    /// Exports the allocation holding `ptr`.
+    pub fn of(ptr: u64) -> Result<Exported> {
+        let info = PointerInfo::query(ptr)?;
+        let mut handle = sys::CUipcMemHandle {
+            reserved: [0; HANDLE_BYTES],
+        };
+        // SAFETY: `handle` is valid for writes; `info.base` is the start of
+        // a live allocation the driver just described.
+        let status = unsafe { sys::cuIpcGetMemHandle(&mut handle, info.base) };
+        status.result().map_err(|error| Error::NotShareable {
+            ptr,
+            reason: format!(
+                "CUDA IPC cannot export it ({error}): memory from a stream-ordered pool \
+                 (such as cudarc's CudaStream::alloc) or from cuMemCreate has no IPC handle; \
+                 allocate it with Communicator::alloc, or leave it unregistered so that \
+                 calls copy it into the staging buffer"
+            ),
+        })?;
+        Ok(Exported {
+            handle: handle.reserved.map(|b| b as u8),
+            offset: ptr - info.base,
+        })
+    }
+}
+
+/// Peers' allocations mapped into this rank's context, each once; all are
+/// closed on drop. Opened memory is never freed here: it belongs to the
+/// peer.
+pub(crate) struct OpenedPeers {
+    ctx: Arc<CudaContext>,
+    bases: HashMap<[u8; HANDLE_BYTES], u64>,
+}
+
+impl OpenedPeers {
+    pub fn new(ctx: Arc<CudaContext>) -> Self {
+        OpenedPeers {
+            ctx,
+            bases: HashMap::new(),
+        }
+    }
+
+    /// This process's address for a peer's exported address.
+    pub fn address(&mut self, exported: &Exported) -> Result<u64> {
+        if let Some(base) = self.bases.get(&exported.handle) {
+            return Ok(base + exported.offset);
+        }
+        self.ctx
+            .bind_to_thread()
+            .map_err(Error::driver("cuCtxSetCurrent"))?;
+        let handle = sys::CUipcMemHandle {
+            reserved: exported.handle.map(|b| b as _),
+        };
+        let mut base = 0;
+        // SAFETY: `base` is valid for writes and the context is current. A
+        // handle that is not a live peer allocation makes the call fail.
+        check(
+            unsafe {
+                sys::cuIpcOpenMemHandle_v2(
+                    &mut base,
+                    handle,
+                    sys::CUipcMem_flags::CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS as u32,
+                )
+            },
+            "cuIpcOpenMemHandle",
+        )?;
+        OPEN_HANDLES.fetch_add(1, Ordering::Relaxed);
+        self.bases.insert(exported.handle, base);
+        Ok(base + exported.offset)
+    }
+}
+
+impl Drop for OpenedPeers {
+    fn drop(&mut self) {
+        if self.ctx.bind_to_thread().is_err() {
+            return;
+        }
+        for &base in self.bases.values() {
+            // SAFETY: `base` was returned by cuIpcOpenMemHandle in this
+            // context and is closed exactly once.
+            if unsafe { sys::cuIpcCloseMemHandle(base) } == sys::CUresult::CUDA_SUCCESS {
+                OPEN_HANDLES.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+    }
+}

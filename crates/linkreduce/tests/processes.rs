@@ -1,0 +1,335 @@
+//! Multi-process GPU tests: one process per rank, meeting over the TCP
+//! rendezvous and sharing memory through CUDA IPC. The binary runs itself
+//! again as the workers (LINKREDUCE_TEST_WORKER names the scenario), so it
+//! has its own `main` instead of the test harness. Ranks go round-robin
+//! over the visible GPUs (two processes share a GPU where there is one).
+//!
+//! Without a GPU it prints why and passes; with LINKREDUCE_REQUIRE_GPU=1 a
+//! missing GPU fails.
+
+mod common;
+
+use std::net::TcpListener;
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use linkreduce::rendezvous::{TcpRendezvous, TcpRendezvousConfig};
+use linkreduce::verify::{check_case_on_rank, check_graph_on_rank, sweep_cases};
+use linkreduce::{AlgorithmChoice, Communicator, Config, DType, Error};
+
+const WORKER_VAR: &str = "LINKREDUCE_TEST_WORKER";
+const LENGTHS: [usize; 7] = [1, 7, 8, 4097, 65536, (1 << 20) + 3, 32 << 20];
+/// Where loop workers say that they are looping.
+const READY_DIR_VAR: &str = "LINKREDUCE_TEST_READY_DIR";
+/// Exit status of a worker whose check found a wrong result.
+const MISMATCH: u8 = 3;
+
+/// A parent-side test: Err says what went wrong.
+type Scenario = fn() -> Result<(), String>;
+
+fn main() -> ExitCode {
+    if let Ok(scenario) = std::env::var(WORKER_VAR) {
+        return match worker(&scenario) {
+            Ok(code) => code,
+            Err(error) => {
+                eprintln!("rank error in {scenario}: {error}");
+                ExitCode::from(1)
+            }
+        };
+    }
+    if common::gpus().is_none() {
+        return ExitCode::SUCCESS;
+    }
+    let tests: [(&str, Scenario); 3] = [
+        ("two_processes_sweep_and_graph_replays", sweep),
+        (
+            "killing_a_rank_makes_the_other_fail_within_the_deadline",
+            kill,
+        ),
+        ("a_thousand_create_destroy_cycles_leak_nothing", cycles),
+    ];
+    let mut failed = 0;
+    for (name, test) in tests {
+        let started = Instant::now();
+        let result = test();
+        let seconds = started.elapsed().as_secs_f64();
+        match result {
+            Ok(()) => println!("test {name} ... ok ({seconds:.1} s)"),
+            Err(why) => {
+                failed += 1;
+                println!("test {name} ... FAILED ({seconds:.1} s)\n{why}");
+            }
+        }
+    }
+    println!(
+        "test result: {}. {} passed; {failed} failed",
+        if failed == 0 { "ok" } else { "FAILED" },
+        tests.len() - failed
+    );
+    if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// Starts `world` workers of `scenario`, torchrun-style.
+fn spawn(scenario: &str, world: usize) -> Result<Vec<Child>, String> {
+    let port = TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_err(|e| format!("no free port: {e}"))?
+        .port();
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    (0..world)
+        .map(|rank| {
+            Command::new(&exe)
+                .env(WORKER_VAR, scenario)
+                .env("RANK", rank.to_string())
+                .env("LOCAL_RANK", rank.to_string())
+                .env("WORLD_SIZE", world.to_string())
+                .env("MASTER_ADDR", "127.0.0.1")
+                .env("MASTER_PORT", port.to_string())
+                .stdin(Stdio::null())
+                .spawn()
+                .map_err(|e| format!("cannot start a worker: {e}"))
+        })
+        .collect()
+}
+
+/// Waits for every worker, at most `limit`; kills the rest after that.
+fn wait_all(children: &mut [Child], limit: Duration) -> Result<Vec<i32>, String> {
+    let deadline = Instant::now() + limit;
+    let mut codes = vec![None; children.len()];
+    while codes.iter().any(Option::is_none) {
+        for (code, child) in codes.iter_mut().zip(children.iter_mut()) {
+            if code.is_none() {
+                if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
+                    *code = Some(status.code().unwrap_or(-1));
+                }
+            }
+        }
+        if Instant::now() > deadline {
+            children.iter_mut().for_each(|c| drop(c.kill()));
+            return Err(format!("workers still running after {limit:?}: {codes:?}"));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(codes.into_iter().flatten().collect())
+}
+
+fn expect_success(scenario: &str, world: usize, limit: Duration) -> Result<(), String> {
+    let mut children = spawn(scenario, world)?;
+    let codes = wait_all(&mut children, limit)?;
+    if codes.iter().all(|&c| c == 0) {
+        Ok(())
+    } else {
+        Err(format!(
+            "worker exit codes {codes:?} (see their output above)"
+        ))
+    }
+}
+
+fn sweep() -> Result<(), String> {
+    expect_success("sweep", 2, Duration::from_secs(540))
+}
+
+fn cycles() -> Result<(), String> {
+    expect_success("cycles", 2, Duration::from_secs(540))
+}
+
+/// Rank 1 is killed with SIGKILL while both loop over all-reduces; rank 0
+/// must report an error within its barrier deadline and exit.
+fn kill() -> Result<(), String> {
+    let ready = std::env::temp_dir().join(format!("linkreduce-kill-{}", std::process::id()));
+    std::fs::create_dir_all(&ready).map_err(|e| e.to_string())?;
+    std::env::set_var(READY_DIR_VAR, &ready);
+    let mut children = spawn("loop", 2)?;
+    let both_ready = || (0..2).all(|rank| ready.join(format!("ready-{rank}")).exists());
+    let waiting = Instant::now();
+    while !both_ready() {
+        if waiting.elapsed() > Duration::from_secs(120) {
+            children.iter_mut().for_each(|c| drop(c.kill()));
+            return Err("the ranks never reached their loop".into());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    children[1].kill().map_err(|e| e.to_string())?;
+    let killed = Instant::now();
+    let codes = wait_all(&mut children[..1], Duration::from_secs(20));
+    drop(children[1].wait());
+    drop(std::fs::remove_dir_all(&ready));
+    let took = killed.elapsed();
+    match codes?.first() {
+        Some(0) if took < Duration::from_secs(10) => {
+            println!("rank 0 reported the dead peer {took:?} after the kill");
+            Ok(())
+        }
+        other => Err(format!(
+            "rank 0 ended with {other:?} {took:?} after the kill (expected 0 within 10 s)"
+        )),
+    }
+}
+
+/// A worker's communicator (device LOCAL_RANK modulo the GPUs).
+fn communicator(config: Config) -> linkreduce::Result<Communicator> {
+    Communicator::from_env(config)
+}
+
+fn worker(scenario: &str) -> linkreduce::Result<ExitCode> {
+    match scenario {
+        "sweep" => worker_sweep(),
+        "loop" => worker_loop(),
+        "cycles" => worker_cycles(),
+        other => Err(Error::InvalidConfig(format!("unknown scenario {other}"))),
+    }
+}
+
+fn worker_sweep() -> linkreduce::Result<ExitCode> {
+    let mut comm = communicator(Config::default())?;
+    let cases = sweep_cases(&DType::ALL, &LENGTHS, comm.config().staging_bytes);
+    let mut failures = 0;
+    let started = Instant::now();
+    for (seed, &case) in cases.iter().enumerate() {
+        let outcome = check_case_on_rank(&mut comm, case, seed as u64)?;
+        if !outcome.passed() {
+            failures += 1;
+            eprintln!("rank {}: MISMATCH {case}: {outcome}", comm.rank());
+        }
+    }
+    for dtype in DType::ALL {
+        for algorithm in linkreduce::Algorithm::ALL {
+            let (replay, outcome) = check_graph_on_rank(
+                &mut comm,
+                dtype,
+                65536 + 3,
+                AlgorithmChoice::Force(algorithm),
+                1000,
+            )?;
+            if !outcome.passed() || replay != 999 {
+                failures += 1;
+                eprintln!(
+                    "rank {}: MISMATCH graph {dtype} ({algorithm} in place) replay {replay}: {outcome}",
+                    comm.rank()
+                );
+            }
+        }
+    }
+    eprintln!(
+        "rank {}: {} cases and 6 graphs x 1000 replays in {:.1} s, {failures} failed",
+        comm.rank(),
+        cases.len(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(if failures == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(MISMATCH)
+    })
+}
+
+/// All-reduces until something fails; exits 0 when that something is the
+/// dead peer reported within the deadline.
+fn worker_loop() -> linkreduce::Result<ExitCode> {
+    let deadline = Duration::from_secs(2);
+    let mut comm = communicator(Config {
+        timeout: deadline,
+        ..Config::default()
+    })?;
+    let input = comm.alloc::<half::bf16>(1 << 20)?;
+    let mut output = comm.alloc::<half::bf16>(1 << 20)?;
+    comm.register(&input)?;
+    let mut calls = 0u64;
+    loop {
+        let last_success = Instant::now();
+        let result = comm
+            .all_reduce(&input, &mut output)
+            .and_then(|()| comm.synchronize());
+        match result {
+            Ok(()) => {
+                calls += 1;
+                if calls == 100 {
+                    if let Ok(dir) = std::env::var(READY_DIR_VAR) {
+                        let file =
+                            std::path::Path::new(&dir).join(format!("ready-{}", comm.rank()));
+                        std::fs::write(file, b"")
+                            .map_err(|e| Error::InvalidConfig(format!("ready file: {e}")))?;
+                    }
+                }
+            }
+            Err(error) => {
+                let waited = last_success.elapsed();
+                eprintln!(
+                    "rank {} after {calls} calls: {error} (reported {waited:?} after the last success)",
+                    comm.rank()
+                );
+                let in_time = waited < deadline * 3;
+                return Ok(if in_time && comm.rank() == 0 {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::from(1)
+                });
+            }
+        }
+    }
+}
+
+/// Creates and destroys a communicator 1000 times on one rendezvous; GPU
+/// memory and open IPC handles must end where they started.
+fn worker_cycles() -> linkreduce::Result<ExitCode> {
+    let device = TcpRendezvousConfig::local_rank_from_env()? % linkreduce::memory::device_count()?;
+    let rendezvous: Arc<dyn linkreduce::rendezvous::Rendezvous> =
+        Arc::new(TcpRendezvous::connect(TcpRendezvousConfig::from_env()?)?);
+    // Keeps the primary context alive between cycles.
+    let ctx = cudarc::driver::CudaContext::new(device)
+        .map_err(Error::driver("cuDevicePrimaryCtxRetain"))?;
+    let config = Config {
+        staging_bytes: 1 << 20,
+        scratch_bytes: 1 << 20,
+        ..Config::default()
+    };
+    let cycle = || -> linkreduce::Result<()> {
+        let mut comm = Communicator::new(rendezvous.clone(), device, config.clone())?;
+        let input = comm.alloc::<f32>(4096)?;
+        let mut output = comm.alloc::<f32>(4096)?;
+        comm.register(&input)?;
+        comm.all_reduce(&input, &mut output)?;
+        comm.synchronize()
+    };
+    cycle()?;
+    rendezvous.barrier()?;
+    let free_before = free_memory(&ctx)?;
+    let handles_before = linkreduce::ipc::open_handles();
+    let started = Instant::now();
+    for _ in 0..1000 {
+        cycle()?;
+    }
+    rendezvous.barrier()?;
+    let free_after = free_memory(&ctx)?;
+    let handles_after = linkreduce::ipc::open_handles();
+    let rank = rendezvous.rank();
+    eprintln!(
+        "rank {rank}: 1000 cycles in {:.1} s; free GPU memory {} -> {} MiB; open IPC handles {handles_before} -> {handles_after}",
+        started.elapsed().as_secs_f64(),
+        free_before >> 20,
+        free_after >> 20
+    );
+    // Other processes on the GPU may allocate meanwhile; a leak of one
+    // communicator per cycle would be over 2 GiB.
+    let leaked = free_before.saturating_sub(free_after);
+    Ok(
+        if leaked <= 64 << 20 && handles_after == handles_before && handles_after == 0 {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(MISMATCH)
+        },
+    )
+}
+
+fn free_memory(ctx: &Arc<cudarc::driver::CudaContext>) -> linkreduce::Result<usize> {
+    ctx.bind_to_thread()
+        .map_err(Error::driver("cuCtxSetCurrent"))?;
+    let (free, _total) =
+        cudarc::driver::result::mem_get_info().map_err(Error::driver("cuMemGetInfo"))?;
+    Ok(free)
+}
