@@ -15,6 +15,7 @@ out="${OUT:-gpu-logs}"
 mkdir -p "$out"
 export LINKREDUCE_REQUIRE_GPU=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 export LINKREDUCE_CACHE_DIR="${LINKREDUCE_CACHE_DIR:-/tmp/linkreduce-cache}"
+export LINKREDUCE_BIN="$PWD/stage/linkreduce"
 export LINKREDUCE_COMMIT="$(head -c 12 stage/COMMIT)$(grep -q uncommitted stage/COMMIT && echo +dirty)"
 steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(info tests check check-processes bench bench-processes)
@@ -39,8 +40,11 @@ for step in "${steps[@]}"; do
   case "$step" in
     info) run info 60 stage/linkreduce info ;;
     tests)
+      # One log for all test binaries: the device tool brings back few files.
       for t in stage/tests/*; do
         run "test-$(basename "$t")" "${TEST_TIMEOUT:-600}" "$t" --test-threads=1
+        cat "$out/test-$(basename "$t").txt" >> "$out/tests.txt"
+        rm "$out/test-$(basename "$t").txt"
       done ;;
     check) run check "${CHECK_TIMEOUT:-900}" stage/linkreduce check ${CHECK_ARGS:-} ;;
     check-processes) run check-processes "${CHECK_TIMEOUT:-900}" stage/linkreduce check --mode processes ${CHECK_ARGS:-} ;;

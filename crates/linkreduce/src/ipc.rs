@@ -91,16 +91,21 @@ impl OpenedPeers {
         let mut base = 0;
         // SAFETY: `base` is valid for writes and the context is current. A
         // handle that is not a live peer allocation makes the call fail.
-        check(
-            unsafe {
-                sys::cuIpcOpenMemHandle_v2(
-                    &mut base,
-                    handle,
-                    sys::CUipcMem_flags::CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS as u32,
-                )
-            },
-            "cuIpcOpenMemHandle",
-        )?;
+        let status = unsafe {
+            sys::cuIpcOpenMemHandle_v2(
+                &mut base,
+                handle,
+                sys::CUipcMem_flags::CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS as u32,
+            )
+        };
+        if status == sys::CUresult::CUDA_ERROR_ALREADY_MAPPED {
+            return Err(Error::NotShareable {
+                ptr: 0,
+                reason: "a peer's buffer shares a 2 MiB page with another of its buffers that                          this rank already mapped, and CUDA IPC maps whole pages; allocate                          registered buffers with Communicator::alloc (whole pages each)"
+                    .into(),
+            });
+        }
+        check(status, "cuIpcOpenMemHandle")?;
         OPEN_HANDLES.fetch_add(1, Ordering::Relaxed);
         self.bases.insert(exported.handle, base);
         Ok(base + exported.offset)

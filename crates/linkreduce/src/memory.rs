@@ -39,6 +39,9 @@ pub fn device_count() -> Result<usize> {
     Ok(count)
 }
 
+/// The granularity at which CUDA IPC maps memory.
+const IPC_PAGE: usize = 2 << 20;
+
 /// A `cuMemAlloc` allocation, freed on drop. Never wraps memory opened from
 /// a peer: that is closed, not freed.
 pub(crate) struct DeviceMemory {
@@ -58,9 +61,14 @@ impl DeviceMemory {
         ctx.bind_to_thread()
             .map_err(Error::driver("cuCtxSetCurrent"))?;
         let mut ptr = 0;
+        // The driver packs small allocations into shared 2 MiB pages, and
+        // CUDA IPC maps whole pages: a peer process that opened one
+        // allocation of a page cannot open another (ALREADY_MAPPED). Whole
+        // pages keep every allocation separately mappable.
+        let reserved = bytes.max(1).div_ceil(IPC_PAGE) * IPC_PAGE;
         // SAFETY: `ptr` is valid for writes; the context is current.
         check(
-            unsafe { sys::cuMemAlloc_v2(&mut ptr, bytes.max(1)) },
+            unsafe { sys::cuMemAlloc_v2(&mut ptr, reserved) },
             "cuMemAlloc",
         )?;
         let memory = DeviceMemory {
