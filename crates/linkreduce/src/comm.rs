@@ -644,6 +644,13 @@ impl Drop for Communicator {
         // Peers finished with this rank's memory once its last kernel passed
         // its end barrier; wait for that before freeing.
         let _ = self.stream.synchronize();
+        // Peers in other processes map this rank's memory: they unmap it
+        // before anyone frees (freeing memory a peer still maps leaks driver
+        // state). Skipped after a failure, when peers may never arrive.
+        if self.poisoned.is_none() && self.transport.crosses_processes() {
+            self.transport.close_peers();
+            let _ = self.rendezvous.barrier();
+        }
     }
 }
 

@@ -112,17 +112,24 @@ impl OpenedPeers {
     }
 }
 
-impl Drop for OpenedPeers {
-    fn drop(&mut self) {
+impl OpenedPeers {
+    /// Unmaps every opened allocation; addresses from them become invalid.
+    pub fn close_all(&mut self) {
         if self.ctx.bind_to_thread().is_err() {
             return;
         }
-        for &base in self.bases.values() {
+        for (_, base) in self.bases.drain() {
             // SAFETY: `base` was returned by cuIpcOpenMemHandle in this
-            // context and is closed exactly once.
+            // context and is closed exactly once (drained from the map).
             if unsafe { sys::cuIpcCloseMemHandle(base) } == sys::CUresult::CUDA_SUCCESS {
                 OPEN_HANDLES.fetch_sub(1, Ordering::Relaxed);
             }
         }
+    }
+}
+
+impl Drop for OpenedPeers {
+    fn drop(&mut self) {
+        self.close_all();
     }
 }

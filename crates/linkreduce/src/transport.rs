@@ -55,6 +55,11 @@ impl Transport {
         })
     }
 
+    /// Unmaps every peer allocation this rank opened.
+    pub fn close_peers(&mut self) {
+        self.opened.close_all();
+    }
+
     /// Whether some peer lives in another process.
     pub fn crosses_processes(&self) -> bool {
         self.same_process.iter().any(|&same| !same)
