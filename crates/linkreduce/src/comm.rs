@@ -7,21 +7,20 @@
 //! GPU: every rank must make the same calls, with the same lengths, in the
 //! same order.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use cudarc::driver::sys::{self, CUstreamCaptureStatus};
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
+    CudaContext, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
 };
 
 use crate::algorithm::{blocks_for, choose, Algorithm, AlgorithmChoice};
 use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
 use crate::kernels::{
-    compile_cubin, kernel_name, AllReduceArgs, Arch, BarrierArgs, Fault, Record, MAX_BLOCKS,
-    MAX_RANKS, PACKET_BYTES, SCRATCH_OFFSET, SCRATCH_TAIL_BYTES, THREADS_PER_BLOCK, WORLD_SIZES,
+    load_kernels, AllReduceArgs, BarrierArgs, Fault, Kernels, Record, MAX_BLOCKS, MAX_RANKS,
+    PACKET_BYTES, SCRATCH_OFFSET, SCRATCH_TAIL_BYTES, THREADS_PER_BLOCK, WORLD_SIZES,
 };
 use crate::memory::{
     check, copy_to_device, device_count, DeviceBuffer, DeviceMemory, HostMapped, PointerInfo,
@@ -113,7 +112,7 @@ pub struct Communicator {
     world_size: usize,
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
-    kernels: HashMap<(Algorithm, DType), CudaFunction>,
+    kernels: Arc<Kernels>,
     /// Blocks per launch at most: the same on every rank.
     max_blocks: u32,
     signal_peers: [u64; MAX_RANKS],
@@ -654,39 +653,8 @@ impl Drop for Communicator {
     }
 }
 
-/// Loads this world size's kernels for every algorithm and dtype.
-fn load_kernels(
-    ctx: &Arc<CudaContext>,
-    world_size: usize,
-) -> Result<HashMap<(Algorithm, DType), CudaFunction>> {
-    let (major, minor) = ctx
-        .compute_capability()
-        .map_err(Error::driver("cuDeviceGetAttribute"))?;
-    let arch = Arch {
-        major: major as u32,
-        minor: minor as u32,
-    };
-    let cubin = compile_cubin(arch)?;
-    let module = ctx
-        .load_module(cudarc::nvrtc::Ptx::from_binary(cubin.to_vec()))
-        .map_err(Error::driver("cuModuleLoadData"))?;
-    let mut kernels = HashMap::new();
-    for algorithm in Algorithm::ALL {
-        for dtype in DType::ALL {
-            let function = module
-                .load_function(&kernel_name(algorithm, dtype, world_size))
-                .map_err(Error::driver("cuModuleGetFunction"))?;
-            kernels.insert((algorithm, dtype), function);
-        }
-    }
-    Ok(kernels)
-}
-
 /// Blocks of the heaviest kernel that fit on the whole GPU at once.
-fn resident_blocks(
-    ctx: &Arc<CudaContext>,
-    kernels: &HashMap<(Algorithm, DType), CudaFunction>,
-) -> Result<u32> {
+fn resident_blocks(ctx: &Arc<CudaContext>, kernels: &Kernels) -> Result<u32> {
     let sms = ctx
         .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
         .map_err(Error::driver("cuDeviceGetAttribute"))? as u32;

@@ -326,9 +326,25 @@ fn worker_cycles() -> linkreduce::Result<ExitCode> {
         );
         leaks.push(before.saturating_sub(after));
     }
+    // The same cycles without IPC: two ranks as threads of rank 0's
+    // process (rank 1 waits at the barrier).
+    rendezvous.barrier()?;
+    if rank == 0 {
+        let before = free_memory(&ctx)? >> 20;
+        for _ in 0..320 {
+            drop(linkreduce::group::in_process(
+                &[device, device],
+                config.clone(),
+            )?);
+        }
+        let after = free_memory(&ctx)? >> 20;
+        eprintln!("rank 0: 320 in-process groups of 2: free GPU memory {before} -> {after} MiB");
+        leaks.push(before.saturating_sub(after));
+    }
+    rendezvous.barrier()?;
     let handles = linkreduce::ipc::open_handles();
     eprintln!(
-        "rank {rank}: 1010 cycles in {:.1} s; open IPC handles {handles}",
+        "rank {rank}: cycles done in {:.1} s; open IPC handles {handles}",
         started.elapsed().as_secs_f64()
     );
     // A communicator leaked per cycle would be over 4 MiB each.

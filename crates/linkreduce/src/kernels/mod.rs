@@ -5,6 +5,7 @@
 //! a user needs at run time.
 
 mod compile;
+mod load;
 
 use cudarc::driver::DeviceRepr;
 
@@ -12,6 +13,7 @@ use crate::algorithm::Algorithm;
 use crate::dtype::DType;
 
 pub use compile::{compile_cubin, nvrtc_version, Arch};
+pub(crate) use load::{load_kernels, Kernels};
 
 /// The barrier protocol, then the all-reduce kernels that use it.
 pub(crate) const SOURCE: &str = concat!(include_str!("barrier.cu"), include_str!("allreduce.cu"));
