@@ -22,7 +22,7 @@ pub struct Args {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "1,7,8,4097,65536,1048579,8388608"
+        default_value = "1,7,8,4097,65536,73740,1048579,8388608"
     )]
     lengths: Vec<usize>,
     /// CUDA-graph replays checked per world size, dtype and algorithm (0 to

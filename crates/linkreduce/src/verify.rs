@@ -342,6 +342,10 @@ fn check_typed<T: Element + Default>(
     if case.placement.registered() {
         comm.deregister(&input);
     }
+    // Free before the collective judgement: freeing memory synchronises the
+    // device, which for ranks sharing a GPU would wait on a peer's next
+    // kernel, itself waiting for this rank.
+    drop(input);
     judge(comm, seed, &output?)
 }
 

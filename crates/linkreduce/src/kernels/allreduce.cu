@@ -182,15 +182,21 @@ static __device__ __forceinline__ void lr_two_stage(const AllReduceArgs& a) {
 #pragma unroll
   for (int r = 0; r < W; ++r) slices[r] = (const Pack*)lr_scratch(a, r);
   Pack* out = (Pack*)a.output;
-  for (u64 j = first; j < part; j += stride) {
-    Pack p[W];
+  // Same packet-to-thread mapping as the reduce-scatter above (j from
+  // `first` by `stride`, the last slice's extra packets included): the
+  // barrier only orders block b here after block b on the peers, so this
+  // thread may only read what its block index reduced there, and (in
+  // place) only overwrite inputs its block index has finished reading.
+  for (u64 j = first; j < last_len; j += stride) {
+    if (j < part) {
+      Pack p[W];
 #pragma unroll
-    for (int r = 0; r < W; ++r) p[r] = slices[r][j];
+      for (int r = 0; r < W; ++r) p[r] = slices[r][j];
 #pragma unroll
-    for (int r = 0; r < W; ++r) out[(u64)r * part + j] = p[r];
-  }
-  for (u64 j = part + first; j < last_len; j += stride) {
-    out[(u64)(W - 1) * part + j] = slices[W - 1][j];
+      for (int r = 0; r < W; ++r) out[(u64)r * part + j] = p[r];
+    } else {
+      out[(u64)(W - 1) * part + j] = slices[W - 1][j];
+    }
   }
   if (first < tail) {
     const typename D::Bits* reduced_tail = (const typename D::Bits*)(slices[W - 1] + last_len);
