@@ -117,7 +117,10 @@ struct Report {
     commit: Option<String>,
     /// Where the ranks lived: threads or processes.
     mode: &'static str,
+    /// The GPUs the ranks ran on, each once (ranks may share one).
     gpus: Vec<String>,
+    /// For each rank, its GPU's index in `gpus`.
+    rank_gpus: Vec<usize>,
     driver: String,
     nccl: String,
     world_size: usize,
@@ -175,7 +178,8 @@ fn bench_rank(comm: &mut Communicator, args: &Args, sizes: &[usize]) -> Result<b
     } else {
         None
     };
-    let gpus = gather_strings(rendezvous.as_ref(), &device_name(comm))?;
+    let (gpus, rank_gpus) =
+        distinct_gpus(&gather_strings(rendezvous.as_ref(), &gpu_identity(comm))?);
     let max_blocks = comm.max_blocks();
     let progress = if leader {
         ProgressBar::new((sizes.len() * args.implementations.len()) as u64)
@@ -253,6 +257,7 @@ fn bench_rank(comm: &mut Communicator, args: &Args, sizes: &[usize]) -> Result<b
             commit: std::env::var("LINKREDUCE_COMMIT").ok(),
             mode: args.mode.name(),
             gpus,
+            rank_gpus,
             driver: driver_string(),
             nccl: linkreduce::nccl::version()
                 .map(|(a, b, c)| format!("{a}.{b}.{c}"))
@@ -288,10 +293,47 @@ fn write_report(report: &Report, path: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
-fn device_name(comm: &Communicator) -> String {
-    comm.context()
-        .name()
-        .unwrap_or_else(|_| "unknown GPU".into())
+/// "uuid name": the uuid tells ranks that share a GPU apart from ranks on
+/// two GPUs of the same model.
+fn gpu_identity(comm: &Communicator) -> String {
+    let ctx = comm.context();
+    let uuid = ctx.uuid().map_or_else(
+        |_| format!("device-{}", comm.device()),
+        |uuid| {
+            uuid.bytes
+                .iter()
+                .map(|b| format!("{:02x}", *b as u8))
+                .collect()
+        },
+    );
+    let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
+    format!("{uuid} {name}")
+}
+
+/// The distinct GPUs' names, in order of first use, and each rank's index
+/// among them.
+fn distinct_gpus(identities: &[String]) -> (Vec<String>, Vec<usize>) {
+    let mut seen: Vec<&String> = Vec::new();
+    let rank_gpus = identities
+        .iter()
+        .map(|identity| match seen.iter().position(|s| *s == identity) {
+            Some(index) => index,
+            None => {
+                seen.push(identity);
+                seen.len() - 1
+            }
+        })
+        .collect();
+    let names = seen
+        .iter()
+        .map(|identity| {
+            identity
+                .split_once(' ')
+                .map_or(identity.as_str(), |(_, name)| name)
+                .to_string()
+        })
+        .collect();
+    (names, rank_gpus)
 }
 
 /// Every rank's string, in rank order.
@@ -605,4 +647,21 @@ fn print_row(row: &Row) {
         row.wrong,
         ratio
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranks_sharing_a_gpu_list_it_once() {
+        let identities = [
+            "aa NVIDIA H100".to_string(),
+            "bb NVIDIA H100".to_string(),
+            "aa NVIDIA H100".to_string(),
+        ];
+        let (gpus, rank_gpus) = distinct_gpus(&identities);
+        assert_eq!(gpus, ["NVIDIA H100", "NVIDIA H100"]);
+        assert_eq!(rank_gpus, [0, 1, 0]);
+    }
 }

@@ -27,6 +27,15 @@ const READY_DIR_VAR: &str = "LINKREDUCE_TEST_READY_DIR";
 /// Exit status of a worker whose check found a wrong result.
 const MISMATCH: u8 = 3;
 
+/// Writes one line to stderr in a single write, so that lines of workers
+/// sharing the parent's stderr do not interleave.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        let line = format!("{}\n", format_args!($($arg)*));
+        drop(std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes()));
+    }};
+}
+
 /// A parent-side test: Err says what went wrong.
 type Scenario = fn() -> Result<(), String>;
 
@@ -35,7 +44,7 @@ fn main() -> ExitCode {
         return match worker(&scenario) {
             Ok(code) => code,
             Err(error) => {
-                eprintln!("rank error in {scenario}: {error}");
+                say!("rank error in {scenario}: {error}");
                 ExitCode::from(1)
             }
         };
@@ -196,7 +205,7 @@ fn worker_sweep() -> linkreduce::Result<ExitCode> {
         let outcome = check_case_on_rank(&mut comm, case, seed as u64)?;
         if !outcome.passed() {
             failures += 1;
-            eprintln!("rank {}: MISMATCH {case}: {outcome}", comm.rank());
+            say!("rank {}: MISMATCH {case}: {outcome}", comm.rank());
         }
     }
     for dtype in DType::ALL {
@@ -210,14 +219,14 @@ fn worker_sweep() -> linkreduce::Result<ExitCode> {
             )?;
             if !outcome.passed() || replay != 999 {
                 failures += 1;
-                eprintln!(
+                say!(
                     "rank {}: MISMATCH graph {dtype} ({algorithm} in place) replay {replay}: {outcome}",
                     comm.rank()
                 );
             }
         }
     }
-    eprintln!(
+    say!(
         "rank {}: {} cases and 6 graphs x 1000 replays in {:.1} s, {failures} failed",
         comm.rank(),
         cases.len(),
@@ -261,7 +270,7 @@ fn worker_loop() -> linkreduce::Result<ExitCode> {
             }
             Err(error) => {
                 let waited = last_success.elapsed();
-                eprintln!(
+                say!(
                     "rank {} after {calls} calls: {error} (reported {waited:?} after the last success)",
                     comm.rank()
                 );
@@ -323,7 +332,7 @@ fn worker_cycles() -> linkreduce::Result<ExitCode> {
         }
         rendezvous.barrier()?;
         let after = free_memory(&ctx)? >> 20;
-        eprintln!(
+        say!(
             "rank {rank}: 320 cycles (registered input {register}, buffers freed first {buffers_first}): free GPU memory {before} -> {after} MiB"
         );
         leaks.push(before.saturating_sub(after));
@@ -340,12 +349,12 @@ fn worker_cycles() -> linkreduce::Result<ExitCode> {
             )?);
         }
         let after = free_memory(&ctx)? >> 20;
-        eprintln!("rank 0: 320 in-process groups of 2: free GPU memory {before} -> {after} MiB");
+        say!("rank 0: 320 in-process groups of 2: free GPU memory {before} -> {after} MiB");
         leaks.push(before.saturating_sub(after));
     }
     rendezvous.barrier()?;
     let handles = linkreduce::ipc::open_handles();
-    eprintln!(
+    say!(
         "rank {rank}: cycles done in {:.1} s; open IPC handles {handles}",
         started.elapsed().as_secs_f64()
     );
