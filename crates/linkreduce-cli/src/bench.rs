@@ -563,7 +563,7 @@ fn measure<T: Element + Default>(
         .map_err(Error::driver("cuStreamSynchronize"))?;
     rank.comm.synchronize()?;
     if let Buffers::Linkreduce { input, .. } = &buffers {
-        rank.comm.deregister(input);
+        rank.comm.deregister(input)?;
     }
     Ok(RankRun {
         eager,

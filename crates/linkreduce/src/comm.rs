@@ -7,6 +7,7 @@
 //! GPU: every rank must make the same calls, with the same lengths, in the
 //! same order.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,6 +19,7 @@ use cudarc::driver::{
 use crate::algorithm::{blocks_for, choose, Algorithm, AlgorithmChoice};
 use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
+use crate::ipc::Handle;
 use crate::kernels::{
     load_kernels, AllReduceArgs, BarrierArgs, Fault, Kernels, Record, MAX_BLOCKS, MAX_RANKS,
     PACKET_BYTES, SCRATCH_OFFSET, SCRATCH_TAIL_BYTES, THREADS_PER_BLOCK, WORLD_SIZES,
@@ -28,7 +30,7 @@ use crate::memory::{
 use crate::nccl::NcclComm;
 use crate::registry::{Located, Registry};
 use crate::rendezvous::{
-    agree, all_gather_u64s, gather_or_fail, Rendezvous, TcpRendezvous, TcpRendezvousConfig,
+    agree, all_gather_u64s, exchange, u64_at, Rendezvous, TcpRendezvous, TcpRendezvousConfig,
 };
 use crate::transport::Transport;
 
@@ -68,7 +70,7 @@ impl Default for Config {
             rendezvous_timeout: Duration::from_secs(60),
             staging_bytes: 32 << 20,
             scratch_bytes: 32 << 20,
-            max_records: 4096,
+            max_records: 65536,
             max_blocks: MAX_BLOCKS as u32,
         }
     }
@@ -123,6 +125,8 @@ pub struct Communicator {
     poisoned: Option<String>,
     rendezvous: Arc<dyn Rendezvous>,
     transport: Transport,
+    /// Peer allocations each eagerly registered record mapped.
+    mapped: HashMap<usize, Vec<Handle>>,
     fault: HostMapped<Fault>,
     table: DeviceMemory,
     staging: DeviceMemory,
@@ -137,41 +141,19 @@ impl Communicator {
     /// rank's device; peers in other processes map its memory through CUDA
     /// IPC.
     pub fn new(rendezvous: Arc<dyn Rendezvous>, device: usize, config: Config) -> Result<Self> {
-        config.validate()?;
         let rank = rendezvous.rank();
         let world_size = rendezvous.world_size();
-        if !WORLD_SIZES.contains(&world_size) {
-            return Err(Error::UnsupportedWorldSize(world_size));
-        }
-        let count = device_count()?;
-        if device >= count {
-            return Err(Error::DeviceOutOfRange {
-                ordinal: device,
-                count,
-            });
-        }
-        let ctx = CudaContext::new(device).map_err(Error::driver("cuDevicePrimaryCtxRetain"))?;
-        let mut transport = Transport::connect(rendezvous.as_ref(), &ctx)?;
-        ctx.bind_to_thread()
-            .map_err(Error::driver("cuCtxSetCurrent"))?;
-        let stream = ctx.new_stream().map_err(Error::driver("cuStreamCreate"))?;
-        let kernels = load_kernels(&ctx, world_size)?;
+        // What each rank sets up alone comes first; `agree` then fails every
+        // rank if one failed, instead of leaving its peers to time out.
+        let local = LocalSetup::new(rank, world_size, device, &config);
+        let local = agree(rendezvous.as_ref(), "set-up", local)?;
+        let mut transport = Transport::connect(rendezvous.as_ref(), &local.ctx)?;
 
         // Ranks that share a GPU spin on each other, so all their blocks
         // must be resident at once: split each GPU's capacity among them.
-        let resident = resident_blocks(&ctx, &kernels)?;
-        let uuid = ctx.uuid().map_err(Error::driver("cuDeviceGetUuid"))?;
-        let uuid_word = |half: usize| {
-            let bytes: Vec<u8> = uuid.bytes[half * 8..half * 8 + 8]
-                .iter()
-                .map(|&b| b as u8)
-                .collect();
-            u64::from_le_bytes(bytes.try_into().unwrap_or_default())
-        };
-        let peers = all_gather_u64s(
-            rendezvous.as_ref(),
-            &[uuid_word(0), uuid_word(1), resident as u64],
-        )?;
+        let mut mine = local.uuid.to_vec();
+        mine.push(local.resident as u64);
+        let peers = all_gather_u64s(rendezvous.as_ref(), "set-up", &mine)?;
         let max_blocks = peers
             .iter()
             .map(|p| {
@@ -188,29 +170,20 @@ impl Communicator {
             ));
         }
 
-        let signal = DeviceMemory::zeroed(&stream, SCRATCH_OFFSET + config.scratch_bytes)?;
-        let staging = DeviceMemory::zeroed(&stream, config.staging_bytes)?;
-        let table =
-            DeviceMemory::zeroed(&stream, config.max_records * std::mem::size_of::<Record>())?;
-        let fault = HostMapped::<Fault>::new(&ctx)?;
-        // Peers use the signal region as soon as they learn its address.
-        stream
-            .synchronize()
-            .map_err(Error::driver("cuStreamSynchronize"))?;
         let shared = transport.share(
             rendezvous.as_ref(),
             "set-up",
-            &[signal.ptr(), staging.ptr()],
+            &[local.signal.ptr(), local.staging.ptr()],
         )?;
-        let (signal_peers, staging_peers) = (shared[0], shared[1]);
+        let (signal_peers, staging_peers) = (shared[0].record, shared[1].record);
         let mut registry = Registry::new(config.max_records);
         let staging_record = registry.reserve()?;
         let communicator = Communicator {
             rank,
             world_size,
-            ctx,
-            stream,
-            kernels,
+            ctx: local.ctx,
+            stream: local.stream,
+            kernels: local.kernels,
             max_blocks,
             signal_peers,
             registry,
@@ -219,10 +192,11 @@ impl Communicator {
             poisoned: None,
             rendezvous,
             transport,
-            fault,
-            table,
-            staging,
-            _signal: signal,
+            mapped: HashMap::new(),
+            fault: local.fault,
+            table: local.table,
+            staging: local.staging,
+            _signal: local.signal,
         };
         // Nobody launches before every signal region is zeroed and every
         // rank is ready.
@@ -238,7 +212,11 @@ impl Communicator {
     pub fn from_env(config: Config) -> Result<Self> {
         let local_rank = TcpRendezvousConfig::local_rank_from_env()?;
         let device = local_rank % device_count()?;
-        let rendezvous = TcpRendezvous::connect(TcpRendezvousConfig::from_env()?)?;
+        let mut tcp = TcpRendezvousConfig::from_env()?;
+        if std::env::var_os(TcpRendezvousConfig::TIMEOUT_VAR).is_none() {
+            tcp.timeout = config.rendezvous_timeout;
+        }
+        let rendezvous = TcpRendezvous::connect(tcp)?;
         Communicator::new(Arc::new(rendezvous), device, config)
     }
 
@@ -354,40 +332,61 @@ impl Communicator {
 
     /// Registers `buffer` so that all-reduces read it directly instead of
     /// copying it into staging. Collective: every rank registers its own
-    /// buffer of the same size, in the same order.
+    /// buffer of the same size, in the same order. Calls must then use the
+    /// same offset into it on every rank. Not while the stream is captured.
     pub fn register<T: Element>(&mut self, buffer: &impl DevicePtr<T>) -> Result<()> {
         self.check_usable()?;
         let stream = self.stream.clone();
         let (ptr, _read) = buffer.device_ptr(&stream);
         let bytes = buffer.num_bytes() as u64;
         let local = self
-            .shareable(ptr, bytes as usize)
-            .map(|()| bytes.to_le_bytes().to_vec());
-        let all = gather_or_fail(self.rendezvous.as_ref(), "registration", local)?;
-        if let Some(bad) = all.iter().position(|b| b[..] != bytes.to_le_bytes()) {
+            .not_capturing("register")
+            .and_then(|()| self.shareable(ptr, bytes as usize))
+            .and_then(|()| self.registry.reserve());
+        let payload = bytes.to_le_bytes();
+        let gathered = exchange(
+            self.rendezvous.as_ref(),
+            "registration",
+            local.as_ref().map(|_| &payload[..]),
+        );
+        let record = local?;
+        let all = gathered?;
+        if let Some(bad) = all.iter().position(|b| u64_at(b) != bytes) {
             return Err(Error::RankMismatch {
                 what: "registration",
                 detail: format!(
                     "rank {bad} registered {} bytes, this rank {bytes}",
-                    u64::from_le_bytes(all[bad].clone().try_into().unwrap_or_default())
+                    u64_at(&all[bad])
                 ),
             });
         }
-        let record = self.registry.reserve()?;
-        let peers = self
+        let shared = self
             .transport
-            .share(self.rendezvous.as_ref(), "registration", &[ptr])?[0];
-        self.write_record(record, &peers)?;
+            .share_one(self.rendezvous.as_ref(), "registration", ptr)?;
+        self.write_record(record, &shared.record)?;
         self.registry.insert(ptr, bytes, record);
+        self.mapped.insert(record, shared.mapped);
         Ok(())
     }
 
-    /// Forgets a registration on this rank, so that the memory can be freed
-    /// and its address reused. Its record stays taken.
-    pub fn deregister<T: Element>(&mut self, buffer: &impl DevicePtr<T>) {
+    /// Ends a registration so that the buffer may be freed. Collective, like
+    /// [`register`](Self::register): every rank deregisters its buffer, and
+    /// returns only once no peer maps it any more (freeing memory that a
+    /// peer process still maps is undefined behaviour in CUDA). The record
+    /// stays taken.
+    pub fn deregister<T: Element>(&mut self, buffer: &impl DevicePtr<T>) -> Result<()> {
         let stream = self.stream.clone();
         let (ptr, _read) = buffer.device_ptr(&stream);
-        self.registry.remove(ptr);
+        let removed = self
+            .registry
+            .remove(ptr)
+            .ok_or(Error::NotRegistered { ptr })
+            .map(|record| {
+                if let Some(mapped) = self.mapped.remove(&record) {
+                    self.transport.release(&mapped);
+                }
+            });
+        agree(self.rendezvous.as_ref(), "deregistration", removed)
     }
 
     /// Records of the device table in use (the staging buffer's included).
@@ -401,17 +400,33 @@ impl Communicator {
     /// Returns how many records were filled.
     pub fn register_graph_buffers(&mut self) -> Result<usize> {
         self.check_usable()?;
-        let pending = self.registry.take_pending();
-        let local: Vec<u64> = pending.iter().map(|&(_, ptr)| ptr).collect();
-        let records = self.transport.share(
+        let captured = self.not_capturing("register_graph_buffers");
+        let local: Vec<u64> = self.registry.pending().iter().map(|&(_, p)| p).collect();
+        agree(
             self.rendezvous.as_ref(),
             "graph buffer registration",
-            &local,
+            captured,
         )?;
-        for (&(index, _), record) in pending.iter().zip(&records) {
-            self.write_record(index, record)?;
+        let filled = self
+            .transport
+            .share(
+                self.rendezvous.as_ref(),
+                "graph buffer registration",
+                &local,
+            )
+            .and_then(|shared| {
+                let pending = self.registry.take_pending();
+                for (&(index, _), shared) in pending.iter().zip(&shared) {
+                    self.write_record(index, &shared.record)?;
+                }
+                Ok(pending.len())
+            });
+        // Reserved records left empty would make a replay read null
+        // pointers: a communicator that failed here is not used again.
+        if let Err(error) = &filled {
+            self.poisoned = Some(error.to_string());
         }
-        Ok(pending.len())
+        filled
     }
 
     /// Waits for this rank's enqueued work and reports a peer timeout that
@@ -449,6 +464,17 @@ impl Communicator {
         self.transport.check_shareable(ptr, &info)
     }
 
+    /// Fails when the stream is being captured: `what` synchronises the
+    /// stream, which would invalidate the capture.
+    fn not_capturing(&self, what: &str) -> Result<()> {
+        if self.capturing()? {
+            return Err(Error::InvalidConfig(format!(
+                "{what} cannot run while the stream is being captured; call it before or after capture"
+            )));
+        }
+        Ok(())
+    }
+
     fn capturing(&self) -> Result<bool> {
         let status = self
             .stream
@@ -475,6 +501,13 @@ impl Communicator {
         zero_copy: bool,
     ) -> Result<Source> {
         let overlaps = input < output + bytes as u64 && output < input + bytes as u64;
+        if overlaps && input != output {
+            return Err(Error::PartialOverlap {
+                input,
+                output,
+                bytes,
+            });
+        }
         // One-stage writes the output while peers may still read the input.
         let hazard = algorithm == Algorithm::OneStage && overlaps;
         let aligned = input % PACKET_BYTES as u64 == 0;
@@ -638,6 +671,70 @@ impl Communicator {
     }
 }
 
+/// What one rank builds alone before meeting its peers.
+struct LocalSetup {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    kernels: Arc<Kernels>,
+    /// Blocks of the heaviest kernel the GPU holds at once.
+    resident: u32,
+    /// The GPU's uuid as two words: ranks with equal ones share a GPU.
+    uuid: [u64; 2],
+    signal: DeviceMemory,
+    staging: DeviceMemory,
+    table: DeviceMemory,
+    fault: HostMapped<Fault>,
+}
+
+impl LocalSetup {
+    fn new(rank: usize, world_size: usize, device: usize, config: &Config) -> Result<Self> {
+        config.validate()?;
+        if !WORLD_SIZES.contains(&world_size) {
+            return Err(Error::UnsupportedWorldSize(world_size));
+        }
+        if rank >= world_size {
+            return Err(Error::InvalidConfig(format!(
+                "the rendezvous says rank {rank} of {world_size}"
+            )));
+        }
+        let count = device_count()?;
+        if device >= count {
+            return Err(Error::DeviceOutOfRange {
+                ordinal: device,
+                count,
+            });
+        }
+        let ctx = CudaContext::new(device).map_err(Error::driver("cuDevicePrimaryCtxRetain"))?;
+        ctx.bind_to_thread()
+            .map_err(Error::driver("cuCtxSetCurrent"))?;
+        let stream = ctx.new_stream().map_err(Error::driver("cuStreamCreate"))?;
+        let kernels = load_kernels(&ctx, world_size)?;
+        let resident = resident_blocks(&ctx, &kernels)?;
+        let uuid = ctx.uuid().map_err(Error::driver("cuDeviceGetUuid"))?;
+        let uuid_bytes: Vec<u8> = uuid.bytes.iter().map(|&b| b as u8).collect();
+        let signal = DeviceMemory::zeroed(&stream, SCRATCH_OFFSET + config.scratch_bytes)?;
+        let staging = DeviceMemory::zeroed(&stream, config.staging_bytes)?;
+        let table =
+            DeviceMemory::zeroed(&stream, config.max_records * std::mem::size_of::<Record>())?;
+        let fault = HostMapped::<Fault>::new(&ctx)?;
+        // Peers use the signal region as soon as they learn its address.
+        stream
+            .synchronize()
+            .map_err(Error::driver("cuStreamSynchronize"))?;
+        Ok(LocalSetup {
+            uuid: [u64_at(&uuid_bytes), u64_at(&uuid_bytes[8..])],
+            ctx,
+            stream,
+            kernels,
+            resident,
+            signal,
+            staging,
+            table,
+            fault,
+        })
+    }
+}
+
 impl Drop for Communicator {
     fn drop(&mut self) {
         // Peers finished with this rank's memory once its last kernel passed
@@ -646,7 +743,7 @@ impl Drop for Communicator {
         // Peers in other processes map this rank's memory: they unmap it
         // before anyone frees (freeing memory a peer still maps leaks driver
         // state). Skipped after a failure, when peers may never arrive.
-        if self.poisoned.is_none() && self.transport.crosses_processes() {
+        if self.check_usable().is_ok() && self.transport.crosses_processes() {
             self.transport.close_peers();
             let _ = self.rendezvous.barrier();
         }

@@ -1,7 +1,6 @@
 //! The one error type of the library. Every variant says what was wrong and,
 //! where there is one, what the caller can do about it.
 
-use crate::dtype::DType;
 use crate::rendezvous::RendezvousError;
 
 /// Result alias used throughout the crate.
@@ -43,8 +42,12 @@ pub enum Error {
         "input has {input} elements but output has {output}; an all-reduce needs equal lengths"
     )]
     LengthMismatch { input: usize, output: usize },
-    #[error("input is {input:?} but output is {output:?}; an all-reduce needs one element type")]
-    DTypeMismatch { input: DType, output: DType },
+    #[error("input at {input:#x} and output at {output:#x} overlap without being the same buffer ({bytes} bytes); pass the same buffer for in place, or separate buffers")]
+    PartialOverlap {
+        input: u64,
+        output: u64,
+        bytes: usize,
+    },
     #[error("buffer at {ptr:#x} is not {alignment}-byte aligned; allocate it through CUDA or offset it by a multiple of {alignment} bytes")]
     Misaligned { ptr: u64, alignment: u64 },
     #[error("input at {ptr:#x} is not registered and the call asked for zero-copy; register the buffer with Communicator::register first, or allow the staging copy")]

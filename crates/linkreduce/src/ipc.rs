@@ -15,6 +15,12 @@ use cudarc::driver::CudaContext;
 use crate::error::{Error, Result};
 use crate::memory::{check, PointerInfo};
 
+/// Why memory handed to peers in other processes must come from `cuMemAlloc`.
+pub(crate) const IPC_HINT: &str = "peers in other processes map memory through legacy CUDA IPC, \
+     which memory from a stream-ordered pool (such as cudarc's CudaStream::alloc) or from \
+     cuMemCreate does not support; allocate it with Communicator::alloc, or leave it \
+     unregistered so that calls copy it into the staging buffer";
+
 /// Bytes of a `CUipcMemHandle`.
 pub(crate) const HANDLE_BYTES: usize = 64;
 
@@ -28,10 +34,13 @@ pub fn open_handles() -> usize {
     OPEN_HANDLES.load(Ordering::Relaxed)
 }
 
+/// A CUDA IPC handle's bytes.
+pub(crate) type Handle = [u8; HANDLE_BYTES];
+
 /// A device address as another process can name it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Exported {
-    pub handle: [u8; HANDLE_BYTES],
+    pub handle: Handle,
     pub offset: u64,
 }
 
@@ -47,12 +56,7 @@ impl Exported {
         let status = unsafe { sys::cuIpcGetMemHandle(&mut handle, info.base) };
         status.result().map_err(|error| Error::NotShareable {
             ptr,
-            reason: format!(
-                "CUDA IPC cannot export it ({error}): memory from a stream-ordered pool \
-                 (such as cudarc's CudaStream::alloc) or from cuMemCreate has no IPC handle; \
-                 allocate it with Communicator::alloc, or leave it unregistered so that \
-                 calls copy it into the staging buffer"
-            ),
+            reason: format!("CUDA IPC cannot export it ({error}): {IPC_HINT}"),
         })?;
         Ok(Exported {
             handle: handle.reserved.map(|b| b as u8),
@@ -61,12 +65,13 @@ impl Exported {
     }
 }
 
-/// Peers' allocations mapped into this rank's context, each once; all are
-/// closed on drop. Opened memory is never freed here: it belongs to the
-/// peer.
+/// Peers' allocations mapped into this rank's context, each once however
+/// many registrations use it; closed when the last one is released, or on
+/// drop. Opened memory is never freed here: it belongs to the peer.
 pub(crate) struct OpenedPeers {
     ctx: Arc<CudaContext>,
-    bases: HashMap<[u8; HANDLE_BYTES], u64>,
+    /// Base address and number of users of each mapped allocation.
+    bases: HashMap<Handle, (u64, usize)>,
 }
 
 impl OpenedPeers {
@@ -77,10 +82,12 @@ impl OpenedPeers {
         }
     }
 
-    /// This process's address for a peer's exported address.
+    /// This process's address for a peer's exported address; counts one
+    /// more user of its allocation until [`release`](Self::release).
     pub fn address(&mut self, exported: &Exported) -> Result<u64> {
-        if let Some(base) = self.bases.get(&exported.handle) {
-            return Ok(base + exported.offset);
+        if let Some((base, users)) = self.bases.get_mut(&exported.handle) {
+            *users += 1;
+            return Ok(*base + exported.offset);
         }
         self.ctx
             .bind_to_thread()
@@ -100,30 +107,49 @@ impl OpenedPeers {
         };
         if status == sys::CUresult::CUDA_ERROR_ALREADY_MAPPED {
             return Err(Error::NotShareable {
-                ptr: 0,
-                reason: "a peer's buffer shares a 2 MiB page with another of its buffers that                          this rank already mapped, and CUDA IPC maps whole pages; allocate                          registered buffers with Communicator::alloc (whole pages each)"
+                ptr: exported.offset,
+                reason: "a peer's buffer (at this offset in its allocation) shares a 2 MiB \
+                         page with another of its buffers that this rank already mapped, \
+                         and CUDA IPC maps whole pages; allocate registered buffers with \
+                         Communicator::alloc (whole pages each)"
                     .into(),
             });
         }
         check(status, "cuIpcOpenMemHandle")?;
         OPEN_HANDLES.fetch_add(1, Ordering::Relaxed);
-        self.bases.insert(exported.handle, base);
+        self.bases.insert(exported.handle, (base, 1));
         Ok(base + exported.offset)
     }
 }
 
 impl OpenedPeers {
+    /// One user of `handle`'s allocation is done; unmaps it after the last.
+    pub fn release(&mut self, handle: &Handle) {
+        let Some((base, users)) = self.bases.get_mut(handle) else {
+            return;
+        };
+        *users -= 1;
+        if *users == 0 {
+            let base = *base;
+            self.bases.remove(handle);
+            self.close(base);
+        }
+    }
+
     /// Unmaps every opened allocation; addresses from them become invalid.
     pub fn close_all(&mut self) {
+        let bases: Vec<u64> = self.bases.drain().map(|(_, (base, _))| base).collect();
+        bases.into_iter().for_each(|base| self.close(base));
+    }
+
+    fn close(&self, base: u64) {
         if self.ctx.bind_to_thread().is_err() {
             return;
         }
-        for (_, base) in self.bases.drain() {
-            // SAFETY: `base` was returned by cuIpcOpenMemHandle in this
-            // context and is closed exactly once (drained from the map).
-            if unsafe { sys::cuIpcCloseMemHandle(base) } == sys::CUresult::CUDA_SUCCESS {
-                OPEN_HANDLES.fetch_sub(1, Ordering::Relaxed);
-            }
+        // SAFETY: `base` was returned by cuIpcOpenMemHandle in this context
+        // and is closed once: callers removed it from `bases` first.
+        if unsafe { sys::cuIpcCloseMemHandle(base) } == sys::CUresult::CUDA_SUCCESS {
+            OPEN_HANDLES.fetch_sub(1, Ordering::Relaxed);
         }
     }
 }

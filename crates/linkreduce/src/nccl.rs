@@ -51,9 +51,26 @@ fn nccl_dtype(dtype: DType) -> nccl_sys::ncclDataType_t {
     }
 }
 
+/// An NCCL communicator handle, destroyed when the last owner (the
+/// communicator or a symmetric buffer registered with it) drops it.
+struct RawComm(nccl_sys::ncclComm_t);
+
+// SAFETY: a plain handle; NCCL calls on it are made by one thread at a
+// time (the owners' `&mut`/ownership rules), and destruction happens once.
+unsafe impl Send for RawComm {}
+unsafe impl Sync for RawComm {}
+
+impl Drop for RawComm {
+    fn drop(&mut self) {
+        // SAFETY: the handle came from ncclCommInitAll or ncclCommInitRank
+        // and is destroyed once, after every window registered with it.
+        let _ = unsafe { nccl::comm_destroy(self.0) };
+    }
+}
+
 /// One rank's NCCL communicator, bound to a stream.
 pub struct NcclComm {
-    comm: nccl_sys::ncclComm_t,
+    comm: Arc<RawComm>,
     stream: Arc<CudaStream>,
     rank: usize,
 }
@@ -81,7 +98,7 @@ impl NcclComm {
             .zip(streams)
             .enumerate()
             .map(|(rank, (comm, stream))| NcclComm {
-                comm,
+                comm: Arc::new(RawComm(comm)),
                 stream: stream.clone(),
                 rank,
             })
@@ -104,13 +121,14 @@ impl NcclComm {
         });
         let ids = gather_or_fail(rendezvous, "NCCL set-up", id)?;
         let mut id = nccl_sys::ncclUniqueId { internal: [0; 128] };
-        if ids[0].len() != id.internal.len() {
+        let root_id = ids.first().map(Vec::as_slice).unwrap_or_default();
+        if root_id.len() != id.internal.len() {
             return Err(Error::RankMismatch {
                 what: "NCCL set-up",
-                detail: format!("rank 0 sent a {}-byte unique id", ids[0].len()),
+                detail: format!("rank 0 sent a {}-byte unique id", root_id.len()),
             });
         }
-        for (to, &from) in id.internal.iter_mut().zip(&ids[0]) {
+        for (to, &from) in id.internal.iter_mut().zip(root_id) {
             *to = from as _;
         }
         stream
@@ -121,9 +139,10 @@ impl NcclComm {
         // SAFETY: `comm` is valid for writes; every rank passes the same id
         // and world size and its own rank.
         let created = unsafe { nccl::comm_init_rank(&mut comm, world as i32, id, rank as i32) }
-            .map(|_| ())
+            .map(|_| Arc::new(RawComm(comm)))
             .map_err(nccl_error("ncclCommInitRank"));
-        agree(rendezvous, "NCCL set-up", created)?;
+        // Dropped (destroyed) here if a peer failed.
+        let comm = agree(rendezvous, "NCCL set-up", created)?;
         Ok(NcclComm {
             comm,
             stream: stream.clone(),
@@ -175,7 +194,7 @@ impl NcclComm {
             count,
             nccl_dtype(dtype),
             nccl_sys::ncclRedOp_t::ncclSum,
-            self.comm,
+            self.comm.0,
             self.stream.cu_stream() as _,
         )
         .map(|_| ())
@@ -183,19 +202,13 @@ impl NcclComm {
     }
 }
 
-impl Drop for NcclComm {
-    fn drop(&mut self) {
-        // SAFETY: the handle came from ncclCommInitAll or ncclCommInitRank and
-        // is destroyed once.
-        let _ = unsafe { nccl::comm_destroy(self.comm) };
-    }
-}
-
 /// A buffer from `ncclMemAlloc` registered as a symmetric window of one
 /// communicator. Creating and dropping it are collective over that
 /// communicator's ranks.
 pub struct SymmetricBuffer {
-    comm: nccl_sys::ncclComm_t,
+    /// Keeps the communicator alive until the window is deregistered.
+    comm: Arc<RawComm>,
+    ctx: Arc<cudarc::driver::CudaContext>,
     ptr: *mut std::ffi::c_void,
     window: nccl_sys::ncclWindow_t,
     bytes: usize,
@@ -219,7 +232,13 @@ impl SymmetricBuffer {
         // SAFETY: `ptr` holds `bytes` bytes from ncclMemAlloc; `window` is
         // valid for writes.
         let registered = unsafe {
-            nccl_sys::ncclCommWindowRegister(comm.comm, ptr, bytes, &mut window, WIN_COLL_SYMMETRIC)
+            nccl_sys::ncclCommWindowRegister(
+                comm.comm.0,
+                ptr,
+                bytes,
+                &mut window,
+                WIN_COLL_SYMMETRIC,
+            )
         }
         .result();
         if let Err(error) = registered {
@@ -228,7 +247,8 @@ impl SymmetricBuffer {
             return Err(nccl_error("ncclCommWindowRegister")(error));
         }
         Ok(SymmetricBuffer {
-            comm: comm.comm,
+            comm: comm.comm.clone(),
+            ctx: comm.stream.context().clone(),
             ptr,
             window,
             bytes,
@@ -246,10 +266,12 @@ impl SymmetricBuffer {
 
 impl Drop for SymmetricBuffer {
     fn drop(&mut self) {
+        // ncclMemFree releases memory of the current device.
+        let _ = self.ctx.bind_to_thread();
         // SAFETY: the window and the memory were created in `new` and are
         // released once, window first.
         unsafe {
-            let _ = nccl_sys::ncclCommWindowDeregister(self.comm, self.window);
+            let _ = nccl_sys::ncclCommWindowDeregister(self.comm.0, self.window);
             let _ = nccl_sys::ncclMemFree(self.ptr);
         }
     }

@@ -54,8 +54,9 @@ impl Registry {
         self.buffers.insert(start, (bytes, record));
     }
 
-    pub fn remove(&mut self, start: u64) {
-        self.buffers.remove(&start);
+    /// Forgets the buffer registered at `start`; returns its record.
+    pub fn remove(&mut self, start: u64) -> Option<usize> {
+        self.buffers.remove(&start).map(|(_, record)| record)
     }
 
     /// The registered buffer that holds all of `[ptr, ptr + bytes)`.
@@ -71,6 +72,11 @@ impl Registry {
         let record = self.reserve()?;
         self.pending.push((record, ptr));
         Ok(record)
+    }
+
+    /// The records reserved during capture and their local pointers.
+    pub fn pending(&self) -> &[(usize, u64)] {
+        &self.pending
     }
 
     pub fn take_pending(&mut self) -> Vec<(usize, u64)> {

@@ -9,16 +9,10 @@ use std::sync::{Arc, OnceLock};
 use cudarc::driver::CudaContext;
 
 use crate::error::{Error, Result};
-use crate::ipc::{Exported, OpenedPeers, HANDLE_BYTES};
+use crate::ipc::{Exported, Handle, OpenedPeers, HANDLE_BYTES, IPC_HINT};
 use crate::kernels::{Record, MAX_RANKS};
 use crate::memory::{enable_peer_access, PointerInfo};
-use crate::rendezvous::{agree, all_gather_u64s, gather_or_fail, Rendezvous};
-
-/// Why memory handed to peers in other processes must come from `cuMemAlloc`.
-pub(crate) const IPC_HINT: &str = "peers in other processes map memory through legacy CUDA IPC, \
-     which memory from a stream-ordered pool (such as cudarc's CudaStream::alloc) or from \
-     cuMemCreate does not support; allocate it with Communicator::alloc, or leave it \
-     unregistered so that calls copy it into the staging buffer";
+use crate::rendezvous::{agree, all_gather_u64s, gather_or_fail, u64_at, Rendezvous};
 
 /// A value that differs between processes, so ranks can tell which peers
 /// share theirs (process ids alone can repeat across PID namespaces).
@@ -29,6 +23,13 @@ fn process_token() -> u64 {
 
 /// Bytes per shared address on the wire: address, offset, IPC handle.
 const ENTRY_BYTES: usize = 16 + HANDLE_BYTES;
+
+/// One shared address: every rank's copy as this rank reaches it, and the
+/// peer allocations this rank mapped for it (to release when done).
+pub(crate) struct Shared {
+    pub record: Record,
+    pub mapped: Vec<Handle>,
+}
 
 pub(crate) struct Transport {
     /// Per rank: whether it lives in this process.
@@ -41,7 +42,11 @@ impl Transport {
     /// access to their devices.
     pub fn connect(rendezvous: &dyn Rendezvous, ctx: &Arc<CudaContext>) -> Result<Transport> {
         let token = process_token();
-        let ranks = all_gather_u64s(rendezvous, &[token, ctx.ordinal() as u64])?;
+        let ranks = all_gather_u64s(
+            rendezvous,
+            "finding peers in this process",
+            &[token, ctx.ordinal() as u64],
+        )?;
         let same_process: Vec<bool> = ranks.iter().map(|r| r[0] == token).collect();
         let enabled = ranks.iter().filter(|r| r[0] == token).try_for_each(|r| {
             let peer = CudaContext::new(r[1] as usize)
@@ -60,6 +65,11 @@ impl Transport {
         self.opened.close_all();
     }
 
+    /// Releases the peer allocations one shared address mapped.
+    pub fn release(&mut self, mapped: &[Handle]) {
+        mapped.iter().for_each(|handle| self.opened.release(handle));
+    }
+
     /// Whether some peer lives in another process.
     pub fn crosses_processes(&self) -> bool {
         self.same_process.iter().any(|&same| !same)
@@ -76,6 +86,20 @@ impl Transport {
         Ok(())
     }
 
+    /// [`share`](Self::share) of one address.
+    pub fn share_one(
+        &mut self,
+        rendezvous: &dyn Rendezvous,
+        what: &'static str,
+        address: u64,
+    ) -> Result<Shared> {
+        let mut shared = self.share(rendezvous, what, &[address])?;
+        shared.pop().ok_or(Error::RankMismatch {
+            what,
+            detail: "one address was shared but none came back".into(),
+        })
+    }
+
     /// Collective: every rank passes its own addresses, as many as every
     /// other rank and in the same order; returns for each the record of
     /// every rank's address as this rank reaches it.
@@ -84,7 +108,7 @@ impl Transport {
         rendezvous: &dyn Rendezvous,
         what: &'static str,
         addresses: &[u64],
-    ) -> Result<Vec<Record>> {
+    ) -> Result<Vec<Shared>> {
         let export = self.crosses_processes();
         let encoded = addresses
             .iter()
@@ -118,30 +142,33 @@ impl Transport {
                 ),
             });
         }
-        let records = (0..addresses.len())
+        let shared = (0..addresses.len())
             .map(|index| {
-                let mut record: Record = [0; MAX_RANKS];
+                let mut shared = Shared {
+                    record: [0; MAX_RANKS],
+                    mapped: Vec::new(),
+                };
                 for (peer, entries) in all.iter().enumerate() {
                     let entry = &entries[index * ENTRY_BYTES..(index + 1) * ENTRY_BYTES];
-                    let word = |at: usize| {
-                        u64::from_le_bytes(entry[at..at + 8].try_into().unwrap_or_default())
-                    };
-                    record[peer] = if self.same_process[peer] {
-                        word(0)
+                    shared.record[peer] = if self.same_process[peer] {
+                        u64_at(entry)
                     } else {
                         let mut handle = [0; HANDLE_BYTES];
                         handle.copy_from_slice(&entry[16..]);
-                        self.opened.address(&Exported {
+                        let exported = Exported {
                             handle,
-                            offset: word(8),
-                        })?
+                            offset: u64_at(&entry[8..]),
+                        };
+                        let address = self.opened.address(&exported)?;
+                        shared.mapped.push(handle);
+                        address
                     };
                 }
-                Ok(record)
+                Ok(shared)
             })
             .collect::<Result<Vec<_>>>();
         // Opening can fail on one rank only (no peer access between its GPU
         // and a peer's): every rank must learn of it.
-        agree(rendezvous, what, records)
+        agree(rendezvous, what, shared)
     }
 }

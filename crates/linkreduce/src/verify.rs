@@ -236,7 +236,11 @@ fn combine(per_rank: &[RankFindings]) -> Outcome {
 /// whether the ranks are threads or processes. Collective.
 fn judge<T: Element>(comm: &Communicator, seed: u64, output: &[T]) -> Result<Outcome> {
     let mine = RankFindings::of(seed, comm.world_size(), output);
-    let all = all_gather_u64s(comm.rendezvous().as_ref(), &mine.to_words())?;
+    let all = all_gather_u64s(
+        comm.rendezvous().as_ref(),
+        "a correctness check",
+        &mine.to_words(),
+    )?;
     let per_rank = all
         .iter()
         .enumerate()
@@ -340,7 +344,7 @@ fn check_typed<T: Element + Default>(
         comm.download(&output)
     };
     if case.placement.registered() {
-        comm.deregister(&input);
+        comm.deregister(&input)?;
     }
     // Free before the collective judgement: freeing memory synchronises the
     // device, which for ranks sharing a GPU would wait on a peer's next

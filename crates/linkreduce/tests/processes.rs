@@ -311,6 +311,10 @@ fn worker_cycles() -> linkreduce::Result<ExitCode> {
         comm.all_reduce(&input, &mut output)?;
         comm.synchronize()?;
         if buffers_first {
+            if register {
+                // Peers stop mapping it before it is freed.
+                comm.deregister(&input)?;
+            }
             drop((input, output));
         }
         drop(comm);

@@ -1,6 +1,6 @@
 //! Loading the compiled kernels into a device's context, once per process.
 //!
-//! Modules are kept for the life of the process rather than per
+//! A device's module is kept for the life of the process rather than per
 //! communicator: with the driver's lazy loading, unloading a module whose
 //! functions were used leaves about 90 KiB of device memory behind each
 //! time (measured on H100, driver 580), so loading per communicator leaked
@@ -9,7 +9,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
-use cudarc::driver::{CudaContext, CudaFunction};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule};
 
 use super::{compile_cubin, kernel_name, Arch};
 use crate::algorithm::Algorithm;
@@ -19,17 +19,45 @@ use crate::error::{Error, Result};
 /// Every algorithm and dtype of one world size, in one context.
 pub(crate) type Kernels = HashMap<(Algorithm, DType), CudaFunction>;
 
-/// This world size's kernels in `ctx` (a device's primary context), loaded
-/// on first use.
+/// This world size's kernels in `ctx` (a device's primary context), looked
+/// up once per process in the device's module, itself loaded once.
 pub(crate) fn load_kernels(ctx: &Arc<CudaContext>, world_size: usize) -> Result<Arc<Kernels>> {
-    /// Keyed by (device ordinal, world size).
+    /// By (device ordinal, world size).
     static LOADED: Mutex<BTreeMap<(usize, usize), Arc<Kernels>>> = Mutex::new(BTreeMap::new());
     let key = (ctx.ordinal(), world_size);
-    let mut loaded = LOADED
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
-    if let Some(kernels) = loaded.get(&key) {
+    if let Some(kernels) = lock(&LOADED).get(&key) {
         return Ok(kernels.clone());
+    }
+    let module = module_for(ctx)?;
+    let mut kernels = Kernels::new();
+    for algorithm in Algorithm::ALL {
+        for dtype in DType::ALL {
+            let function = module
+                .load_function(&kernel_name(algorithm, dtype, world_size))
+                .map_err(Error::driver("cuModuleGetFunction"))?;
+            kernels.insert((algorithm, dtype), function);
+        }
+    }
+    Ok(lock(&LOADED)
+        .entry(key)
+        .or_insert(Arc::new(kernels))
+        .clone())
+}
+
+/// A lock whose holder cannot leave the map half-updated, so a panic while
+/// holding it elsewhere does not make it unusable.
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn module_for(ctx: &Arc<CudaContext>) -> Result<Arc<CudaModule>> {
+    /// By device ordinal.
+    static LOADED: Mutex<BTreeMap<usize, Arc<CudaModule>>> = Mutex::new(BTreeMap::new());
+    let mut loaded = lock(&LOADED);
+    if let Some(module) = loaded.get(&ctx.ordinal()) {
+        return Ok(module.clone());
     }
     let (major, minor) = ctx
         .compute_capability()
@@ -41,16 +69,6 @@ pub(crate) fn load_kernels(ctx: &Arc<CudaContext>, world_size: usize) -> Result<
     let module = ctx
         .load_module(cudarc::nvrtc::Ptx::from_binary(cubin.to_vec()))
         .map_err(Error::driver("cuModuleLoadData"))?;
-    let mut kernels = Kernels::new();
-    for algorithm in Algorithm::ALL {
-        for dtype in DType::ALL {
-            let function = module
-                .load_function(&kernel_name(algorithm, dtype, world_size))
-                .map_err(Error::driver("cuModuleGetFunction"))?;
-            kernels.insert((algorithm, dtype), function);
-        }
-    }
-    let kernels = Arc::new(kernels);
-    loaded.insert(key, kernels.clone());
-    Ok(kernels)
+    loaded.insert(ctx.ordinal(), module.clone());
+    Ok(module)
 }

@@ -58,28 +58,38 @@ pub enum RendezvousError {
     Protocol(String),
 }
 
-/// All-gathers a list of u64 per rank.
+/// All-gathers as many u64 from every rank as this rank sends.
 pub(crate) fn all_gather_u64s(
     rendezvous: &dyn Rendezvous,
+    what: &'static str,
     values: &[u64],
 ) -> crate::Result<Vec<Vec<u64>>> {
     let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-    gather_or_fail(rendezvous, "an exchange of addresses", Ok(bytes))?
+    gather_or_fail(rendezvous, what, Ok(bytes))?
         .into_iter()
         .enumerate()
         .map(|(rank, bytes)| {
-            if bytes.len() % 8 != 0 {
+            if bytes.len() != values.len() * 8 {
                 return Err(crate::Error::RankMismatch {
-                    what: "an exchange of addresses",
-                    detail: format!("rank {rank} sent {} bytes", bytes.len()),
+                    what,
+                    detail: format!(
+                        "rank {rank} sent {} bytes, this rank {}",
+                        bytes.len(),
+                        values.len() * 8
+                    ),
                 });
             }
-            Ok(bytes
-                .chunks_exact(8)
-                .map(|c| u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
-                .collect())
+            Ok(bytes.chunks_exact(8).map(u64_at).collect())
         })
         .collect()
+}
+
+/// The little-endian u64 at the start of `bytes` (zero-padded if shorter).
+pub(crate) fn u64_at(bytes: &[u8]) -> u64 {
+    let mut word = [0u8; 8];
+    let n = bytes.len().min(8);
+    word[..n].copy_from_slice(&bytes[..n]);
+    u64::from_le_bytes(word)
 }
 
 /// All-gathers each rank's payload, or, when any rank's step failed, makes
@@ -108,8 +118,9 @@ pub(crate) fn agree<T>(
 }
 
 /// Sends a status byte (1: ok, 0: failed) and the payload or the error's
-/// text; returns every payload, or the first failed rank as an error.
-fn exchange(
+/// text; returns every payload, or the first failed rank as an error (this
+/// rank's own failure included: callers report their own error first).
+pub(crate) fn exchange(
     rendezvous: &dyn Rendezvous,
     what: &'static str,
     local: Result<&[u8], &crate::Error>,
@@ -118,8 +129,18 @@ fn exchange(
         Ok(payload) => [&[1u8][..], payload].concat(),
         Err(error) => [&[0u8][..], error.to_string().as_bytes()].concat(),
     };
-    rendezvous
-        .all_gather(&message)?
+    let gathered = rendezvous.all_gather(&message)?;
+    if gathered.len() != rendezvous.world_size() {
+        return Err(crate::Error::RankMismatch {
+            what,
+            detail: format!(
+                "the rendezvous returned {} contributions for {} ranks",
+                gathered.len(),
+                rendezvous.world_size()
+            ),
+        });
+    }
+    gathered
         .into_iter()
         .enumerate()
         .map(|(rank, message)| match message.split_first() {

@@ -122,6 +122,9 @@ impl TcpRendezvousConfig {
     /// the communicator is built), short enough that a lost rank is noticed.
     pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
 
+    /// The variable that overrides the timeout, in seconds.
+    pub const TIMEOUT_VAR: &'static str = "LINKREDUCE_RENDEZVOUS_TIMEOUT_S";
+
     /// Reads the configuration from the process environment: `RANK`,
     /// `WORLD_SIZE` and `MASTER_PORT` are required, `MASTER_ADDR` defaults to
     /// `127.0.0.1` and `LINKREDUCE_RENDEZVOUS_TIMEOUT_S` (seconds, fractions
@@ -172,7 +175,7 @@ impl TcpRendezvousConfig {
                 )))
             }
         };
-        let timeout = match lookup(TIMEOUT_VAR) {
+        let timeout = match lookup(Self::TIMEOUT_VAR) {
             None => Self::DEFAULT_TIMEOUT,
             Some(text) => parse_timeout(&text)?,
         };
@@ -254,7 +257,6 @@ const RANK_HINT: &str = "set RANK to this process's rank, 0..WORLD_SIZE-1 \
 const WORLD_SIZE_HINT: &str = "set WORLD_SIZE to the number of ranks (processes) taking part";
 const PORT_HINT: &str = "set MASTER_PORT to a free TCP port in 1..=65535 that rank 0 listens on \
                          and every rank is given";
-const TIMEOUT_VAR: &str = "LINKREDUCE_RENDEZVOUS_TIMEOUT_S";
 
 /// Reads a variable; a value that is not valid Unicode is passed on (lossily)
 /// so that it is reported as malformed rather than as missing.
@@ -281,8 +283,9 @@ fn parse_index(name: &str, value: String, hint: &str) -> Result<usize, Rendezvou
 fn parse_timeout(text: &str) -> Result<Duration, RendezvousError> {
     let invalid = || {
         RendezvousError::Config(format!(
-            "{TIMEOUT_VAR}={text:?} is not a positive number of seconds; set it to e.g. 60, \
-             or unset it to use the default of 60 s"
+            "{}={text:?} is not a positive number of seconds; set it to e.g. 60, \
+             or unset it to use the default of 60 s",
+            TcpRendezvousConfig::TIMEOUT_VAR
         ))
     };
     let seconds: f64 = text.trim().parse().map_err(|_| invalid())?;
