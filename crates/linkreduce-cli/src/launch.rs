@@ -1,17 +1,27 @@
 //! `linkreduce launch`: start N processes of a command as the ranks of one
 //! job, setting the variables that `TcpRendezvousConfig::from_env` reads (the
 //! ones torchrun sets), so multi-process jobs need no external launcher.
+//!
+//! Every rank leads a process group of its own, so that stopping a rank
+//! reaches whatever it started (a shell's children, a worker pool). The
+//! ranks are therefore outside the terminal's foreground group and do not
+//! see its Ctrl-C: the launcher catches SIGINT and SIGTERM and stops the
+//! groups itself, and the kernel kills every rank if the launcher dies
+//! without doing so (SIGKILL).
 
 use std::ffi::{OsStr, OsString};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::mem;
 use std::net::{Ipv4Addr, TcpListener};
-use std::os::unix::process::ExitStatusExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Child, Command, ExitCode, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::thread::{self, JoinHandle};
+use std::ptr;
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::thread;
 use std::time::{Duration, Instant};
 
+use libc::{c_int, pid_t};
 use linkreduce::{Error, Result};
 
 #[derive(clap::Args)]
@@ -36,10 +46,23 @@ pub struct Args {
 /// other ranks promptly, long enough to cost nothing.
 const POLL: Duration = Duration::from_millis(20);
 
-/// How long output may stay idle after the ranks have exited before the
-/// launcher stops waiting for it: a grandchild that outlived its rank (a
-/// killed `sh` leaves its `sleep` running) keeps the pipe open forever.
-const DRAIN_IDLE: Duration = Duration::from_secs(1);
+/// How long a rank's process group has between SIGTERM and SIGKILL: time to
+/// flush output and let go of what it holds (a rendezvous port, files being
+/// written), short enough that Ctrl-C or a crashed peer still ends the job
+/// within seconds when a rank ignores or is slow to act on SIGTERM.
+const TERM_GRACE: Duration = Duration::from_secs(3);
+
+/// How long ranks get to be reaped after SIGKILL. A process in
+/// uninterruptible sleep (stuck in a driver call) can outlast SIGKILL; the
+/// launcher leaves it to init rather than hang.
+const KILL_WAIT: Duration = Duration::from_secs(1);
+
+/// How long the output readers may take once every rank's group is gone.
+/// Every writer is dead by then, so what is left is at most a pipe buffer per
+/// stream and the readers reach end of file within milliseconds. Only a
+/// process that left its rank's group (`setsid`) can still hold a pipe open,
+/// and the launcher must not wait for that.
+const DRAIN_LIMIT: Duration = Duration::from_secs(2);
 
 pub fn run(args: Args) -> Result<ExitCode> {
     let Some((program, rest)) = args.command.split_first() else {
@@ -60,9 +83,15 @@ pub fn run(args: Args) -> Result<ExitCode> {
 /// `[rank i] ` prefix. `extra_env` is applied last, so it can override
 /// MASTER_ADDR or MASTER_PORT; no free port is looked for when it sets one.
 ///
-/// Returns 0 when every rank exits 0. When one fails, the others are killed
+/// Returns 0 when every rank exits 0. When one fails, the others are stopped
 /// and its status is returned (128 + signal for a signal), so one crashed
-/// rank never leaves its peers blocked at a rendezvous.
+/// rank never leaves its peers blocked at a rendezvous. Either way, what the
+/// ranks left running in their process groups is stopped before returning.
+///
+/// While it runs, SIGINT and SIGTERM (unless ignored when it is called) stop
+/// every rank and then end this process with status 128 + the signal, as
+/// the signal itself would have; the previous handlers are restored on
+/// return. One launch at a time per process: the handlers are global.
 pub fn launch(
     ranks: usize,
     program: &OsStr,
@@ -84,38 +113,47 @@ pub fn launch(
     }
     env.extend_from_slice(extra_env);
 
-    let forwarded = Arc::new(AtomicUsize::new(0));
+    // Before any rank exists, so that no signal can end the launcher and
+    // leave ranks running.
+    let signals = SignalWatch::install()?;
+    // Every reader owns a clone of `reader_alive` and drops it at end of
+    // file; `readers_done` then reports disconnection. Nothing is sent.
+    let (reader_alive, readers_done) = mpsc::channel();
     let mut children = Vec::with_capacity(ranks);
-    let mut readers = Vec::with_capacity(2 * ranks);
-    for rank in 0..ranks {
-        if let Err(error) = start(
-            rank,
-            program,
-            args,
-            &env,
-            &forwarded,
-            &mut children,
-            &mut readers,
-        ) {
-            stop(&mut children);
-            return Err(error);
+    let started = (0..ranks)
+        .try_for_each(|rank| start(rank, program, args, &env, &reader_alive, &mut children));
+    drop(reader_alive);
+    let outcome = started.and_then(|()| supervise(&children));
+    stop(&mut children);
+    drain(&readers_done);
+    drop(signals);
+
+    match outcome? {
+        Outcome::Succeeded => Ok(0),
+        Outcome::Failed { rank, status } => {
+            let code = exit_code(status);
+            let detail = match status.signal() {
+                Some(signal) => format!("{code} (signal {signal})"),
+                None => code.to_string(),
+            };
+            eprintln!(
+                "linkreduce launch: rank {rank} exited with status {detail}; stopped the other ranks"
+            );
+            Ok(code)
+        }
+        Outcome::Signalled(signal) => {
+            let name = match signal {
+                libc::SIGINT => "SIGINT",
+                libc::SIGTERM => "SIGTERM",
+                _ => "a signal",
+            };
+            eprintln!("linkreduce launch: received {name} ({signal}); stopped the ranks");
+            // The caller asked the whole program to stop, not this job: a
+            // caller that starts one job per world size must not go on to
+            // the next.
+            std::process::exit(128 + signal)
         }
     }
-
-    let outcome = supervise(&mut children);
-    drain(&readers, &forwarded);
-    let Some((rank, status)) = outcome? else {
-        return Ok(0);
-    };
-    let code = exit_code(status);
-    let detail = match status.signal() {
-        Some(signal) => format!("{code} (signal {signal})"),
-        None => code.to_string(),
-    };
-    eprintln!(
-        "linkreduce launch: rank {rank} exited with status {detail}; stopped the other ranks"
-    );
-    Ok(code)
 }
 
 /// A port nobody listens on now. Rank 0 binds it moments later; the race with
@@ -131,17 +169,16 @@ fn free_port() -> Result<u16> {
         })
 }
 
-/// Spawns one rank and its two output readers. The child is pushed into
-/// `children` before the readers start, so that a failure here still lets
-/// the caller kill it.
+/// Spawns one rank, leading a process group of its own, and its two output
+/// readers. The child is pushed into `children` before the readers start,
+/// so that a failure here still lets the caller stop it.
 fn start(
     rank: usize,
     program: &OsStr,
     args: &[OsString],
     env: &[(String, String)],
-    forwarded: &Arc<AtomicUsize>,
-    children: &mut Vec<Option<Child>>,
-    readers: &mut Vec<JoinHandle<()>>,
+    reader_alive: &Sender<()>,
+    children: &mut Vec<Child>,
 ) -> Result<()> {
     let mut command = Command::new(program);
     command
@@ -149,8 +186,23 @@ fn start(
         .env("RANK", rank.to_string())
         .env("LOCAL_RANK", rank.to_string())
         .envs(env.iter().map(|(name, value)| (name, value)))
+        // Outside the terminal's foreground group a read from the terminal
+        // would stop the rank (SIGTTIN) and hang the job; ranks take no
+        // input.
+        .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+        .stderr(Stdio::piped())
+        .process_group(0);
+    #[cfg(target_os = "linux")]
+    {
+        let parent = std::process::id();
+        // SAFETY: the closure runs in the forked child before exec, where
+        // only async-signal-safe calls are allowed: it makes two system
+        // calls (prctl, getppid) and allocates nothing.
+        unsafe {
+            command.pre_exec(move || die_with_parent(parent));
+        }
+    }
     let mut child = command.spawn().map_err(|error| {
         Error::InvalidConfig(format!(
             "could not start `{}` for rank {rank}: {error}",
@@ -159,24 +211,33 @@ fn start(
     })?;
     let stdout = child.stdout.take();
     let stderr = child.stderr.take();
-    children.push(Some(child));
+    children.push(child);
     if let Some(pipe) = stdout {
-        readers.push(spawn_reader(
-            rank,
-            "stdout",
-            pipe,
-            std::io::stdout(),
-            forwarded,
-        )?);
+        spawn_reader(rank, "stdout", pipe, std::io::stdout(), reader_alive)?;
     }
     if let Some(pipe) = stderr {
-        readers.push(spawn_reader(
-            rank,
-            "stderr",
-            pipe,
-            std::io::stderr(),
-            forwarded,
-        )?);
+        spawn_reader(rank, "stderr", pipe, std::io::stderr(), reader_alive)?;
+    }
+    Ok(())
+}
+
+/// In a new rank before exec: asks the kernel for SIGKILL when the thread
+/// that started the rank ends (the thread, not the process: `launch`'s
+/// caller, which stays in `launch` until the ranks are reaped), then makes
+/// sure the launcher did not already die before the request was made.
+/// Async-signal-safe: system calls only, errors without allocation.
+#[cfg(target_os = "linux")]
+fn die_with_parent(parent: u32) -> io::Result<()> {
+    // SAFETY: PR_SET_PDEATHSIG takes a signal number, passed as the
+    // unsigned long the kernel reads, and touches no memory of ours.
+    if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: getppid has no preconditions.
+    let now = unsafe { libc::getppid() };
+    if u32::try_from(now) != Ok(parent) {
+        // Reparented: the launcher is gone, and exec must not happen.
+        return Err(io::Error::from_raw_os_error(libc::ESRCH));
     }
     Ok(())
 }
@@ -186,12 +247,16 @@ fn spawn_reader(
     stream: &str,
     pipe: impl Read + Send + 'static,
     sink: impl Write + Send + 'static,
-    forwarded: &Arc<AtomicUsize>,
-) -> Result<JoinHandle<()>> {
-    let forwarded = Arc::clone(forwarded);
+    reader_alive: &Sender<()>,
+) -> Result<()> {
+    let alive = reader_alive.clone();
     thread::Builder::new()
         .name(format!("rank{rank}-{stream}"))
-        .spawn(move || forward(rank, pipe, sink, &forwarded))
+        .spawn(move || {
+            forward(rank, pipe, sink);
+            drop(alive);
+        })
+        .map(drop)
         .map_err(|error| {
             Error::InvalidConfig(format!(
                 "could not start a thread to read rank {rank}'s {stream}: {error}"
@@ -203,7 +268,7 @@ fn spawn_reader(
 /// `write_all`, which holds the stream's lock, so ranks never interleave
 /// mid-line. Write errors (a closed terminal) are ignored so the pipe keeps
 /// draining and the child never blocks on a full pipe.
-fn forward(rank: usize, pipe: impl Read, mut sink: impl Write, forwarded: &AtomicUsize) {
+fn forward(rank: usize, pipe: impl Read, mut sink: impl Write) {
     let mut pipe = BufReader::new(pipe);
     let mut line = Vec::new();
     loop {
@@ -215,67 +280,233 @@ fn forward(rank: usize, pipe: impl Read, mut sink: impl Write, forwarded: &Atomi
         let text = line.strip_suffix(b"\n").unwrap_or(&line);
         let out = format!("[rank {rank}] {}\n", String::from_utf8_lossy(text));
         let _ = sink.write_all(out.as_bytes()).and_then(|()| sink.flush());
-        forwarded.fetch_add(1, Ordering::Relaxed);
     }
 }
 
-/// Waits for every rank. Returns the first rank that failed and its status,
-/// after killing the others, or `None` when all exited successfully.
-fn supervise(children: &mut [Option<Child>]) -> Result<Option<(usize, ExitStatus)>> {
-    let outcome = 'poll: loop {
-        let mut running = false;
-        for (rank, slot) in children.iter_mut().enumerate() {
-            let Some(child) = slot else { continue };
-            match child.try_wait() {
-                Ok(None) => running = true,
-                Ok(Some(status)) => {
-                    *slot = None;
-                    if !status.success() {
-                        break 'poll Ok(Some((rank, status)));
-                    }
-                }
-                Err(error) => {
-                    break 'poll Err(Error::InvalidConfig(format!(
-                        "could not check on rank {rank}: {error}"
-                    )))
+enum Outcome {
+    Succeeded,
+    Failed { rank: usize, status: ExitStatus },
+    Signalled(c_int),
+}
+
+/// Waits until every rank has exited successfully, one has failed, or the
+/// launcher got SIGINT or SIGTERM. Ranks are not reaped here (see
+/// [`exit_status`]); [`stop`] does that after stopping their groups.
+fn supervise(children: &[Child]) -> Result<Outcome> {
+    let mut exited = vec![false; children.len()];
+    loop {
+        let signal = RECEIVED.load(Ordering::SeqCst);
+        if signal != 0 {
+            return Ok(Outcome::Signalled(signal));
+        }
+        for (rank, child) in children.iter().enumerate() {
+            if exited[rank] {
+                continue;
+            }
+            let status = exit_status(child).map_err(|error| {
+                Error::InvalidConfig(format!("could not check on rank {rank}: {error}"))
+            })?;
+            if let Some(status) = status {
+                exited[rank] = true;
+                if !status.success() {
+                    return Ok(Outcome::Failed { rank, status });
                 }
             }
         }
-        if !running {
-            break Ok(None);
+        if exited.iter().all(|&exited| exited) {
+            return Ok(Outcome::Succeeded);
         }
         thread::sleep(POLL);
+    }
+}
+
+/// The status of a rank that has exited, without reaping it: an unreaped
+/// rank keeps its pid, which is also its group's id, from being reused, so
+/// that [`stop`] can signal the group however long ago the rank exited.
+fn exit_status(child: &Child) -> io::Result<Option<ExitStatus>> {
+    // SAFETY: all-zero bytes are a valid siginfo_t (a plain C struct).
+    let mut info: libc::siginfo_t = unsafe { mem::zeroed() };
+    let options = libc::WEXITED | libc::WNOHANG | libc::WNOWAIT;
+    // SAFETY: `info` is valid for writes for the duration of the call.
+    if unsafe { libc::waitid(libc::P_PID, child.id(), &mut info, options) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: waitid returned 0, so `info` holds either a child's state
+    // change (whose si_pid and si_status are set) or zeroes (no change).
+    let (pid, status) = unsafe { (info.si_pid(), info.si_status()) };
+    let raw = match info.si_code {
+        _ if pid == 0 => return Ok(None),
+        libc::CLD_EXITED => (status & 0xff) << 8,
+        libc::CLD_KILLED => status,
+        libc::CLD_DUMPED => status | 0x80,
+        _ => return Ok(None),
     };
-    stop(children);
-    outcome
+    Ok(Some(ExitStatus::from_raw(raw)))
 }
 
-/// Kills and reaps every rank still running.
-fn stop(children: &mut [Option<Child>]) {
-    for mut child in children.iter_mut().filter_map(Option::take) {
-        // Either call fails only when the child has already exited and been
-        // reaped, which is the state wanted here.
-        let _ = child.kill();
-        let _ = child.wait();
+/// Stops every rank's process group and reaps the ranks: SIGTERM (with
+/// SIGCONT, so that a stopped process acts on it) to the groups that have a
+/// live process, then SIGKILL to those that still have one after
+/// [`TERM_GRACE`]. After a job that succeeded this only ends what the ranks
+/// left running.
+///
+/// A group's id is its leader's pid, which the kernel does not hand out
+/// again while the leader is unreaped. Ranks stay unreaped until every
+/// signal has been sent, so no signal can reach a stranger's group.
+fn stop(children: &mut [Child]) {
+    // Pids fit pid_t: the kernel's limit is 2^22.
+    let groups: Vec<pid_t> = children.iter().map(|child| child.id() as pid_t).collect();
+    let mut live = live_groups(&groups);
+    for &group in &live {
+        signal_group(group, libc::SIGTERM);
+        signal_group(group, libc::SIGCONT);
     }
-}
-
-/// Waits until every reader has hit end of file, or output has been idle for
-/// `DRAIN_IDLE`: the ranks are gone, so idle pipes are held only by
-/// processes they left behind.
-fn drain(readers: &[JoinHandle<()>], forwarded: &AtomicUsize) {
-    let mut seen = forwarded.load(Ordering::Relaxed);
-    let mut idle_since = Instant::now();
-    while !readers.iter().all(JoinHandle::is_finished) {
-        let now = forwarded.load(Ordering::Relaxed);
-        if now != seen {
-            seen = now;
-            idle_since = Instant::now();
-        } else if idle_since.elapsed() >= DRAIN_IDLE {
-            return;
+    let deadline = Instant::now() + TERM_GRACE;
+    while !live.is_empty() && Instant::now() < deadline {
+        thread::sleep(POLL);
+        live = live_groups(&live);
+    }
+    for &group in &live {
+        signal_group(group, libc::SIGKILL);
+    }
+    let mut unreaped: Vec<&mut Child> = children.iter_mut().collect();
+    let deadline = Instant::now() + KILL_WAIT;
+    loop {
+        // try_wait fails only when the child is already reaped: done too.
+        unreaped.retain_mut(|child| matches!(child.try_wait(), Ok(None)));
+        if unreaped.is_empty() || Instant::now() >= deadline {
+            break;
         }
         thread::sleep(POLL);
     }
+}
+
+/// The groups among `groups` that have a process which has not exited.
+/// Zombies do not count: they hold nothing, and one whose parent died waits
+/// for init, which in a container may never reap it. Without /proc, a group
+/// counts while it has any process, zombies included.
+fn live_groups(groups: &[pid_t]) -> Vec<pid_t> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return groups
+            .iter()
+            .copied()
+            .filter(|&group| signal_group(group, 0))
+            .collect();
+    };
+    let mut live = Vec::new();
+    for entry in entries.flatten() {
+        let is_pid = entry
+            .file_name()
+            .to_str()
+            .is_some_and(|name| !name.is_empty() && name.bytes().all(|byte| byte.is_ascii_digit()));
+        if !is_pid {
+            continue;
+        }
+        // A process that exits meanwhile has no stat to read: not live.
+        let Ok(stat) = std::fs::read(entry.path().join("stat")) else {
+            continue;
+        };
+        if let Some((state, group)) = state_and_group(&stat) {
+            if !matches!(state, b'Z' | b'X') && groups.contains(&group) && !live.contains(&group) {
+                live.push(group);
+            }
+        }
+    }
+    live
+}
+
+/// The state and process group in a `/proc/PID/stat` line, `PID (COMM)
+/// STATE PPID PGRP ...`. COMM may hold spaces, parentheses or bytes that
+/// are not UTF-8, so fields are counted from its last `)`.
+fn state_and_group(stat: &[u8]) -> Option<(u8, pid_t)> {
+    let close = stat.iter().rposition(|&byte| byte == b')')?;
+    let rest = std::str::from_utf8(&stat[close + 1..]).ok()?;
+    let mut fields = rest.split_ascii_whitespace();
+    let state = *fields.next()?.as_bytes().first()?;
+    let _parent = fields.next()?;
+    let group = fields.next()?.parse().ok()?;
+    Some((state, group))
+}
+
+/// Sends `signal` to every process of `group` (0: only checks that the group
+/// has a process). False when that failed.
+fn signal_group(group: pid_t, signal: c_int) -> bool {
+    // SAFETY: killpg takes two integers and touches no memory of ours.
+    unsafe { libc::killpg(group, signal) == 0 }
+}
+
+/// Waits, at most [`DRAIN_LIMIT`], for every reader to reach end of file,
+/// which happens once the ranks' groups are gone.
+fn drain(readers_done: &Receiver<()>) {
+    // Nothing is ever sent: this returns when the last reader drops its
+    // sender, or at the limit.
+    let _ = readers_done.recv_timeout(DRAIN_LIMIT);
+}
+
+/// The last SIGINT or SIGTERM received while a [`SignalWatch`] is
+/// installed, or 0.
+static RECEIVED: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn record_signal(signal: c_int) {
+    // A lock-free atomic store is async-signal-safe.
+    RECEIVED.store(signal, Ordering::SeqCst);
+}
+
+/// Records SIGINT and SIGTERM in [`RECEIVED`] for as long as it lives and
+/// restores the previous dispositions when dropped. A signal the process
+/// ignores stays ignored (a non-interactive shell starts background jobs
+/// with SIGINT ignored), and the ranks inherit that as before.
+struct SignalWatch {
+    previous: Vec<(c_int, libc::sigaction)>,
+}
+
+impl SignalWatch {
+    fn install() -> Result<SignalWatch> {
+        RECEIVED.store(0, Ordering::SeqCst);
+        // SAFETY: all-zero bytes are a valid sigaction: SIG_DFL, an empty
+        // mask, no flags.
+        let mut ours: libc::sigaction = unsafe { mem::zeroed() };
+        ours.sa_sigaction = record_signal as extern "C" fn(c_int) as libc::sighandler_t;
+        // Reads and sleeps interrupted by the signal resume.
+        ours.sa_flags = libc::SA_RESTART;
+        let mut watch = SignalWatch {
+            previous: Vec::new(),
+        };
+        for signal in [libc::SIGINT, libc::SIGTERM] {
+            let failed = |error: io::Error| {
+                Error::InvalidConfig(format!("could not handle signal {signal}: {error}"))
+            };
+            let current = sigaction(signal, None).map_err(failed)?;
+            if current.sa_sigaction == libc::SIG_IGN {
+                continue;
+            }
+            sigaction(signal, Some(&ours)).map_err(failed)?;
+            watch.previous.push((signal, current));
+        }
+        Ok(watch)
+    }
+}
+
+impl Drop for SignalWatch {
+    fn drop(&mut self) {
+        for (signal, previous) in &self.previous {
+            let _ = sigaction(*signal, Some(previous));
+        }
+    }
+}
+
+/// Sets the disposition of `signal` to `new` (or only reads it, for None)
+/// and returns the one before.
+fn sigaction(signal: c_int, new: Option<&libc::sigaction>) -> io::Result<libc::sigaction> {
+    // SAFETY: all-zero bytes are a valid sigaction; the kernel overwrites it.
+    let mut old: libc::sigaction = unsafe { mem::zeroed() };
+    let new = new.map_or(ptr::null(), ptr::from_ref);
+    // SAFETY: `new` is null or points to a valid sigaction, and `old` is
+    // valid for writes, for the duration of the call.
+    if unsafe { libc::sigaction(signal, new, &mut old) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(old)
 }
 
 /// The shell's convention: the exit code itself, or 128 + the signal.
