@@ -35,7 +35,7 @@ pub struct Args {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "nccl,auto,one-stage,two-stage,nccl-symmetric"
+        default_value = "nccl,auto,one-stage,two-stage,push,nccl-symmetric"
     )]
     implementations: Vec<Implementation>,
     /// Timed repetitions; the median is reported.
@@ -54,12 +54,13 @@ pub struct Args {
     mode: RankMode,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
-enum Implementation {
+pub(crate) enum Implementation {
     Auto,
     OneStage,
     TwoStage,
+    Push,
     Nccl,
     NcclSymmetric,
 }
@@ -70,6 +71,7 @@ impl fmt::Display for Implementation {
             Implementation::Auto => "linkreduce",
             Implementation::OneStage => "lr-one-stage",
             Implementation::TwoStage => "lr-two-stage",
+            Implementation::Push => "lr-push",
             Implementation::Nccl => "nccl",
             Implementation::NcclSymmetric => "nccl-symm",
         })
@@ -82,6 +84,7 @@ impl Implementation {
             Implementation::Auto => Some(AlgorithmChoice::Auto),
             Implementation::OneStage => Some(AlgorithmChoice::Force(Algorithm::OneStage)),
             Implementation::TwoStage => Some(AlgorithmChoice::Force(Algorithm::TwoStage)),
+            Implementation::Push => Some(AlgorithmChoice::Force(Algorithm::Push)),
             Implementation::Nccl | Implementation::NcclSymmetric => None,
         }
     }

@@ -323,14 +323,8 @@ fn title(report: &Report, rows: &[&Row]) -> String {
 
 /// The names bench prints for its implementations.
 fn label_of(implementation: &str) -> String {
-    match implementation {
-        "auto" => "linkreduce",
-        "one-stage" => "lr-one-stage",
-        "two-stage" => "lr-two-stage",
-        "nccl-symmetric" => "nccl-symm",
-        other => other,
-    }
-    .to_string()
+    serde_json::from_value::<crate::bench::Implementation>(implementation.into())
+        .map_or_else(|_| implementation.to_string(), |known| known.to_string())
 }
 
 /// Fixed colours per known implementation so plots of different runs match.
@@ -339,6 +333,7 @@ fn color_of(implementation: &str, index: usize) -> RGBColor {
         "auto" => RGBColor(31, 119, 180),
         "one-stage" => RGBColor(255, 127, 14),
         "two-stage" => RGBColor(44, 160, 44),
+        "push" => RGBColor(188, 189, 34),
         "nccl" => RGBColor(214, 39, 40),
         "nccl-symmetric" => RGBColor(148, 103, 189),
         _ => {

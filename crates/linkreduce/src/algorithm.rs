@@ -15,15 +15,21 @@ pub enum Algorithm {
     /// Reduce-scatter into scratch, then all-gather: 2(W-1)/W x N bytes per
     /// rank, three barriers. Best for large messages on more than two GPUs.
     TwoStage,
+    /// Every rank writes its input into every peer's push area and polls
+    /// its own for theirs: (W-1) x N bytes pushed per rank, no barrier (the
+    /// data marks its own arrival). Meant for small messages; not chosen
+    /// automatically until measured on the GPUs it targets.
+    Push,
 }
 
 impl Algorithm {
-    pub const ALL: [Algorithm; 2] = [Algorithm::OneStage, Algorithm::TwoStage];
+    pub const ALL: [Algorithm; 3] = [Algorithm::OneStage, Algorithm::TwoStage, Algorithm::Push];
 
     pub fn name(self) -> &'static str {
         match self {
             Algorithm::OneStage => "one-stage",
             Algorithm::TwoStage => "two-stage",
+            Algorithm::Push => "push",
         }
     }
 
@@ -32,6 +38,7 @@ impl Algorithm {
         match self {
             Algorithm::OneStage => "one_stage",
             Algorithm::TwoStage => "two_stage",
+            Algorithm::Push => "push",
         }
     }
 }
@@ -49,8 +56,9 @@ impl FromStr for Algorithm {
         match s.to_ascii_lowercase().as_str() {
             "one-stage" | "one_stage" | "oneshot" | "one-shot" | "1" => Ok(Algorithm::OneStage),
             "two-stage" | "two_stage" | "twoshot" | "two-shot" | "2" => Ok(Algorithm::TwoStage),
+            "push" => Ok(Algorithm::Push),
             _ => Err(format!(
-                "unknown algorithm {s:?}: expected one-stage or two-stage"
+                "unknown algorithm {s:?}: expected one-stage, two-stage or push"
             )),
         }
     }
@@ -104,7 +112,7 @@ pub fn blocks_for(
     max_blocks: u32,
 ) -> u32 {
     let per_rank = match algorithm {
-        Algorithm::OneStage => packets,
+        Algorithm::OneStage | Algorithm::Push => packets,
         Algorithm::TwoStage => packets.div_ceil(world_size.max(1)),
     };
     let wanted = per_rank.div_ceil(threads_per_block as usize).max(1);

@@ -21,8 +21,9 @@ use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
 use crate::ipc::Handle;
 use crate::kernels::{
-    load_kernels, AllReduceArgs, BarrierArgs, Fault, Kernels, Record, MAX_BLOCKS, MAX_RANKS,
-    PACKET_BYTES, SCRATCH_OFFSET, SCRATCH_TAIL_BYTES, THREADS_PER_BLOCK, WORLD_SIZES,
+    load_kernels, AllReduceArgs, BarrierArgs, Fault, Kernels, PushArgs, Record, MAX_BLOCKS,
+    MAX_RANKS, PACKET_BYTES, PUSH_EMPTY, PUSH_HEADER, PUSH_SLOTS, SCRATCH_OFFSET,
+    SCRATCH_TAIL_BYTES, THREADS_PER_BLOCK, WORLD_SIZES,
 };
 use crate::memory::{
     check, copy_to_device, device_count, DeviceBuffer, DeviceMemory, HostMapped, PointerInfo,
@@ -39,8 +40,19 @@ use crate::transport::Transport;
 enum Source {
     /// The caller's buffer, through its record.
     Direct(Located),
+    /// The caller's buffer, read by this rank alone (push).
+    Local,
     /// A copy in this rank's staging buffer (record `staging_record`).
     Staged,
+}
+
+/// The input as one launch names it.
+#[derive(Debug, Clone, Copy)]
+enum LaunchInput {
+    /// Through a record of the device table (peers read it too).
+    Record(Located),
+    /// By this rank's address (push: only this rank reads it).
+    Address(u64),
 }
 
 /// Tunables of a communicator. Every rank must use the same values.
@@ -55,6 +67,9 @@ pub struct Config {
     /// Scratch for the two-stage algorithm's reduced slices; larger
     /// messages are split into several launches.
     pub scratch_bytes: usize,
+    /// Largest push launch in bytes; each rank's push area holds
+    /// `3 x world size` times this. Larger pushes are split.
+    pub push_bytes: usize,
     /// Capacity of the device table of registered buffers.
     pub max_records: usize,
     /// Upper bound on blocks per launch, further limited so that every
@@ -70,6 +85,7 @@ impl Default for Config {
             rendezvous_timeout: Duration::from_secs(60),
             staging_bytes: 32 << 20,
             scratch_bytes: 32 << 20,
+            push_bytes: 1 << 20,
             max_records: 65536,
             max_blocks: MAX_BLOCKS as u32,
         }
@@ -88,6 +104,9 @@ impl Config {
         let least_scratch = (MAX_RANKS + 2) * PACKET_BYTES + SCRATCH_TAIL_BYTES;
         if self.scratch_bytes < least_scratch {
             return bad(format!("scratch_bytes must be at least {least_scratch}"));
+        }
+        if self.push_bytes < PACKET_BYTES {
+            return bad(format!("push_bytes must be at least {PACKET_BYTES}"));
         }
         if self.max_records < 1 {
             return bad("max_records must be at least 1 (the staging buffer's)".into());
@@ -118,6 +137,10 @@ pub struct Communicator {
     /// Blocks per launch at most: the same on every rank.
     max_blocks: u32,
     signal_peers: [u64; MAX_RANKS],
+    /// Every rank's push area, as this rank reaches it.
+    push_peers: [u64; MAX_RANKS],
+    /// Bytes of one rank's segment of a push slot (a multiple of the packet).
+    push_segment: usize,
     registry: Registry,
     staging_record: usize,
     config: Config,
@@ -132,6 +155,8 @@ pub struct Communicator {
     staging: DeviceMemory,
     /// Owned here, used through `signal_peers` (by this rank and its peers).
     _signal: DeviceMemory,
+    /// Owned here, used through `push_peers`.
+    _push: DeviceMemory,
 }
 
 impl Communicator {
@@ -173,9 +198,10 @@ impl Communicator {
         let shared = transport.share(
             rendezvous.as_ref(),
             "set-up",
-            &[local.signal.ptr(), local.staging.ptr()],
+            &[local.signal.ptr(), local.staging.ptr(), local.push.ptr()],
         )?;
-        let (signal_peers, staging_peers) = (shared[0].record, shared[1].record);
+        let (signal_peers, staging_peers, push_peers) =
+            (shared[0].record, shared[1].record, shared[2].record);
         let mut registry = Registry::new(config.max_records);
         let staging_record = registry.reserve()?;
         let communicator = Communicator {
@@ -186,6 +212,8 @@ impl Communicator {
             kernels: local.kernels,
             max_blocks,
             signal_peers,
+            push_peers,
+            push_segment: local.push_segment,
             registry,
             staging_record,
             config,
@@ -197,6 +225,7 @@ impl Communicator {
             table: local.table,
             staging: local.staging,
             _signal: local.signal,
+            _push: local.push,
         };
         // Nobody launches before every signal region is zeroed and every
         // rank is ready.
@@ -508,9 +537,26 @@ impl Communicator {
                 bytes,
             });
         }
+        let aligned = input % PACKET_BYTES as u64 == 0;
+        if algorithm == Algorithm::Push {
+            // Only this rank reads its input, each packet before writing
+            // the same packet of the output: in place is safe, and nothing
+            // needs registering. Whole packets need 16-byte alignment.
+            return match (aligned, zero_copy) {
+                (true, _) => Ok(Source::Local),
+                (false, false) if bytes <= self.staging.bytes() => Ok(Source::Staged),
+                (false, false) => Err(Error::InputTooLarge {
+                    bytes,
+                    capacity: self.staging.bytes(),
+                }),
+                (false, true) => Err(Error::Misaligned {
+                    ptr: input,
+                    alignment: PACKET_BYTES as u64,
+                }),
+            };
+        }
         // One-stage writes the output while peers may still read the input.
         let hazard = algorithm == Algorithm::OneStage && overlaps;
-        let aligned = input % PACKET_BYTES as u64 == 0;
         let registered = self.registry.lookup(input, bytes as u64);
         if let (Some(located), true, false) = (registered, aligned, hazard) {
             return Ok(Source::Direct(located));
@@ -553,6 +599,7 @@ impl Communicator {
     fn max_chunk(&self, algorithm: Algorithm, dtype: DType) -> usize {
         match algorithm {
             Algorithm::OneStage => usize::MAX,
+            Algorithm::Push => self.push_segment / dtype.size(),
             Algorithm::TwoStage => {
                 let slice_packets = (self.config.scratch_bytes - SCRATCH_TAIL_BYTES) / PACKET_BYTES;
                 // The last slice may hold up to W-1 packets more than the rest.
@@ -594,22 +641,27 @@ impl Communicator {
         while done < count {
             let n = chunk.min(count - done);
             let offset = (done * dtype.size()) as u64;
-            let located = match source {
-                Source::Direct(located) => Located {
+            let launch_input = match source {
+                Source::Direct(located) => LaunchInput::Record(Located {
                     record: located.record,
                     offset: located.offset + offset,
-                },
+                }),
+                Source::Local => LaunchInput::Address(input + offset),
                 Source::Staged => {
                     // The previous chunk's kernel ended on this stream, so
                     // every peer has finished reading staging.
                     self.stage(input + offset, n * dtype.size())?;
-                    Located {
-                        record: self.staging_record,
-                        offset: 0,
+                    if algorithm == Algorithm::Push {
+                        LaunchInput::Address(self.staging.ptr())
+                    } else {
+                        LaunchInput::Record(Located {
+                            record: self.staging_record,
+                            offset: 0,
+                        })
                     }
                 }
             };
-            self.launch(algorithm, dtype, located, output + offset, n)?;
+            self.launch(algorithm, dtype, launch_input, output + offset, n)?;
             done += n;
         }
         Ok(())
@@ -619,11 +671,16 @@ impl Communicator {
         &self,
         algorithm: Algorithm,
         dtype: DType,
-        source: Located,
+        input: LaunchInput,
         output: u64,
         count: usize,
     ) -> Result<()> {
-        let packets = count * dtype.size() / PACKET_BYTES;
+        // Push kernels take the partial last packet as a packet; the others
+        // give it to a scalar tail path.
+        let packets = match algorithm {
+            Algorithm::Push => (count * dtype.size()).div_ceil(PACKET_BYTES),
+            _ => count * dtype.size() / PACKET_BYTES,
+        };
         let blocks = blocks_for(
             algorithm,
             self.world_size,
@@ -631,17 +688,11 @@ impl Communicator {
             THREADS_PER_BLOCK,
             self.max_blocks,
         );
-        let args = AllReduceArgs {
-            barrier: BarrierArgs {
-                peers: self.signal_peers,
-                fault: self.fault.device_ptr(),
-                timeout_ns: self.config.timeout.as_nanos().min(u64::MAX as u128) as u64,
-                rank: self.rank as u32,
-            },
-            input_record: self.table.ptr() + (source.record * std::mem::size_of::<Record>()) as u64,
-            input_offset: source.offset,
-            output,
-            count: count as u64,
+        let barrier = BarrierArgs {
+            peers: self.signal_peers,
+            fault: self.fault.device_ptr(),
+            timeout_ns: self.config.timeout.as_nanos().min(u64::MAX as u128) as u64,
+            rank: self.rank as u32,
         };
         let function = self.kernels.get(&(algorithm, dtype)).ok_or_else(|| {
             Error::InvalidConfig(format!("no {algorithm} kernel for {dtype} was loaded"))
@@ -652,12 +703,41 @@ impl Communicator {
             shared_mem_bytes: 0,
         };
         let mut launch = self.stream.launch_builder(function);
-        launch.arg(&args);
-        // SAFETY: every kernel takes exactly one `AllReduceArgs` by value.
-        // Its pointers are valid: the signal regions and the record table
-        // live as long as their communicators (collectively dropped), the
-        // record's buffers were checked shareable when recorded, and the
-        // output holds `count` elements (it came from a slice that long).
+        let record_args;
+        let push_args;
+        match input {
+            LaunchInput::Record(source) => {
+                record_args = AllReduceArgs {
+                    barrier,
+                    input_record: self.table.ptr()
+                        + (source.record * std::mem::size_of::<Record>()) as u64,
+                    input_offset: source.offset,
+                    output,
+                    count: count as u64,
+                };
+                launch.arg(&record_args);
+            }
+            LaunchInput::Address(input) => {
+                push_args = PushArgs {
+                    barrier,
+                    push: self.push_peers,
+                    input,
+                    output,
+                    count: count as u64,
+                    segment_bytes: self.push_segment as u64,
+                };
+                launch.arg(&push_args);
+            }
+        }
+        // SAFETY: the one-stage and two-stage kernels take exactly one
+        // `AllReduceArgs` by value, the push kernels one `PushArgs`; which
+        // one `input` says (locate_input gives push inputs by address, the
+        // others by record). Their pointers are valid: signal regions, push
+        // areas and the record table live as long as their communicators
+        // (collectively dropped), a record's buffers were checked shareable
+        // when recorded, a push input holds `count` elements and fits the
+        // push segment (chunks are cut to it), and the output holds `count`
+        // elements (it came from a slice that long).
         unsafe { launch.launch(config) }
             .map(|_| ())
             .map_err(Error::driver("cuLaunchKernel"))
@@ -682,6 +762,8 @@ struct LocalSetup {
     uuid: [u64; 2],
     signal: DeviceMemory,
     staging: DeviceMemory,
+    push: DeviceMemory,
+    push_segment: usize,
     table: DeviceMemory,
     fault: HostMapped<Fault>,
 }
@@ -714,6 +796,13 @@ impl LocalSetup {
         let uuid_bytes: Vec<u8> = uuid.bytes.iter().map(|&b| b as u8).collect();
         let signal = DeviceMemory::zeroed(&stream, SCRATCH_OFFSET + config.scratch_bytes)?;
         let staging = DeviceMemory::zeroed(&stream, config.staging_bytes)?;
+        let push_segment = config.push_bytes.div_ceil(PACKET_BYTES) * PACKET_BYTES;
+        let push = DeviceMemory::zeroed(
+            &stream,
+            PUSH_HEADER + PUSH_SLOTS * world_size * push_segment,
+        )?;
+        // Slots start empty; the header (call counter) starts at zero.
+        push.fill_words(&stream, PUSH_HEADER, PUSH_EMPTY)?;
         let table =
             DeviceMemory::zeroed(&stream, config.max_records * std::mem::size_of::<Record>())?;
         let fault = HostMapped::<Fault>::new(&ctx)?;
@@ -729,6 +818,8 @@ impl LocalSetup {
             resident,
             signal,
             staging,
+            push,
+            push_segment,
             table,
             fault,
         })

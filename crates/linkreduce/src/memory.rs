@@ -84,6 +84,19 @@ impl DeviceMemory {
         Ok(memory)
     }
 
+    /// Sets every 32-bit word from byte `from` (a multiple of 4) to the
+    /// end to `value`, in `stream`'s order.
+    pub fn fill_words(&self, stream: &CudaStream, from: usize, value: u32) -> Result<()> {
+        let words = self.bytes.saturating_sub(from) / 4;
+        // SAFETY: `words` 32-bit words from `from` lie inside the allocation.
+        check(
+            unsafe {
+                sys::cuMemsetD32Async(self.ptr + from as u64, value, words, stream.cu_stream())
+            },
+            "cuMemsetD32Async",
+        )
+    }
+
     pub fn ptr(&self) -> u64 {
         self.ptr
     }

@@ -15,8 +15,13 @@ use crate::dtype::DType;
 pub use compile::{compile_cubin, nvrtc_version, Arch};
 pub(crate) use load::{load_kernels, Kernels};
 
-/// The barrier protocol, then the all-reduce kernels that use it.
-pub(crate) const SOURCE: &str = concat!(include_str!("barrier.cu"), include_str!("allreduce.cu"));
+/// The barrier protocol, the all-reduce kernels that use it, then the
+/// barrier-free push kernels.
+pub(crate) const SOURCE: &str = concat!(
+    include_str!("barrier.cu"),
+    include_str!("allreduce.cu"),
+    include_str!("push.cu")
+);
 
 /// Mirrors `LR_MAX_RANKS`.
 pub const MAX_RANKS: usize = 8;
@@ -30,6 +35,13 @@ pub const SCRATCH_OFFSET: usize = 17408;
 pub const PACKET_BYTES: usize = 16;
 /// Two-stage kernels keep a reduced tail (under one packet) after the slice.
 pub(crate) const SCRATCH_TAIL_BYTES: usize = PACKET_BYTES;
+
+/// Mirrors `LR_PUSH_SLOTS`: push slots that rotate, one per call.
+pub const PUSH_SLOTS: usize = 3;
+/// Mirrors `LR_PUSH_HEADER`: bytes before the first push slot.
+pub const PUSH_HEADER: usize = 256;
+/// Mirrors `LR_PUSH_EMPTY`: what an empty push slot holds, per 32-bit word.
+pub const PUSH_EMPTY: u32 = 0x8000_8000;
 
 /// World sizes the kernels are instantiated for.
 pub const WORLD_SIZES: std::ops::RangeInclusive<usize> = 2..=MAX_RANKS;
@@ -93,6 +105,22 @@ pub(crate) struct AllReduceArgs {
 // (repr(C), only integers; sizes checked by the test below).
 unsafe impl DeviceRepr for AllReduceArgs {}
 
+/// Mirrors `PushArgs`: the push kernels' only parameter.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PushArgs {
+    pub barrier: BarrierArgs,
+    pub push: [u64; MAX_RANKS],
+    pub input: u64,
+    pub output: u64,
+    pub count: u64,
+    pub segment_bytes: u64,
+}
+
+// SAFETY: plain-old-data with the layout of the C struct `PushArgs`
+// (repr(C), only integers; sizes checked by the test below).
+unsafe impl DeviceRepr for PushArgs {}
+
 /// Mirrors `Record`: one registered buffer's address on every rank.
 pub(crate) type Record = [u64; MAX_RANKS];
 
@@ -108,6 +136,7 @@ mod tests {
         assert_eq!(std::mem::size_of::<Fault>(), 20);
         assert_eq!(std::mem::size_of::<BarrierArgs>(), 88);
         assert_eq!(std::mem::size_of::<AllReduceArgs>(), 120);
+        assert_eq!(std::mem::size_of::<PushArgs>(), 184);
         assert_eq!(std::mem::size_of::<Record>(), 64);
     }
 
@@ -116,10 +145,12 @@ mod tests {
         // The macros build names from pieces, so check the pieces are there.
         assert!(SOURCE.contains("linkreduce_one_stage_##NAME##_w##W"));
         assert!(SOURCE.contains("linkreduce_two_stage_##NAME##_w##W"));
+        assert!(SOURCE.contains("linkreduce_push_##NAME##_w##W"));
         for dtype in DType::ALL {
             assert!(SOURCE.contains(&format!("LR_KERNELS_ALL_WORLDS({},", dtype.name())));
+            assert!(SOURCE.contains(&format!("LR_PUSH_KERNELS_ALL_WORLDS({},", dtype.name())));
         }
-        assert_eq!(all_kernel_names().len(), 3 * 7 * 2);
+        assert_eq!(all_kernel_names().len(), 3 * 7 * 3);
         assert_eq!(
             kernel_name(Algorithm::TwoStage, DType::BF16, 5),
             "linkreduce_two_stage_bf16_w5"
@@ -133,6 +164,9 @@ mod tests {
             ("LR_MAX_BLOCKS", MAX_BLOCKS.to_string()),
             ("LR_THREADS", THREADS_PER_BLOCK.to_string()),
             ("LR_SCRATCH_OFFSET", format!("{SCRATCH_OFFSET}ull")),
+            ("LR_PUSH_SLOTS", PUSH_SLOTS.to_string()),
+            ("LR_PUSH_HEADER", format!("{PUSH_HEADER}ull")),
+            ("LR_PUSH_EMPTY", format!("{PUSH_EMPTY:#x}u")),
         ] {
             let line = format!("#define {name} {value}");
             assert!(SOURCE.contains(&line), "source lacks `{line}`");

@@ -1,0 +1,214 @@
+// Push: a one-shot all-reduce without barriers, for small messages.
+// Appended to allreduce.cu before compilation.
+//
+// Every rank writes its input into a segment of every peer's push area and
+// then polls its own area until every peer's data is there. Areas start
+// filled with a marker that data never carries (LR_PUSH_EMPTY: negative
+// zero in both halves of each 32-bit word), so the data is its own arrival
+// signal: a reader waits until no element of a packet holds the marker,
+// sums in rank order, and writes the marker back for a later call.
+//
+// Three slots rotate, one per call, chosen by a call counter that lives in
+// device memory (so CUDA-graph replays advance it too). A rank writes slot
+// s of a peer at call n only after finishing call n-1, which needed the
+// peer's data of call n-1, which the peer sent after finishing call n-2 and
+// with it the reset of the slot it used then: one slot of margin is needed,
+// three give two.
+//
+// Values equal to the marker are rewritten before they are sent: -0.0
+// becomes +0.0 in f16 and bf16, and the f32 denormal 0x80008000 becomes
+// -0.0 (a change of 4.6e-41).
+
+#define LR_PUSH_SLOTS 3
+#define LR_PUSH_HEADER 256ull
+#define LR_PUSH_EMPTY 0x80008000u
+
+// At the start of each rank's push area; only the owner touches it.
+struct PushHeader {
+  u32 calls;  // calls this rank has completed
+  u32 done;   // blocks of the current call that have finished
+};
+
+struct PushArgs {
+  BarrierArgs bar;            // rank, fault report and deadline; peers unused
+  char* push[LR_MAX_RANKS];   // every rank's push area
+  const char* input;          // this rank's input
+  char* output;               // this rank's output
+  u64 count;                  // elements
+  u64 segment_bytes;          // bytes of one rank's segment of a slot
+};
+
+static __device__ __forceinline__ void lr_store_volatile(Pack* p, const Pack& v) {
+  asm volatile("st.volatile.global.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(v.w[0]),
+               "r"(v.w[1]), "r"(v.w[2]), "r"(v.w[3])
+               : "memory");
+}
+
+static __device__ __forceinline__ Pack lr_load_volatile(const Pack* p) {
+  Pack v;
+  asm volatile("ld.volatile.global.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.w[0]), "=r"(v.w[1]), "=r"(v.w[2]), "=r"(v.w[3])
+               : "l"(p)
+               : "memory");
+  return v;
+}
+
+// Whether some element of the packet still holds the marker.
+template <typename D>
+static __device__ __forceinline__ bool lr_has_empty(const Pack& p) {
+  bool empty = false;
+#pragma unroll
+  for (int w = 0; w < 4; ++w) {
+    if (D::BITS == 32) {
+      empty |= p.w[w] == LR_PUSH_EMPTY;
+    } else {
+      empty |= (p.w[w] & 0xffffu) == 0x8000u || (p.w[w] >> 16) == 0x8000u;
+    }
+  }
+  return empty;
+}
+
+// The packet with every element that equals the marker rewritten.
+template <typename D>
+static __device__ __forceinline__ Pack lr_without_empty(Pack p) {
+#pragma unroll
+  for (int w = 0; w < 4; ++w) {
+    if (D::BITS == 32) {
+      if (p.w[w] == LR_PUSH_EMPTY) p.w[w] = 0x80000000u;
+    } else {
+      if ((p.w[w] & 0xffffu) == 0x8000u) p.w[w] &= 0xffff0000u;
+      if ((p.w[w] >> 16) == 0x8000u) p.w[w] &= 0x0000ffffu;
+    }
+  }
+  return p;
+}
+
+// Packet `j` of this rank's input: whole, or (the last, partial packet)
+// its `valid` elements and zeros after them.
+template <typename D>
+static __device__ __forceinline__ Pack lr_load_input(const PushArgs& a, u64 j, u64 valid) {
+  if (valid == D::PER_PACK) return ((const Pack*)a.input)[j];
+  Pack p;
+#pragma unroll
+  for (int w = 0; w < 4; ++w) p.w[w] = 0;
+  const typename D::Bits* in = (const typename D::Bits*)a.input + j * D::PER_PACK;
+  for (u64 i = 0; i < valid; ++i) {
+    u32 bits = in[i];
+    if (D::BITS == 32) {
+      p.w[i] = bits;
+    } else {
+      p.w[i / 2] |= bits << (16 * (i % 2));
+    }
+  }
+  return p;
+}
+
+template <typename D>
+static __device__ __forceinline__ void lr_store_output(const PushArgs& a, u64 j, u64 valid,
+                                                       const Pack& p) {
+  if (valid == D::PER_PACK) {
+    ((Pack*)a.output)[j] = p;
+    return;
+  }
+  typename D::Bits* out = (typename D::Bits*)a.output + j * D::PER_PACK;
+  for (u64 i = 0; i < valid; ++i) out[i] = (typename D::Bits)lr_lane<D>(p, (int)i);
+}
+
+// Where `writer`'s segment of `slot` starts in the push area at `area`.
+template <int W>
+static __device__ __forceinline__ Pack* lr_segment(char* area, u32 slot, int writer, u64 bytes) {
+  return (Pack*)(area + LR_PUSH_HEADER + ((u64)slot * W + writer) * bytes);
+}
+
+template <typename D, int W>
+static __device__ __forceinline__ void lr_push(const PushArgs& a) {
+  const int rank = (int)a.bar.rank;
+  PushHeader* header = (PushHeader*)a.push[rank];
+  const u32 slot = *(volatile u32*)&header->calls % LR_PUSH_SLOTS;
+  const u64 packs = (a.count + D::PER_PACK - 1) / D::PER_PACK;
+  const u64 first = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+  const u64 stride = (u64)gridDim.x * blockDim.x;
+  const auto valid = [&](u64 j) {
+    const u64 left = a.count - j * D::PER_PACK;
+    return left < (u64)D::PER_PACK ? left : (u64)D::PER_PACK;
+  };
+
+  // Send: this rank's packets into its segment of every peer's slot.
+  for (u64 j = first; j < packs; j += stride) {
+    const Pack mine = lr_without_empty<D>(lr_load_input<D>(a, j, valid(j)));
+#pragma unroll
+    for (int r = 0; r < W; ++r) {
+      if (r != rank) lr_store_volatile(lr_segment<W>(a.push[r], slot, rank, a.segment_bytes) + j, mine);
+    }
+  }
+
+  // Receive: wait for every peer's packet j, sum in rank order, reset.
+  bool timed_out = false;
+  for (u64 j = first; j < packs && !timed_out; j += stride) {
+    Pack p[W];
+#pragma unroll
+    for (int r = 0; r < W; ++r) {
+      if (r == rank) {
+        p[r] = lr_without_empty<D>(lr_load_input<D>(a, j, valid(j)));
+        continue;
+      }
+      const Pack* at = lr_segment<W>(a.push[rank], slot, r, a.segment_bytes) + j;
+      u64 start = 0;
+      u32 spins = 0;
+      p[r] = lr_load_volatile(at);
+      while (lr_has_empty<D>(p[r])) {
+        if ((++spins & 1023u) == 0u) {
+          const u64 now = lr_now_ns();
+          if (start == 0) {
+            start = now;
+          } else if (now - start > a.bar.timeout_ns) {
+            lr_record_fault(a.bar, (u32)r, 0);
+            timed_out = true;
+            break;
+          }
+        }
+        p[r] = lr_load_volatile(at);
+      }
+      if (timed_out) break;
+    }
+    if (timed_out) break;
+    lr_store_output<D>(a, j, valid(j), lr_reduce<D, W>(p));
+    Pack empty;
+#pragma unroll
+    for (int w = 0; w < 4; ++w) empty.w[w] = LR_PUSH_EMPTY;
+#pragma unroll
+    for (int r = 0; r < W; ++r) {
+      if (r != rank) lr_store_volatile(lr_segment<W>(a.push[rank], slot, r, a.segment_bytes) + j, empty);
+    }
+  }
+
+  // The last block to finish moves this rank to the next slot. A block
+  // that timed out leaves the counter as it is: the host sees the fault
+  // and refuses further calls.
+  if (__syncthreads_or(timed_out)) return;
+  if (threadIdx.x == 0) {
+    __threadfence();
+    if (atomicAdd(&header->done, 1u) == gridDim.x - 1) {
+      header->done = 0;
+      header->calls = header->calls + 1;
+      __threadfence();
+    }
+  }
+}
+
+#define LR_PUSH_KERNELS(NAME, D, W)                                                             \
+  extern "C" __global__ void __launch_bounds__(LR_THREADS)                                     \
+      linkreduce_push_##NAME##_w##W(PushArgs a) { lr_push<D, W>(a); }
+
+#define LR_PUSH_KERNELS_ALL_WORLDS(NAME, D) \
+  LR_PUSH_KERNELS(NAME, D, 2)               \
+  LR_PUSH_KERNELS(NAME, D, 3)               \
+  LR_PUSH_KERNELS(NAME, D, 4)               \
+  LR_PUSH_KERNELS(NAME, D, 5)               \
+  LR_PUSH_KERNELS(NAME, D, 6)               \
+  LR_PUSH_KERNELS(NAME, D, 7)               \
+  LR_PUSH_KERNELS(NAME, D, 8)
+
+LR_PUSH_KERNELS_ALL_WORLDS(f32, F32)
+LR_PUSH_KERNELS_ALL_WORLDS(f16, F16)
+LR_PUSH_KERNELS_ALL_WORLDS(bf16, BF16)
