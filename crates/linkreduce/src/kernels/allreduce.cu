@@ -214,15 +214,16 @@ static __device__ __forceinline__ void lr_two_stage(const AllReduceArgs& a) {
   extern "C" __global__ void __launch_bounds__(LR_THREADS)                                     \
       linkreduce_two_stage_##NAME##_w##W(AllReduceArgs a) { lr_two_stage<D, W>(a); }
 
-#define LR_KERNELS_ALL_WORLDS(NAME, D) \
-  LR_KERNELS(NAME, D, 2)               \
-  LR_KERNELS(NAME, D, 3)               \
-  LR_KERNELS(NAME, D, 4)               \
-  LR_KERNELS(NAME, D, 5)               \
-  LR_KERNELS(NAME, D, 6)               \
-  LR_KERNELS(NAME, D, 7)               \
-  LR_KERNELS(NAME, D, 8)
+// Instantiates KERNELS(NAME, D, W) for every world size.
+#define LR_FOR_WORLDS(KERNELS, NAME, D) \
+  KERNELS(NAME, D, 2)                   \
+  KERNELS(NAME, D, 3)                   \
+  KERNELS(NAME, D, 4)                   \
+  KERNELS(NAME, D, 5)                   \
+  KERNELS(NAME, D, 6)                   \
+  KERNELS(NAME, D, 7)                   \
+  KERNELS(NAME, D, 8)
 
-LR_KERNELS_ALL_WORLDS(f32, F32)
-LR_KERNELS_ALL_WORLDS(f16, F16)
-LR_KERNELS_ALL_WORLDS(bf16, BF16)
+LR_FOR_WORLDS(LR_KERNELS, f32, F32)
+LR_FOR_WORLDS(LR_KERNELS, f16, F16)
+LR_FOR_WORLDS(LR_KERNELS, bf16, BF16)

@@ -2,7 +2,7 @@
 //
 // Compiled by NVRTC with no CUDA headers: only built-in types and functions
 // and inline PTX. The host mirrors the constants and layouts below in
-// src/kernels/layout.rs; change both together.
+// src/kernels/mod.rs; change both together.
 
 typedef unsigned int u32;
 typedef unsigned long long u64;

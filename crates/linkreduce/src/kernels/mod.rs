@@ -147,8 +147,10 @@ mod tests {
         assert!(SOURCE.contains("linkreduce_two_stage_##NAME##_w##W"));
         assert!(SOURCE.contains("linkreduce_push_##NAME##_w##W"));
         for dtype in DType::ALL {
-            assert!(SOURCE.contains(&format!("LR_KERNELS_ALL_WORLDS({},", dtype.name())));
-            assert!(SOURCE.contains(&format!("LR_PUSH_KERNELS_ALL_WORLDS({},", dtype.name())));
+            for kernels in ["LR_KERNELS", "LR_PUSH_KERNELS"] {
+                let line = format!("LR_FOR_WORLDS({kernels}, {},", dtype.name());
+                assert!(SOURCE.contains(&line), "source lacks `{line}`");
+            }
         }
         assert_eq!(all_kernel_names().len(), 3 * 7 * 3);
         assert_eq!(

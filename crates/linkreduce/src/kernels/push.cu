@@ -200,15 +200,6 @@ static __device__ __forceinline__ void lr_push(const PushArgs& a) {
   extern "C" __global__ void __launch_bounds__(LR_THREADS)                                     \
       linkreduce_push_##NAME##_w##W(PushArgs a) { lr_push<D, W>(a); }
 
-#define LR_PUSH_KERNELS_ALL_WORLDS(NAME, D) \
-  LR_PUSH_KERNELS(NAME, D, 2)               \
-  LR_PUSH_KERNELS(NAME, D, 3)               \
-  LR_PUSH_KERNELS(NAME, D, 4)               \
-  LR_PUSH_KERNELS(NAME, D, 5)               \
-  LR_PUSH_KERNELS(NAME, D, 6)               \
-  LR_PUSH_KERNELS(NAME, D, 7)               \
-  LR_PUSH_KERNELS(NAME, D, 8)
-
-LR_PUSH_KERNELS_ALL_WORLDS(f32, F32)
-LR_PUSH_KERNELS_ALL_WORLDS(f16, F16)
-LR_PUSH_KERNELS_ALL_WORLDS(bf16, BF16)
+LR_FOR_WORLDS(LR_PUSH_KERNELS, f32, F32)
+LR_FOR_WORLDS(LR_PUSH_KERNELS, f16, F16)
+LR_FOR_WORLDS(LR_PUSH_KERNELS, bf16, BF16)
