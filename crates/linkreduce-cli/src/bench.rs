@@ -52,6 +52,27 @@ pub struct Args {
     /// Where the ranks live.
     #[arg(long, value_enum, default_value_t = RankMode::Threads)]
     mode: RankMode,
+    /// Also write a tuning table here: per size, the fastest linkreduce
+    /// algorithm among those timed (CUDA-graph times, right results only).
+    #[arg(long)]
+    tune_out: Option<std::path::PathBuf>,
+}
+
+/// `linkreduce tune`: the benchmark of every linkreduce algorithm, written
+/// as the tuning table that automatic calls then follow
+/// (LINKREDUCE_TUNING=FILE or Config::tuning).
+pub fn tune(mut args: Args) -> Result<ExitCode> {
+    args.implementations = Algorithm::ALL
+        .iter()
+        .map(|&algorithm| match algorithm {
+            Algorithm::OneStage => Implementation::OneStage,
+            Algorithm::TwoStage => Implementation::TwoStage,
+            Algorithm::Push => Implementation::Push,
+        })
+        .collect();
+    args.tune_out
+        .get_or_insert_with(|| "linkreduce-tuning.json".into());
+    run(args)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, clap::ValueEnum)]
@@ -269,11 +290,60 @@ fn bench_rank(comm: &mut Communicator, args: &Args, sizes: &[usize]) -> Result<b
             max_blocks,
             rows,
         };
+        if let Some(path) = &args.tune_out {
+            write_tuning(&report, path)?;
+        }
         if let Some(path) = &args.json {
             write_report(&report, path)?;
         }
     }
     Ok(wrong == 0)
+}
+
+/// Writes the tuning table measured by `report`.
+fn write_tuning(report: &Report, path: &std::path::Path) -> Result<()> {
+    let mut fastest: Vec<(usize, Algorithm, f64)> = Vec::new();
+    for row in &report.rows {
+        let Some(AlgorithmChoice::Force(algorithm)) = row.implementation.algorithm() else {
+            continue;
+        };
+        if row.wrong > 0 || !matches!(row.mode, Mode::Graph) {
+            continue;
+        }
+        match fastest.iter_mut().find(|f| f.0 == row.bytes) {
+            Some(best) if best.2 <= row.time_us => {}
+            Some(best) => *best = (row.bytes, algorithm, row.time_us),
+            None => fastest.push((row.bytes, algorithm, row.time_us)),
+        }
+    }
+    if fastest.is_empty() {
+        return Err(Error::InvalidConfig(
+            "no forced linkreduce algorithm was timed with right results; nothing to tune".into(),
+        ));
+    }
+    let winners: Vec<(usize, Algorithm)> = fastest.iter().map(|f| (f.0, f.1)).collect();
+    let tuning = linkreduce::Tuning {
+        measured_on: format!(
+            "{} x {}, {} ranks as {}, commit {}",
+            report.gpus.len(),
+            report.gpus.first().map_or("?", String::as_str),
+            report.world_size,
+            report.mode,
+            report.commit.as_deref().unwrap_or("unknown")
+        ),
+        entries: linkreduce::Tuning::from_fastest(report.world_size, &winners),
+    };
+    let text = serde_json::to_string_pretty(&tuning)
+        .map_err(|e| Error::InvalidConfig(format!("cannot encode the tuning table: {e}")))?;
+    std::fs::write(path, text)
+        .map_err(|e| Error::InvalidConfig(format!("cannot write {}: {e}", path.display())))?;
+    eprintln!(
+        "wrote {}; use it with {}={}",
+        path.display(),
+        linkreduce::Tuning::PATH_VAR,
+        path.display()
+    );
+    Ok(())
 }
 
 /// Writes the JSON report and its plot beside it. A plot that cannot be
@@ -655,6 +725,62 @@ fn print_row(row: &Row) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn row(bytes: usize, implementation: Implementation, mode: Mode, time_us: f64) -> Row {
+        Row {
+            bytes,
+            count: bytes / 2,
+            dtype: DType::BF16,
+            implementation,
+            mode,
+            time_us,
+            algbw_gbps: 0.0,
+            busbw_gbps: 0.0,
+            wrong: 0,
+            speedup_vs_nccl: None,
+        }
+    }
+
+    #[test]
+    fn tuning_keeps_the_fastest_right_algorithm_per_size_in_graph_mode() {
+        use Implementation::{Nccl, OneStage, Push, TwoStage};
+        let mut wrong = row(1024, Push, Mode::Graph, 0.5);
+        wrong.wrong = 3;
+        let rows = vec![
+            row(1024, OneStage, Mode::Graph, 4.0),
+            row(1024, Push, Mode::Graph, 2.0),
+            row(1024, Nccl, Mode::Graph, 1.0),
+            row(1024, OneStage, Mode::Eager, 1.0),
+            row(1 << 20, OneStage, Mode::Graph, 8.0),
+            row(1 << 20, Push, Mode::Graph, 9.0),
+            row(1 << 28, OneStage, Mode::Graph, 900.0),
+            row(1 << 28, TwoStage, Mode::Graph, 800.0),
+            wrong,
+        ];
+        let report = Report {
+            command: "test".into(),
+            commit: None,
+            mode: "threads",
+            gpus: vec!["GPU".into()],
+            rank_gpus: vec![0, 0],
+            driver: String::new(),
+            nccl: String::new(),
+            world_size: 2,
+            max_blocks: 1,
+            rows,
+        };
+        let dir = std::env::temp_dir().join(format!("linkreduce-tune-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("tuning.json");
+        write_tuning(&report, &path).unwrap();
+        let tuning: linkreduce::Tuning =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(tuning.pick(2, 1024), Some(Algorithm::Push));
+        assert_eq!(tuning.pick(2, 1 << 20), Some(Algorithm::OneStage));
+        assert_eq!(tuning.pick(2, 1 << 28), Some(Algorithm::TwoStage));
+        assert_eq!(tuning.pick(4, 1024), None);
+    }
 
     #[test]
     fn ranks_sharing_a_gpu_list_it_once() {

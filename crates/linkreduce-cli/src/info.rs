@@ -99,8 +99,17 @@ pub fn run(args: Args) -> Result<ExitCode> {
     } else if !all_linked {
         println!("linkreduce kernels: not used (some pair lacks peer access); NCCL is the path");
     } else {
+        let tuning = linkreduce::Tuning::from_env()?;
+        println!(
+            "algorithm choice: {}",
+            match &tuning {
+                Some(t) => format!("tuning table ({})", t.measured_on),
+                None => "reference rule (no LINKREDUCE_TUNING)".into(),
+            }
+        );
         for bytes in [1 << 10, 256 << 10, 512 << 10, 1 << 20, 256 << 20] {
-            let choice = algorithm::choose(world, bytes, AlgorithmChoice::Auto);
+            let choice =
+                algorithm::choose_tuned(world, bytes, AlgorithmChoice::Auto, tuning.as_ref());
             println!(
                 "{world} ranks, {}: {choice}",
                 crate::sizes::format_size(bytes)

@@ -33,6 +33,9 @@ enum Command {
     Check(check::Args),
     /// Show devices, peer access, library versions and algorithm choices.
     Info(info::Args),
+    /// Time every linkreduce algorithm and write the tuning table that
+    /// automatic calls then follow (LINKREDUCE_TUNING=FILE).
+    Tune(bench::Args),
     /// Start N processes of a command as ranks of one job, torchrun-style.
     Launch(launch::Args),
     /// Draw a `bench --json` report as a PNG: latency and bus bandwidth
@@ -50,6 +53,7 @@ fn main() -> ExitCode {
         Command::Bench(args) => bench::run(args),
         Command::Check(args) => check::run(args),
         Command::Info(args) => info::run(args),
+        Command::Tune(args) => bench::tune(args),
         Command::Launch(args) => launch::run(args),
         Command::Plot(args) => plot::run(args),
     };

@@ -85,7 +85,21 @@ impl fmt::Display for AlgorithmChoice {
 /// ranks below 512 KiB and up to eight below 256 KiB one-stage; otherwise
 /// two-stage.
 pub fn choose(world_size: usize, message_bytes: usize, choice: AlgorithmChoice) -> Algorithm {
+    choose_tuned(world_size, message_bytes, choice, None)
+}
+
+/// Like [`choose`], but an automatic choice follows `tuning` where it
+/// covers this world size.
+pub fn choose_tuned(
+    world_size: usize,
+    message_bytes: usize,
+    choice: AlgorithmChoice,
+    tuning: Option<&Tuning>,
+) -> Algorithm {
     if let AlgorithmChoice::Force(algorithm) = choice {
+        return algorithm;
+    }
+    if let Some(algorithm) = tuning.and_then(|t| t.pick(world_size, message_bytes)) {
         return algorithm;
     }
     let one_stage = match world_size {
@@ -97,6 +111,79 @@ pub fn choose(world_size: usize, message_bytes: usize, choice: AlgorithmChoice) 
         Algorithm::OneStage
     } else {
         Algorithm::TwoStage
+    }
+}
+
+/// A measured choice of algorithm by world size and message size, written
+/// by `linkreduce tune` and read through `LINKREDUCE_TUNING` or
+/// [`crate::Config::tuning`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tuning {
+    /// What the table was measured on (for people; not checked).
+    #[serde(default)]
+    pub measured_on: String,
+    pub entries: Vec<TuningEntry>,
+}
+
+/// Messages of `world_size` ranks up to `up_to_bytes` (inclusive; `None`:
+/// any larger size) use `algorithm`, unless an entry with a smaller bound
+/// covers them first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TuningEntry {
+    pub world_size: usize,
+    pub up_to_bytes: Option<usize>,
+    pub algorithm: Algorithm,
+}
+
+impl Tuning {
+    /// The variable naming a tuning file.
+    pub const PATH_VAR: &'static str = "LINKREDUCE_TUNING";
+
+    /// The algorithm for `bytes` on `world_size` ranks, if the table says.
+    pub fn pick(&self, world_size: usize, bytes: usize) -> Option<Algorithm> {
+        self.entries
+            .iter()
+            .filter(|e| e.world_size == world_size && e.up_to_bytes.is_none_or(|up| bytes <= up))
+            .min_by_key(|e| e.up_to_bytes.unwrap_or(usize::MAX))
+            .map(|e| e.algorithm)
+    }
+
+    /// The table for one world size from the fastest algorithm measured at
+    /// each size: runs of sizes with the same winner become one entry.
+    pub fn from_fastest(world_size: usize, fastest: &[(usize, Algorithm)]) -> Vec<TuningEntry> {
+        let mut sorted = fastest.to_vec();
+        sorted.sort_by_key(|&(bytes, _)| bytes);
+        let mut entries: Vec<TuningEntry> = Vec::new();
+        for (index, &(bytes, algorithm)) in sorted.iter().enumerate() {
+            let next = sorted.get(index + 1);
+            if next.is_some_and(|&(_, following)| following == algorithm) {
+                continue;
+            }
+            entries.push(TuningEntry {
+                world_size,
+                up_to_bytes: next.map(|_| bytes),
+                algorithm,
+            });
+        }
+        entries
+    }
+
+    /// The table `LINKREDUCE_TUNING` names, or None when it is not set.
+    pub fn from_env() -> crate::Result<Option<Tuning>> {
+        let Some(path) = std::env::var_os(Self::PATH_VAR) else {
+            return Ok(None);
+        };
+        let bad = |what: String| {
+            crate::Error::InvalidConfig(format!(
+                "{}={}: {what}; run `linkreduce tune` to write one, or unset it",
+                Self::PATH_VAR,
+                std::path::Path::new(&path).display()
+            ))
+        };
+        let text = std::fs::read_to_string(&path).map_err(|e| bad(e.to_string()))?;
+        serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|e| bad(format!("not a tuning table ({e})")))
     }
 }
 
@@ -158,6 +245,38 @@ mod tests {
         assert_eq!(choose(2, 16, forced), Algorithm::TwoStage);
         let forced = AlgorithmChoice::Force(Algorithm::OneStage);
         assert_eq!(choose(8, 1 << 30, forced), Algorithm::OneStage);
+    }
+
+    #[test]
+    fn a_tuning_table_overrides_the_reference_rule_where_it_covers() {
+        let fastest = [
+            (1 << 10, Algorithm::Push),
+            (64 << 10, Algorithm::Push),
+            (1 << 20, Algorithm::OneStage),
+            (16 << 20, Algorithm::TwoStage),
+            (256 << 20, Algorithm::TwoStage),
+        ];
+        let tuning = Tuning {
+            measured_on: "test".into(),
+            entries: Tuning::from_fastest(2, &fastest),
+        };
+        assert_eq!(tuning.entries.len(), 3);
+        let auto = AlgorithmChoice::Auto;
+        let pick = |world, bytes| choose_tuned(world, bytes, auto, Some(&tuning));
+        assert_eq!(pick(2, 100), Algorithm::Push);
+        assert_eq!(pick(2, 64 << 10), Algorithm::Push);
+        assert_eq!(pick(2, (64 << 10) + 1), Algorithm::OneStage);
+        assert_eq!(pick(2, 1 << 20), Algorithm::OneStage);
+        assert_eq!(pick(2, 1 << 30), Algorithm::TwoStage);
+        // Other world sizes keep the reference rule; forcing still wins.
+        assert_eq!(pick(4, 100), Algorithm::OneStage);
+        let forced = AlgorithmChoice::Force(Algorithm::OneStage);
+        assert_eq!(
+            choose_tuned(2, 100, forced, Some(&tuning)),
+            Algorithm::OneStage
+        );
+        let text = serde_json::to_string(&tuning).unwrap();
+        assert_eq!(serde_json::from_str::<Tuning>(&text).unwrap(), tuning);
     }
 
     #[test]

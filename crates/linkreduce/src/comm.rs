@@ -15,8 +15,9 @@ use cudarc::driver::sys::{self, CUstreamCaptureStatus};
 use cudarc::driver::{
     CudaContext, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
 };
+use sha2::{Digest, Sha256};
 
-use crate::algorithm::{blocks_for, choose, Algorithm, AlgorithmChoice};
+use crate::algorithm::{blocks_for, choose_tuned, Algorithm, AlgorithmChoice, Tuning};
 use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
 use crate::ipc::Handle;
@@ -72,6 +73,9 @@ pub struct Config {
     pub push_bytes: usize,
     /// Capacity of the device table of registered buffers.
     pub max_records: usize,
+    /// Measured algorithm choices for automatic calls; None reads the file
+    /// `LINKREDUCE_TUNING` names, if set. Every rank must use the same.
+    pub tuning: Option<Tuning>,
     /// Upper bound on blocks per launch, further limited so that every
     /// rank's grid stays resident. Large messages need many blocks to reach
     /// NVLink bandwidth; small ones use few whatever this is.
@@ -87,6 +91,7 @@ impl Default for Config {
             scratch_bytes: 32 << 20,
             push_bytes: 1 << 20,
             max_records: 65536,
+            tuning: None,
             max_blocks: MAX_BLOCKS as u32,
         }
     }
@@ -141,6 +146,7 @@ pub struct Communicator {
     push_peers: [u64; MAX_RANKS],
     /// Bytes of one rank's segment of a push slot (a multiple of the packet).
     push_segment: usize,
+    tuning: Option<Tuning>,
     registry: Registry,
     staging_record: usize,
     config: Config,
@@ -177,8 +183,16 @@ impl Communicator {
         // Ranks that share a GPU spin on each other, so all their blocks
         // must be resident at once: split each GPU's capacity among them.
         let mut mine = local.uuid.to_vec();
-        mine.push(local.resident as u64);
+        mine.extend([local.resident as u64, local.tuning_digest]);
         let peers = all_gather_u64s(rendezvous.as_ref(), "set-up", &mine)?;
+        if let Some(bad) = peers.iter().position(|p| p[3] != local.tuning_digest) {
+            return Err(Error::RankMismatch {
+                what: "set-up",
+                detail: format!(
+                    "rank {bad} uses another tuning table than this rank; give every rank the same"
+                ),
+            });
+        }
         let max_blocks = peers
             .iter()
             .map(|p| {
@@ -214,6 +228,7 @@ impl Communicator {
             signal_peers,
             push_peers,
             push_segment: local.push_segment,
+            tuning: local.tuning,
             registry,
             staging_record,
             config,
@@ -295,7 +310,12 @@ impl Communicator {
 
     /// The algorithm an automatic call of `bytes` uses.
     pub fn algorithm_for(&self, bytes: usize) -> Algorithm {
-        choose(self.world_size, bytes, AlgorithmChoice::Auto)
+        choose_tuned(
+            self.world_size,
+            bytes,
+            AlgorithmChoice::Auto,
+            self.tuning.as_ref(),
+        )
     }
 
     /// Allocates a zeroed buffer that peers can read, on this rank's stream.
@@ -631,7 +651,12 @@ impl Communicator {
             .bind_to_thread()
             .map_err(Error::driver("cuCtxSetCurrent"))?;
         let bytes = count * dtype.size();
-        let algorithm = choose(self.world_size, bytes, options.algorithm);
+        let algorithm = choose_tuned(
+            self.world_size,
+            bytes,
+            options.algorithm,
+            self.tuning.as_ref(),
+        );
         let source = self.locate_input(algorithm, input, output, bytes, options.zero_copy)?;
         let mut chunk = self.max_chunk(algorithm, dtype);
         if source == Source::Staged {
@@ -764,6 +789,9 @@ struct LocalSetup {
     staging: DeviceMemory,
     push: DeviceMemory,
     push_segment: usize,
+    tuning: Option<Tuning>,
+    /// A hash of `tuning`, to check that every rank chooses alike.
+    tuning_digest: u64,
     table: DeviceMemory,
     fault: HostMapped<Fault>,
 }
@@ -779,6 +807,13 @@ impl LocalSetup {
                 "the rendezvous says rank {rank} of {world_size}"
             )));
         }
+        let tuning = match &config.tuning {
+            Some(tuning) => Some(tuning.clone()),
+            None => Tuning::from_env()?,
+        };
+        let tuning_json = serde_json::to_vec(&tuning)
+            .map_err(|e| Error::InvalidConfig(format!("cannot encode the tuning table: {e}")))?;
+        let tuning_digest = u64_at(&Sha256::digest(&tuning_json));
         let count = device_count()?;
         if device >= count {
             return Err(Error::DeviceOutOfRange {
@@ -820,6 +855,8 @@ impl LocalSetup {
             staging,
             push,
             push_segment,
+            tuning,
+            tuning_digest,
             table,
             fault,
         })

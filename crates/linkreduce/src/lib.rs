@@ -27,7 +27,7 @@ pub mod rendezvous;
 mod transport;
 pub mod verify;
 
-pub use algorithm::{Algorithm, AlgorithmChoice};
+pub use algorithm::{Algorithm, AlgorithmChoice, Tuning, TuningEntry};
 pub use comm::{CallOptions, Communicator, Config};
 pub use dtype::{DType, Element};
 pub use error::{Error, Result};
