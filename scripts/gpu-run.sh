@@ -4,11 +4,15 @@
 # correctness sweep and the benchmark, each with ranks as threads and as
 # processes. Logs go to $OUT (or ./gpu-logs).
 #
-# Usage: bash scripts/gpu-run.sh [info tests check check-processes bench bench-processes ...]
-#   (default: all of them)
+# Usage: bash scripts/gpu-run.sh [info tests check check-processes bench bench-processes tune ...]
+#   (default: all but tune)
 # Environment: TEST_TIMEOUT, CHECK_TIMEOUT, BENCH_TIMEOUT (seconds per step),
 #   CHECK_ARGS, BENCH_ARGS (extra arguments, e.g. "--ranks 2" on one GPU),
-#   BENCH_SIZES (default 1K:256M plus sizes that are not powers of two).
+#   CHECK_PROCESSES_ARGS (default: worlds 2-4; processes sharing a GPU
+#   time-slice, so larger worlds are slow), BENCH_SIZES (default 1K:256M
+#   plus sizes that are not powers of two).
+# The device tool allows 10 minutes a command and brings back few files:
+# on nvidia-h200-x2 run `info tests` in one command and the rest in another.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-gpu-logs}"
@@ -47,9 +51,10 @@ for step in "${steps[@]}"; do
         rm "$out/test-$(basename "$t").txt"
       done ;;
     check) run check "${CHECK_TIMEOUT:-900}" stage/linkreduce check ${CHECK_ARGS:-} ;;
-    check-processes) run check-processes "${CHECK_TIMEOUT:-900}" stage/linkreduce check --mode processes ${CHECK_ARGS:-} ;;
+    check-processes) run check-processes "${CHECK_TIMEOUT:-900}" stage/linkreduce check --mode processes ${CHECK_PROCESSES_ARGS:---worlds 2,3,4 --graph-replays 50} ;;
     bench) run bench "${BENCH_TIMEOUT:-900}" stage/linkreduce bench --json "$out/bench.json" --sizes "$sizes" ${BENCH_ARGS:-} ;;
     bench-processes) run bench-processes "${BENCH_TIMEOUT:-900}" stage/linkreduce bench --mode processes --json "$out/bench-processes.json" --sizes "$sizes" ${BENCH_ARGS:-} ;;
+    tune) run tune "${BENCH_TIMEOUT:-900}" stage/linkreduce tune --tune-out "$out/tuning.json" --sizes "$sizes" ${BENCH_ARGS:-} ;;
     *) echo "unknown step $step"; status=2 ;;
   esac
 done
