@@ -302,6 +302,13 @@ fn bench_rank(comm: &mut Communicator, args: &Args, sizes: &[usize]) -> Result<b
 
 /// Writes the tuning table measured by `report`.
 fn write_tuning(report: &Report, path: &std::path::Path) -> Result<()> {
+    if report.gpus.len() < report.world_size {
+        return Err(Error::InvalidConfig(
+            "ranks shared GPUs in this run, so its times say nothing about speed; \
+             tune with one rank per GPU"
+                .into(),
+        ));
+    }
     let mut fastest: Vec<(usize, Algorithm, f64)> = Vec::new();
     for row in &report.rows {
         let Some(AlgorithmChoice::Force(algorithm)) = row.implementation.algorithm() else {
@@ -761,8 +768,8 @@ mod tests {
             command: "test".into(),
             commit: None,
             mode: "threads",
-            gpus: vec!["GPU".into()],
-            rank_gpus: vec![0, 0],
+            gpus: vec!["GPU".into(), "GPU".into()],
+            rank_gpus: vec![0, 1],
             driver: String::new(),
             nccl: String::new(),
             world_size: 2,
@@ -780,6 +787,12 @@ mod tests {
         assert_eq!(tuning.pick(2, 1 << 20), Some(Algorithm::OneStage));
         assert_eq!(tuning.pick(2, 1 << 28), Some(Algorithm::TwoStage));
         assert_eq!(tuning.pick(4, 1024), None);
+        let shared = Report {
+            gpus: vec!["GPU".into()],
+            rank_gpus: vec![0, 0],
+            ..report
+        };
+        assert!(write_tuning(&shared, &path).is_err());
     }
 
     #[test]

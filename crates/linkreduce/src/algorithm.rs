@@ -149,7 +149,8 @@ impl Tuning {
     }
 
     /// The table for one world size from the fastest algorithm measured at
-    /// each size: runs of sizes with the same winner become one entry.
+    /// each size: runs of sizes with the same winner become one entry, the
+    /// last bounded by the largest size measured.
     pub fn from_fastest(world_size: usize, fastest: &[(usize, Algorithm)]) -> Vec<TuningEntry> {
         let mut sorted = fastest.to_vec();
         sorted.sort_by_key(|&(bytes, _)| bytes);
@@ -159,9 +160,11 @@ impl Tuning {
             if next.is_some_and(|&(_, following)| following == algorithm) {
                 continue;
             }
+            // Bounded by the largest size measured: beyond it the
+            // reference rule decides, not an extrapolation.
             entries.push(TuningEntry {
                 world_size,
-                up_to_bytes: next.map(|_| bytes),
+                up_to_bytes: Some(bytes),
                 algorithm,
             });
         }
@@ -267,7 +270,9 @@ mod tests {
         assert_eq!(pick(2, 64 << 10), Algorithm::Push);
         assert_eq!(pick(2, (64 << 10) + 1), Algorithm::OneStage);
         assert_eq!(pick(2, 1 << 20), Algorithm::OneStage);
-        assert_eq!(pick(2, 1 << 30), Algorithm::TwoStage);
+        assert_eq!(pick(2, 256 << 20), Algorithm::TwoStage);
+        // Past the largest size measured the reference rule decides.
+        assert_eq!(pick(2, 1 << 30), Algorithm::OneStage);
         // Other world sizes keep the reference rule; forcing still wins.
         assert_eq!(pick(4, 100), Algorithm::OneStage);
         let forced = AlgorithmChoice::Force(Algorithm::OneStage);

@@ -110,8 +110,16 @@ impl Config {
         if self.scratch_bytes < least_scratch {
             return bad(format!("scratch_bytes must be at least {least_scratch}"));
         }
-        if self.push_bytes < PACKET_BYTES {
-            return bad(format!("push_bytes must be at least {PACKET_BYTES}"));
+        // A push that must be staged (misaligned input) goes through
+        // staging in the same pieces as any other push: every rank cuts a
+        // message alike, whatever its own pointers.
+        if self.push_bytes < PACKET_BYTES
+            || self.push_bytes > self.staging_bytes.min(MAX_PUSH_BYTES)
+        {
+            return bad(format!(
+                "push_bytes must be in {PACKET_BYTES}..={} and at most staging_bytes",
+                MAX_PUSH_BYTES
+            ));
         }
         if self.max_records < 1 {
             return bad("max_records must be at least 1 (the staging buffer's)".into());
@@ -122,6 +130,10 @@ impl Config {
         Ok(())
     }
 }
+
+/// The largest push segment: 3 x 8 x this stays far from overflow and
+/// within reason for a buffer every peer maps.
+const MAX_PUSH_BYTES: usize = 64 << 20;
 
 /// Per-call options.
 #[derive(Debug, Clone, Copy, Default)]
@@ -182,14 +194,26 @@ impl Communicator {
 
         // Ranks that share a GPU spin on each other, so all their blocks
         // must be resident at once: split each GPU's capacity among them.
+        // What every rank must share: sizes that decide how calls are cut
+        // and where peers write, the deadline, and the tuning table.
+        let shared_settings = [
+            config.staging_bytes as u64,
+            config.scratch_bytes as u64,
+            local.push_segment as u64,
+            config.max_records as u64,
+            config.timeout.as_nanos() as u64,
+            local.tuning_digest,
+        ];
         let mut mine = local.uuid.to_vec();
-        mine.extend([local.resident as u64, local.tuning_digest]);
+        mine.push(local.resident as u64);
+        mine.extend(shared_settings);
         let peers = all_gather_u64s(rendezvous.as_ref(), "set-up", &mine)?;
-        if let Some(bad) = peers.iter().position(|p| p[3] != local.tuning_digest) {
+        if let Some(bad) = peers.iter().position(|p| p[3..] != shared_settings) {
             return Err(Error::RankMismatch {
                 what: "set-up",
                 detail: format!(
-                    "rank {bad} uses another tuning table than this rank; give every rank the same"
+                    "rank {bad} has another Config (staging, scratch, push, records, timeout or \
+                     tuning table) than this rank; give every rank the same"
                 ),
             });
         }
@@ -413,7 +437,11 @@ impl Communicator {
             .transport
             .share_one(self.rendezvous.as_ref(), "registration", ptr)?;
         self.write_record(record, &shared.record)?;
-        self.registry.insert(ptr, bytes, record);
+        // Registering a start address again replaces the earlier record,
+        // whose peer mappings this rank no longer needs.
+        if let Some(replaced) = self.registry.insert(ptr, bytes, record) {
+            self.release_record(replaced);
+        }
         self.mapped.insert(record, shared.mapped);
         Ok(())
     }
@@ -424,18 +452,36 @@ impl Communicator {
     /// peer process still maps is undefined behaviour in CUDA). The record
     /// stays taken.
     pub fn deregister<T: Element>(&mut self, buffer: &impl DevicePtr<T>) -> Result<()> {
+        self.check_usable()?;
         let stream = self.stream.clone();
         let (ptr, _read) = buffer.device_ptr(&stream);
-        let removed = self
-            .registry
-            .remove(ptr)
-            .ok_or(Error::NotRegistered { ptr })
-            .map(|record| {
-                if let Some(mapped) = self.mapped.remove(&record) {
-                    self.transport.release(&mapped);
-                }
+        // Every rank first finishes the work that reads through the
+        // mappings, and all agree that the buffer can go.
+        let removable = self
+            .not_capturing("deregister")
+            .and_then(|()| {
+                self.registry
+                    .record_of(ptr)
+                    .ok_or(Error::NotRegistered { ptr })
+            })
+            .and_then(|record| {
+                self.stream
+                    .synchronize()
+                    .map_err(Error::driver("cuStreamSynchronize"))
+                    .map(|()| record)
             });
-        agree(self.rendezvous.as_ref(), "deregistration", removed)
+        let record = agree(self.rendezvous.as_ref(), "deregistration", removable)?;
+        self.registry.remove(ptr);
+        self.release_record(record);
+        // Nobody frees before every peer has unmapped.
+        agree(self.rendezvous.as_ref(), "deregistration", Ok(()))
+    }
+
+    /// Unmaps the peer allocations an eager registration's record mapped.
+    fn release_record(&mut self, record: usize) {
+        if let Some(mapped) = self.mapped.remove(&record) {
+            self.transport.release(&mapped);
+        }
     }
 
     /// Records of the device table in use (the staging buffer's included).
@@ -564,11 +610,7 @@ impl Communicator {
             // needs registering. Whole packets need 16-byte alignment.
             return match (aligned, zero_copy) {
                 (true, _) => Ok(Source::Local),
-                (false, false) if bytes <= self.staging.bytes() => Ok(Source::Staged),
-                (false, false) => Err(Error::InputTooLarge {
-                    bytes,
-                    capacity: self.staging.bytes(),
-                }),
+                (false, false) => Ok(Source::Staged),
                 (false, true) => Err(Error::Misaligned {
                     ptr: input,
                     alignment: PACKET_BYTES as u64,
@@ -811,7 +853,8 @@ impl LocalSetup {
             Some(tuning) => Some(tuning.clone()),
             None => Tuning::from_env()?,
         };
-        let tuning_json = serde_json::to_vec(&tuning)
+        // The entries decide; `measured_on` is a comment.
+        let tuning_json = serde_json::to_vec(&tuning.as_ref().map(|t| &t.entries))
             .map_err(|e| Error::InvalidConfig(format!("cannot encode the tuning table: {e}")))?;
         let tuning_digest = u64_at(&Sha256::digest(&tuning_json));
         let count = device_count()?;
@@ -869,9 +912,11 @@ impl Drop for Communicator {
         // its end barrier; wait for that before freeing.
         let _ = self.stream.synchronize();
         // Peers in other processes map this rank's memory: they unmap it
-        // before anyone frees (freeing memory a peer still maps leaks driver
-        // state). Skipped after a failure, when peers may never arrive.
-        if self.check_usable().is_ok() && self.transport.crosses_processes() {
+        // before anyone frees (freeing memory a peer still maps is undefined
+        // in CUDA). Attempted even after a failure, which may have struck
+        // only some ranks; a dead peer ends the wait at once (its socket
+        // closes), a live one that never comes after the rendezvous timeout.
+        if self.transport.crosses_processes() {
             self.transport.close_peers();
             let _ = self.rendezvous.barrier();
         }

@@ -64,6 +64,8 @@ pub enum Error {
     PeerTimeout {
         rank: usize,
         peer: usize,
+        /// Which barrier of the kernel (0: start); 99: a push waiting for
+        /// the peer's data.
         barrier: u32,
         block: u32,
     },

@@ -49,9 +49,17 @@ impl Registry {
     }
 
     /// Remembers that `bytes` at `start` use `record` (registered eagerly).
-    /// A later registration of the same start address replaces the earlier.
-    pub fn insert(&mut self, start: u64, bytes: u64, record: usize) {
-        self.buffers.insert(start, (bytes, record));
+    /// A later registration of the same start address replaces the earlier,
+    /// whose record is returned.
+    pub fn insert(&mut self, start: u64, bytes: u64, record: usize) -> Option<usize> {
+        self.buffers
+            .insert(start, (bytes, record))
+            .map(|(_, replaced)| replaced)
+    }
+
+    /// The record of the buffer registered at `start`.
+    pub fn record_of(&self, start: u64) -> Option<usize> {
+        self.buffers.get(&start).map(|&(_, record)| record)
     }
 
     /// Forgets the buffer registered at `start`; returns its record.

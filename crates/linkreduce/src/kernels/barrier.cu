@@ -30,7 +30,7 @@ struct Fault {
   u32 code;     // 0: none, 1: barrier timeout
   u32 rank;     // the rank that gave up waiting
   u32 peer;     // the rank it waited for
-  u32 barrier;  // which barrier of the kernel (0 = start)
+  u32 barrier;  // which barrier of the kernel (0 = start; 99 = push data)
   u32 block;
 };
 

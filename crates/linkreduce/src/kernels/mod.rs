@@ -137,6 +137,35 @@ mod tests {
         assert_eq!(std::mem::size_of::<BarrierArgs>(), 88);
         assert_eq!(std::mem::size_of::<AllReduceArgs>(), 120);
         assert_eq!(std::mem::size_of::<PushArgs>(), 184);
+        // Field offsets as the C compiler lays the structs out.
+        use std::mem::offset_of;
+        assert_eq!(
+            [
+                offset_of!(BarrierArgs, fault),
+                offset_of!(BarrierArgs, timeout_ns),
+                offset_of!(BarrierArgs, rank)
+            ],
+            [64, 72, 80]
+        );
+        assert_eq!(
+            [
+                offset_of!(AllReduceArgs, input_record),
+                offset_of!(AllReduceArgs, input_offset),
+                offset_of!(AllReduceArgs, output),
+                offset_of!(AllReduceArgs, count)
+            ],
+            [88, 96, 104, 112]
+        );
+        assert_eq!(
+            [
+                offset_of!(PushArgs, push),
+                offset_of!(PushArgs, input),
+                offset_of!(PushArgs, output),
+                offset_of!(PushArgs, count),
+                offset_of!(PushArgs, segment_bytes)
+            ],
+            [88, 152, 160, 168, 176]
+        );
         assert_eq!(std::mem::size_of::<Record>(), 64);
     }
 

@@ -22,10 +22,12 @@
 #define LR_PUSH_SLOTS 3
 #define LR_PUSH_HEADER 256ull
 #define LR_PUSH_EMPTY 0x80008000u
+// The "barrier" a fault names when a push waited in vain for a peer's data.
+#define LR_PUSH_WAIT 99u
 
 // At the start of each rank's push area; only the owner touches it.
 struct PushHeader {
-  u32 calls;  // calls this rank has completed
+  u32 calls;  // calls this rank has completed, modulo LR_PUSH_SLOTS
   u32 done;   // blocks of the current call that have finished
 };
 
@@ -162,7 +164,7 @@ static __device__ __forceinline__ void lr_push(const PushArgs& a) {
           if (start == 0) {
             start = now;
           } else if (now - start > a.bar.timeout_ns) {
-            lr_record_fault(a.bar, (u32)r, 0);
+            lr_record_fault(a.bar, (u32)r, LR_PUSH_WAIT);
             timed_out = true;
             break;
           }
@@ -190,7 +192,9 @@ static __device__ __forceinline__ void lr_push(const PushArgs& a) {
     __threadfence();
     if (atomicAdd(&header->done, 1u) == gridDim.x - 1) {
       header->done = 0;
-      header->calls = header->calls + 1;
+      // Kept below the slot count: a plain u32 would wrap onto the same
+      // slot twice in a row (2^32 is not a multiple of 3).
+      header->calls = (header->calls + 1) % LR_PUSH_SLOTS;
       __threadfence();
     }
   }

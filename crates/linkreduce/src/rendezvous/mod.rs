@@ -117,17 +117,20 @@ pub(crate) fn agree<T>(
     gathered.map(|_| value)
 }
 
-/// Sends a status byte (1: ok, 0: failed) and the payload or the error's
-/// text; returns every payload, or the first failed rank as an error (this
-/// rank's own failure included: callers report their own error first).
+/// Sends a status byte (1: ok, 0: failed), a tag of the step (`what`) and
+/// the payload or the error's text; returns every payload, or the first
+/// failed rank as an error (this rank's own failure included: callers
+/// report their own error first). A rank at another step (a caller bug:
+/// collective calls out of order) is an error too, not a silent pairing.
 pub(crate) fn exchange(
     rendezvous: &dyn Rendezvous,
     what: &'static str,
     local: Result<&[u8], &crate::Error>,
 ) -> crate::Result<Vec<Vec<u8>>> {
+    let tag = step_tag(what).to_le_bytes();
     let message = match local {
-        Ok(payload) => [&[1u8][..], payload].concat(),
-        Err(error) => [&[0u8][..], error.to_string().as_bytes()].concat(),
+        Ok(payload) => [&[1u8][..], &tag, payload].concat(),
+        Err(error) => [&[0u8][..], &tag, error.to_string().as_bytes()].concat(),
     };
     let gathered = rendezvous.all_gather(&message)?;
     if gathered.len() != rendezvous.world_size() {
@@ -143,13 +146,33 @@ pub(crate) fn exchange(
     gathered
         .into_iter()
         .enumerate()
-        .map(|(rank, message)| match message.split_first() {
-            Some((1, payload)) => Ok(payload.to_vec()),
-            _ => Err(crate::Error::PeerFailed {
-                rank,
-                what,
-                reason: String::from_utf8_lossy(message.get(1..).unwrap_or_default()).into_owned(),
-            }),
+        .map(|(rank, message)| {
+            let status = message.first().copied();
+            let body = message.get(1 + tag.len()..).unwrap_or_default();
+            if message.get(1..1 + tag.len()) != Some(&tag[..]) {
+                return Err(crate::Error::RankMismatch {
+                    what,
+                    detail: format!(
+                        "rank {rank} is at another collective step; every rank must make the \
+                         same collective calls in the same order"
+                    ),
+                });
+            }
+            match status {
+                Some(1) => Ok(body.to_vec()),
+                _ => Err(crate::Error::PeerFailed {
+                    rank,
+                    what,
+                    reason: String::from_utf8_lossy(body).into_owned(),
+                }),
+            }
         })
         .collect()
+}
+
+/// A stable 64-bit FNV-1a hash of a step's name, the same in every process.
+fn step_tag(what: &str) -> u64 {
+    what.bytes().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
