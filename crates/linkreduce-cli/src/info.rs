@@ -8,6 +8,8 @@ use linkreduce::kernels::nvrtc_version;
 use linkreduce::memory::can_access_peer;
 use linkreduce::{algorithm, AlgorithmChoice, Error, Result};
 
+use crate::topology::{self, Topology};
+
 #[derive(clap::Args)]
 pub struct Args {
     /// GPUs to report on (default: all visible).
@@ -40,6 +42,22 @@ fn p2p_attribute(
     Ok(value)
 }
 
+/// The device's PCI bus id as CUDA prints it ("0000:18:00.0").
+fn pci_bus_id(ctx: &CudaContext) -> Result<String> {
+    let mut text = [0 as std::ffi::c_char; 32];
+    // SAFETY: the buffer holds `len` bytes; the driver writes a
+    // NUL-terminated string of at most that many.
+    unsafe { sys::cuDeviceGetPCIBusId(text.as_mut_ptr(), text.len() as i32, ctx.cu_device()) }
+        .result()
+        .map_err(Error::driver("cuDeviceGetPCIBusId"))?;
+    let bytes: Vec<u8> = text
+        .iter()
+        .take_while(|&&c| c != 0)
+        .map(|&c| c as u8)
+        .collect();
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
+}
+
 pub fn run(args: Args) -> Result<ExitCode> {
     let devices = crate::pick_devices(&args.devices)?;
     let driver = driver_version()?;
@@ -66,7 +84,16 @@ pub fn run(args: Args) -> Result<ExitCode> {
         println!("GPU {ordinal}: {name}, sm_{major}{minor}, {sms} SMs, {memory} GiB");
         contexts.push(ctx);
     }
+    let topology = Topology::query();
+    if topology.is_none() {
+        println!("links: unknown (nvidia-smi topo -m did not answer)");
+    }
+    let buses = contexts
+        .iter()
+        .map(|ctx| pci_bus_id(ctx))
+        .collect::<Result<Vec<_>>>()?;
     let mut all_linked = true;
+    let mut all_nvlink = true;
     for (i, from) in contexts.iter().enumerate() {
         for (j, to) in contexts.iter().enumerate() {
             if i == j {
@@ -84,8 +111,16 @@ pub fn run(args: Args) -> Result<ExitCode> {
                 CUdevice_P2PAttribute::CU_DEVICE_P2P_ATTRIBUTE_NATIVE_ATOMIC_SUPPORTED,
             )?;
             all_linked &= access;
+            let link = topology.as_ref().and_then(|t| t.link(&buses[i], &buses[j]));
+            let nvlinks = link.and_then(topology::nvlinks);
+            all_nvlink &= nvlinks.is_some() || devices[i] == devices[j];
+            let link = match (link, nvlinks) {
+                (_, Some(count)) => format!("{count} NVLinks"),
+                (Some(other), None) => format!("no NVLink ({other})"),
+                (None, None) => "link unknown".into(),
+            };
             println!(
-                "GPU {} -> GPU {}: peer access {}, performance rank {rank}, native atomics {}",
+                "GPU {} -> GPU {}: peer access {}, {link}, performance rank {rank}, native atomics {}",
                 devices[i],
                 devices[j],
                 if access { "yes" } else { "NO" },
@@ -98,6 +133,11 @@ pub fn run(args: Args) -> Result<ExitCode> {
         println!("linkreduce kernels: not used for {world} rank(s) (they cover 2 to 8); NCCL is the path");
     } else if !all_linked {
         println!("linkreduce kernels: not used (some pair lacks peer access); NCCL is the path");
+    } else if world > 2 && !all_nvlink {
+        println!(
+            "linkreduce kernels: not recommended (some pair of the {world} GPUs is not NVLink-connected, \
+             or the links are unknown); NCCL is the path"
+        );
     } else {
         let tuning = linkreduce::Tuning::from_env()?;
         println!(

@@ -8,6 +8,7 @@ mod launch;
 mod plot;
 mod ranks;
 mod sizes;
+mod topology;
 
 use std::process::ExitCode;
 
