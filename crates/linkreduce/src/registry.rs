@@ -101,6 +101,18 @@ mod tests {
     use super::*;
 
     #[test]
+    fn registering_a_start_again_returns_the_replaced_record() {
+        let mut registry = Registry::new(4);
+        let first = registry.reserve().unwrap();
+        assert_eq!(registry.insert(0x1000, 256, first), None);
+        let second = registry.reserve().unwrap();
+        assert_eq!(registry.insert(0x1000, 512, second), Some(first));
+        assert_eq!(registry.record_of(0x1000), Some(second));
+        assert_eq!(registry.remove(0x1000), Some(second));
+        assert_eq!(registry.record_of(0x1000), None);
+    }
+
+    #[test]
     fn records_are_handed_out_in_order_until_the_table_is_full() {
         let mut registry = Registry::new(3);
         assert_eq!(registry.reserve().unwrap(), 0);

@@ -176,3 +176,84 @@ fn step_tag(what: &str) -> u64 {
         (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Error;
+
+    /// Runs `step` on every rank of a thread group, returning each result.
+    fn on_ranks<R: Send>(world: usize, step: impl Fn(&ThreadRendezvous) -> R + Sync) -> Vec<R> {
+        let ranks = ThreadRendezvous::group(world, Duration::from_secs(5));
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = ranks
+                .iter()
+                .map(|rank| scope.spawn(|| step(rank)))
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    }
+
+    #[test]
+    fn a_rank_that_fails_alone_fails_every_rank_at_once() {
+        let results = on_ranks(3, |rv| {
+            let local = if rv.rank() == 1 {
+                Err(Error::InvalidConfig("out of memory".into()))
+            } else {
+                Ok(rv.rank())
+            };
+            agree(rv, "set-up", local)
+        });
+        assert!(matches!(&results[1], Err(Error::InvalidConfig(_))));
+        for rank in [0, 2] {
+            match &results[rank] {
+                Err(Error::PeerFailed {
+                    rank: 1,
+                    what,
+                    reason,
+                }) => {
+                    assert_eq!(*what, "set-up");
+                    assert!(reason.contains("out of memory"), "{reason}");
+                }
+                other => panic!("rank {rank}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn ranks_at_different_steps_are_told_so() {
+        let results = on_ranks(2, |rv| {
+            let what = if rv.rank() == 0 {
+                "registration"
+            } else {
+                "deregistration"
+            };
+            agree(rv, what, Ok(()))
+        });
+        for result in results {
+            assert!(
+                matches!(result, Err(Error::RankMismatch { .. })),
+                "{result:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn words_gather_in_rank_order_and_counts_must_match() {
+        let results = on_ranks(2, |rv| all_gather_u64s(rv, "test", &[rv.rank() as u64, 7]));
+        for result in results {
+            assert_eq!(result.unwrap(), vec![vec![0, 7], vec![1, 7]]);
+        }
+        let results = on_ranks(2, |rv| {
+            let words = vec![1; 1 + rv.rank()];
+            all_gather_u64s(rv, "test", &words)
+        });
+        for result in results {
+            assert!(
+                matches!(result, Err(Error::RankMismatch { .. })),
+                "{result:?}"
+            );
+        }
+        assert_eq!(u64_at(&[1, 2]), 0x0201);
+    }
+}
