@@ -168,6 +168,8 @@ pub struct Communicator {
     transport: Transport,
     /// Peer allocations each eagerly registered record mapped.
     mapped: HashMap<usize, Vec<Handle>>,
+    /// Peer allocations the records of captured graphs mapped.
+    graph_mapped: Vec<Handle>,
     fault: HostMapped<Fault>,
     table: DeviceMemory,
     staging: DeviceMemory,
@@ -260,6 +262,7 @@ impl Communicator {
             rendezvous,
             transport,
             mapped: HashMap::new(),
+            graph_mapped: Vec::new(),
             fault: local.fault,
             table: local.table,
             staging: local.staging,
@@ -492,7 +495,8 @@ impl Communicator {
     /// Fills the records that calls reserved while the stream was being
     /// captured, so that the captured graph reads every peer's buffers.
     /// Collective; call it after capture ends and before the first replay.
-    /// Returns how many records were filled.
+    /// Returns how many records were filled. Peers' buffers stay mapped
+    /// until [`release_graph_buffers`](Self::release_graph_buffers) or drop.
     pub fn register_graph_buffers(&mut self) -> Result<usize> {
         self.check_usable()?;
         let captured = self.not_capturing("register_graph_buffers");
@@ -511,8 +515,9 @@ impl Communicator {
             )
             .and_then(|shared| {
                 let pending = self.registry.take_pending();
-                for (&(index, _), shared) in pending.iter().zip(&shared) {
+                for (&(index, _), shared) in pending.iter().zip(shared) {
                     self.write_record(index, &shared.record)?;
+                    self.graph_mapped.extend(shared.mapped);
                 }
                 Ok(pending.len())
             });
@@ -522,6 +527,23 @@ impl Communicator {
             self.poisoned = Some(error.to_string());
         }
         filled
+    }
+
+    /// Unmaps the peer buffers of every graph registered so far, so that
+    /// peers may free them. Collective. Graphs captured before must not be
+    /// replayed afterwards: their records point at the unmapped buffers.
+    pub fn release_graph_buffers(&mut self) -> Result<()> {
+        self.check_usable()?;
+        let idle = self.not_capturing("release_graph_buffers").and_then(|()| {
+            self.stream
+                .synchronize()
+                .map_err(Error::driver("cuStreamSynchronize"))
+        });
+        agree(self.rendezvous.as_ref(), "graph buffer release", idle)?;
+        let mapped = std::mem::take(&mut self.graph_mapped);
+        self.transport.release(&mapped);
+        // Nobody frees before every peer has unmapped.
+        agree(self.rendezvous.as_ref(), "graph buffer release", Ok(()))
     }
 
     /// Waits for this rank's enqueued work and reports a peer timeout that

@@ -418,29 +418,36 @@ fn check_graph_typed<T: Element + Default>(
     captured?;
     let graph = graph?.ok_or_else(|| Error::InvalidConfig("capture produced no graph".into()))?;
     comm.register_graph_buffers()?;
-    let mut last = (0, Outcome::default());
-    for replay in 0..replays {
-        let seed = replay as u64 * 2 + 1;
-        let a = inputs::<T>(seed, comm.rank(), len);
-        let b = inputs::<T>(seed + 1, comm.rank(), len);
-        stream
-            .memcpy_htod(&a, &mut input)
-            .map_err(Error::driver("cuMemcpyHtoD"))?;
-        stream
-            .memcpy_htod(&b, &mut inout)
-            .map_err(Error::driver("cuMemcpyHtoD"))?;
-        poison(comm, &mut output)?;
-        graph.launch().map_err(Error::driver("cuGraphLaunch"))?;
-        comm.synchronize()?;
-        for (buffer, seed) in [(&output, seed), (&inout, seed + 1)] {
-            let outcome = judge(comm, seed, &comm.download(buffer)?)?;
-            if !outcome.passed() {
-                return Ok((replay, outcome));
+    let mut replay_all = || -> Result<(usize, Outcome)> {
+        let mut last = (0, Outcome::default());
+        for replay in 0..replays {
+            let seed = replay as u64 * 2 + 1;
+            let a = inputs::<T>(seed, comm.rank(), len);
+            let b = inputs::<T>(seed + 1, comm.rank(), len);
+            stream
+                .memcpy_htod(&a, &mut input)
+                .map_err(Error::driver("cuMemcpyHtoD"))?;
+            stream
+                .memcpy_htod(&b, &mut inout)
+                .map_err(Error::driver("cuMemcpyHtoD"))?;
+            poison(comm, &mut output)?;
+            graph.launch().map_err(Error::driver("cuGraphLaunch"))?;
+            comm.synchronize()?;
+            for (buffer, seed) in [(&output, seed), (&inout, seed + 1)] {
+                let outcome = judge(comm, seed, &comm.download(buffer)?)?;
+                if !outcome.passed() {
+                    return Ok((replay, outcome));
+                }
+                last = (replay, outcome);
             }
-            last = (replay, outcome);
         }
-    }
-    Ok(last)
+        Ok(last)
+    };
+    let result = replay_all()?;
+    // Peers unmap this graph's buffers before they are freed.
+    drop(graph);
+    comm.release_graph_buffers()?;
+    Ok(result)
 }
 
 #[cfg(test)]
