@@ -296,6 +296,17 @@ const SLEEP_AND_RECORD: &str = "sleep 30 & echo $! > \"$PIDS/tmp$RANK\" && mv \"
                                 echo $$ > \"$PIDS/tmp$RANK\" && mv \"$PIDS/tmp$RANK\" \"$PIDS/rank$RANK\"; \
                                 wait";
 
+/// Runs `script` as `ranks` ranks with `$PIDS` naming `pids`; returns the
+/// launcher's output and how long it took.
+fn run_timed(ranks: usize, script: &str, pids: &PidDir) -> (Output, Duration) {
+    let start = Instant::now();
+    let output = launcher(&["-n", &ranks.to_string(), "--", "sh", "-c", script])
+        .env("PIDS", pids.path())
+        .output()
+        .expect("run linkreduce");
+    (output, start.elapsed())
+}
+
 /// Exits 3 once `n` pid files are in `$PIDS` (at most 5 s later).
 fn fail_after(files: usize) -> String {
     format!(
@@ -311,12 +322,7 @@ fn a_failing_rank_stops_the_others_and_sets_the_exit_code() {
         "if [ \"$RANK\" = 1 ]; then {}; fi; {SLEEP_AND_RECORD}",
         fail_after(4)
     );
-    let start = Instant::now();
-    let output = launcher(&["-n", "3", "--", "sh", "-c", &script])
-        .env("PIDS", pids.path())
-        .output()
-        .expect("run linkreduce");
-    let elapsed = start.elapsed();
+    let (output, elapsed) = run_timed(3, &script, &pids);
     assert_eq!(output.status.code(), Some(3), "{output:?}");
     assert!(
         elapsed < Duration::from_secs(10),
@@ -339,12 +345,7 @@ fn a_rank_ignoring_sigterm_is_killed_after_the_grace_period() {
         "if [ \"$RANK\" = 1 ]; then {}; fi; trap '' TERM; {SLEEP_AND_RECORD}",
         fail_after(2)
     );
-    let start = Instant::now();
-    let output = launcher(&["-n", "2", "--", "sh", "-c", &script])
-        .env("PIDS", pids.path())
-        .output()
-        .expect("run linkreduce");
-    let elapsed = start.elapsed();
+    let (output, elapsed) = run_timed(2, &script, &pids);
     assert_eq!(output.status.code(), Some(3), "{output:?}");
     assert!(elapsed < Duration::from_secs(10), "took {elapsed:?}");
     pids.assert_all_gone(2);
@@ -355,13 +356,9 @@ fn what_a_successful_rank_leaves_running_is_stopped() {
     let pids = PidDir::new();
     let script =
         "sleep 30 & echo $! > \"$PIDS/tmp\" && mv \"$PIDS/tmp\" \"$PIDS/child\"; echo done";
-    let start = Instant::now();
-    let output = launcher(&["-n", "1", "--", "sh", "-c", script])
-        .env("PIDS", pids.path())
-        .output()
-        .expect("run linkreduce");
+    let (output, elapsed) = run_timed(1, script, &pids);
     assert!(output.status.success(), "{output:?}");
-    assert!(start.elapsed() < Duration::from_secs(10));
+    assert!(elapsed < Duration::from_secs(10));
     assert_eq!(stdout(&output), "[rank 0] done\n");
     pids.assert_all_gone(1);
 }
