@@ -4,9 +4,14 @@
 # correctness sweep and the benchmark, each with ranks as threads and as
 # processes. Logs go to $OUT (or ./gpu-logs).
 #
-# Usage: bash scripts/gpu-run.sh [info tests check check-processes bench bench-processes tune ...]
-#   (default: all but tune)
-# Environment: TEST_TIMEOUT, CHECK_TIMEOUT, BENCH_TIMEOUT (seconds per step),
+# Usage: bash scripts/gpu-run.sh [info tests check check-processes soak soak-processes
+#          sanitize bench bench-processes tune ...]   (default: all but sanitize and tune)
+# Environment: TEST_TIMEOUT, CHECK_TIMEOUT, BENCH_TIMEOUT, SOAK_TIMEOUT,
+#   SANITIZE_TIMEOUT (seconds per step),
+#   SOAK_CASES (random cases per world size; default 20000), SOAK_WORLDS
+#   (default 2,3,4: with two GPUs one rank per GPU, then 3 and 4 ranks
+#   sharing them), SOAK_ARGS (extra arguments, e.g. "--seed 7"),
+#   SANITIZE_CASES (default 100 per tool),
 #   CHECK_ARGS, BENCH_ARGS (extra arguments, e.g. "--ranks 2" on one GPU),
 #   CHECK_PROCESSES_ARGS (default: worlds 2-4; processes sharing a GPU
 #   time-slice, so larger worlds are slow), BENCH_SIZES (default 1K:256M
@@ -22,7 +27,7 @@ export LINKREDUCE_CACHE_DIR="${LINKREDUCE_CACHE_DIR:-/tmp/linkreduce-cache}"
 export LINKREDUCE_BIN="$PWD/stage/linkreduce"
 export LINKREDUCE_COMMIT="$(head -c 12 stage/COMMIT)$(grep -q uncommitted stage/COMMIT && echo +dirty)"
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(info tests check check-processes bench bench-processes)
+[ ${#steps[@]} -eq 0 ] && steps=(info tests check check-processes soak soak-processes bench bench-processes)
 sizes="${BENCH_SIZES:-1K:256M,3000,100000,1000000,5000000}"
 status=0
 {
@@ -54,6 +59,20 @@ for step in "${steps[@]}"; do
     check-processes) run check-processes "${CHECK_TIMEOUT:-900}" stage/linkreduce check --mode processes ${CHECK_PROCESSES_ARGS:---worlds 2,3,4 --graph-replays 50} ;;
     bench) run bench "${BENCH_TIMEOUT:-900}" stage/linkreduce bench --json "$out/bench.json" --sizes "$sizes" ${BENCH_ARGS:-} ;;
     bench-processes) run bench-processes "${BENCH_TIMEOUT:-900}" stage/linkreduce bench --mode processes --json "$out/bench-processes.json" --sizes "$sizes" ${BENCH_ARGS:-} ;;
+    soak) run soak "${SOAK_TIMEOUT:-900}" stage/linkreduce check --random "${SOAK_CASES:-20000}" --worlds "${SOAK_WORLDS:-2,3,4}" ${SOAK_ARGS:-} ;;
+    soak-processes) run soak-processes "${SOAK_TIMEOUT:-900}" stage/linkreduce check --mode processes --random "${SOAK_CASES:-20000}" --worlds "${SOAK_WORLDS:-2,3,4}" ${SOAK_ARGS:-} ;;
+    sanitize)
+      # Each rank a process of its own, so that every rank's kernels run
+      # under the tool while their peers' run too; a long deadline because
+      # instrumented kernels are slow.
+      for tool in memcheck racecheck synccheck; do
+        run "sanitize-$tool" "${SANITIZE_TIMEOUT:-200}" /usr/local/cuda/bin/compute-sanitizer \
+          --tool "$tool" --target-processes all --error-exitcode 9 \
+          stage/linkreduce check --mode processes --random "${SANITIZE_CASES:-100}" --worlds 2 \
+          --max-len 65536 --timeout-ms 120000 ${SOAK_ARGS:-}
+        cat "$out/sanitize-$tool.txt" >> "$out/sanitize.txt"
+        rm "$out/sanitize-$tool.txt"
+      done ;;
     tune) run tune "${BENCH_TIMEOUT:-900}" stage/linkreduce tune --tune-out "$out/tuning.json" --sizes "$sizes" ${BENCH_ARGS:-} ;;
     *) echo "unknown step $step"; status=2 ;;
   esac

@@ -11,7 +11,7 @@ use cudarc::driver::{CudaGraph, CudaStream};
 use indicatif::{ProgressBar, ProgressStyle};
 use linkreduce::nccl::{NcclComm, SymmetricBuffer};
 use linkreduce::rendezvous::Rendezvous;
-use linkreduce::verify::input_value;
+use linkreduce::verify::values::small_integer;
 use linkreduce::{
     Algorithm, AlgorithmChoice, CallOptions, Communicator, Config, DType, DeviceBuffer, Element,
     Error, Result,
@@ -583,7 +583,7 @@ fn measure<T: Element + Default>(
     let rendezvous = rank.comm.rendezvous().clone();
     let world = rank.comm.world_size();
     let host: Vec<T> = (0..count)
-        .map(|i| T::from_f64(input_value(1, rank.comm.rank(), i)))
+        .map(|i| T::from_f64(small_integer(1, rank.comm.rank(), i)))
         .collect();
     let mut buffers = match implementation {
         Implementation::NcclSymmetric => {
@@ -623,7 +623,7 @@ fn measure<T: Element + Default>(
     unsafe { linkreduce::memory::copy_to_host(&stream, &mut result, output_address) }?;
     let wrong = (0..count)
         .filter(|&i| {
-            let expected = T::from_f64((0..world).map(|r| input_value(1, r, i)).sum());
+            let expected = T::from_f64((0..world).map(|r| small_integer(1, r, i)).sum());
             result[i].to_f64() != expected.to_f64()
         })
         .count();

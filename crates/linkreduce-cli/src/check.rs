@@ -1,12 +1,18 @@
-//! `linkreduce check`: the correctness sweep, with ranks as threads or as
-//! processes.
+//! `linkreduce check`: the correctness sweep, or with `--random N` the
+//! random soak, with ranks as threads or as processes.
 
 use std::process::ExitCode;
+use std::time::{Duration, Instant};
 
+use linkreduce::verify::soak::{soak, SoakOptions};
 use linkreduce::verify::{check_case_on_rank, check_graph_on_rank, sweep_cases};
 use linkreduce::{Algorithm, AlgorithmChoice, Communicator, Config, DType, Result};
 
 use crate::ranks::{exit_code, is_worker, on_ranks, placement, Mode};
+
+/// Carries the soak's seed from the command to the ranks it starts as
+/// processes, when the command line gave none.
+const SEED_VAR: &str = "LINKREDUCE_CHECK_SEED";
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -18,7 +24,7 @@ pub struct Args {
     worlds: Vec<usize>,
     #[arg(long, value_delimiter = ',', default_value = "f32,f16,bf16")]
     dtypes: Vec<DType>,
-    /// Element counts (odd ones included on purpose).
+    /// Element counts of the sweep (odd ones included on purpose).
     #[arg(
         long,
         value_delimiter = ',',
@@ -29,17 +35,51 @@ pub struct Args {
     /// skip graphs).
     #[arg(long, default_value_t = 100)]
     graph_replays: usize,
+    /// Run N random cases per world size (the soak) instead of the sweep.
+    #[arg(long, value_name = "N")]
+    random: Option<u64>,
+    /// The soak's seed (default: from the clock, printed).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Start the soak at this case number (to replay one case).
+    #[arg(long, default_value_t = 0)]
+    first_case: u64,
+    /// The soak's longest message, in elements.
+    #[arg(long, default_value_t = 4 << 20)]
+    max_len: usize,
+    /// How long a kernel waits for a peer before the call fails, in
+    /// milliseconds (raise it under compute-sanitizer).
+    #[arg(long, default_value_t = 5000)]
+    timeout_ms: u64,
+    /// Most blocks per launch (the default is what keeps every rank's grid
+    /// resident).
+    #[arg(long)]
+    max_blocks: Option<u32>,
     /// Where the ranks live.
     #[arg(long, value_enum, default_value_t = Mode::Threads)]
     mode: Mode,
 }
 
-pub fn run(args: Args) -> Result<ExitCode> {
+pub fn run(mut args: Args) -> Result<ExitCode> {
     let gpus = crate::pick_devices(&args.devices)?;
+    if args.random.is_some() && args.seed.is_none() {
+        args.seed = Some(soak_seed());
+    }
+    let mut config = Config {
+        timeout: Duration::from_millis(args.timeout_ms.max(1)),
+        ..Config::default()
+    };
+    if let Some(blocks) = args.max_blocks {
+        config.max_blocks = blocks;
+    }
     let mut failed_worlds = Vec::new();
     for &world in &args.worlds {
-        let passed = on_ranks(args.mode, &gpus, world, Config::default(), |comm| {
-            check_world(comm, &args)
+        let started = Instant::now();
+        let passed = on_ranks(args.mode, &gpus, world, config.clone(), |comm| {
+            match args.random {
+                Some(cases) => soak_world(comm, &args, &gpus, cases),
+                None => check_world(comm, &args),
+            }
         })?;
         match passed {
             Some(true) => {}
@@ -49,14 +89,15 @@ pub fn run(args: Args) -> Result<ExitCode> {
         // Ranks that are processes report through their rank 0.
         if !is_worker() {
             println!(
-                "world {world} on GPUs {:?} ({}): {}",
+                "world {world} on GPUs {:?} ({}): {} in {:.1} s",
                 placement(&gpus, world),
                 args.mode.name(),
                 if passed == Some(true) {
                     "passed"
                 } else {
                     "FAILED"
-                }
+                },
+                started.elapsed().as_secs_f64()
             );
         }
     }
@@ -70,12 +111,88 @@ pub fn run(args: Args) -> Result<ExitCode> {
     Ok(exit_code(failed_worlds.is_empty()))
 }
 
+/// The seed of a soak run without `--seed`: the one the parent process
+/// chose, in a rank it started, else a new one from the clock.
+fn soak_seed() -> u64 {
+    if let Some(seed) = std::env::var(SEED_VAR).ok().and_then(|s| s.parse().ok()) {
+        return seed;
+    }
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_nanos() as u64 % 1_000_000_007);
+    // The ranks started as processes inherit it. Set before any thread
+    // exists: the command has not started its ranks yet.
+    std::env::set_var(SEED_VAR, seed.to_string());
+    seed
+}
+
+/// The soak on this rank; rank 0 prints the outcome, and for a failure the
+/// commands that replay it.
+fn soak_world(comm: &mut Communicator, args: &Args, gpus: &[usize], cases: u64) -> Result<bool> {
+    let options = SoakOptions {
+        seed: args.seed.unwrap_or(1),
+        first_case: args.first_case,
+        cases,
+        max_len: args.max_len,
+    };
+    let started = Instant::now();
+    let world = comm.world_size();
+    let leader = comm.rank() == 0;
+    let mut said = Instant::now();
+    let report = soak(comm, &options, |passed| {
+        if leader && said.elapsed() > Duration::from_secs(15) {
+            said = Instant::now();
+            println!("world {world}: {passed} cases passed so far");
+        }
+    })?;
+    if !leader {
+        return Ok(report.failure.is_none());
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    println!(
+        "world {world}: soak seed {} cases {}..{} (launches of at most {} blocks): {} passed in {seconds:.1} s ({:.0} cases/s)",
+        options.seed,
+        options.first_case,
+        options.first_case + cases,
+        comm.max_blocks(),
+        report.passed,
+        report.passed as f64 / seconds.max(1e-9)
+    );
+    let covered: Vec<String> = report
+        .covered
+        .iter()
+        .map(|(name, count)| format!("{name}: {count}"))
+        .collect();
+    println!("world {world}: covered {}", covered.join(", "));
+    if let Some((case, why)) = &report.failure {
+        let devices: Vec<String> = gpus.iter().map(usize::to_string).collect();
+        let common = format!(
+            "--seed {} --worlds {world} --devices {} --mode {} --max-len {}",
+            options.seed,
+            devices.join(","),
+            args.mode.name(),
+            options.max_len
+        );
+        println!("MISMATCH world {world} {case}: {why}");
+        println!(
+            "replay the case alone: linkreduce check --random 1 --first-case {} {common}",
+            case.number
+        );
+        println!(
+            "replay the sequence:   linkreduce check --random {} --first-case {} {common}",
+            case.number + 1 - options.first_case,
+            options.first_case
+        );
+    }
+    Ok(report.failure.is_none())
+}
+
 /// Every case of the sweep and the graph replays on this rank; rank 0 prints
 /// each mismatch (every rank reaches the same verdict) and the tally.
 fn check_world(comm: &mut Communicator, args: &Args) -> Result<bool> {
     let leader = comm.rank() == 0;
     let world = comm.world_size();
-    let cases = sweep_cases(&args.dtypes, &args.lengths, comm.config().staging_bytes);
+    let cases = sweep_cases(&args.dtypes, &args.lengths);
     let mut failures = 0;
     for (seed, &case) in cases.iter().enumerate() {
         let outcome = check_case_on_rank(comm, case, seed as u64)?;

@@ -3,7 +3,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use cudarc::driver::DeviceRepr;
+use cudarc::driver::{DeviceRepr, ValidAsZeroBits};
 use serde::{Deserialize, Serialize};
 
 /// The element type of an all-reduce.
@@ -54,7 +54,7 @@ impl FromStr for DType {
 }
 
 /// A Rust type that maps to a [`DType`].
-pub trait Element: DeviceRepr + Copy + Send + Sync + 'static {
+pub trait Element: DeviceRepr + ValidAsZeroBits + Copy + Send + Sync + 'static {
     const DTYPE: DType;
     fn to_f64(self) -> f64;
     fn from_f64(value: f64) -> Self;

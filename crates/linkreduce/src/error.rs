@@ -60,7 +60,7 @@ pub enum Error {
     NotShareable { ptr: u64, reason: String },
     #[error("ranks disagree during {what}: {detail}")]
     RankMismatch { what: &'static str, detail: String },
-    #[error("rank {rank} timed out at barrier {barrier} (block {block}) waiting for rank {peer}: the peer died, hangs, or was not called with the same operation; this communicator can no longer be used")]
+    #[error("rank {rank} timed out at barrier {barrier} (block {block}) waiting for rank {peer} (epoch {expected}, its counter held {seen}): the peer died, hangs, or was not called with the same operation; this communicator can no longer be used")]
     PeerTimeout {
         rank: usize,
         peer: usize,
@@ -68,6 +68,11 @@ pub enum Error {
         /// the peer's data.
         barrier: u32,
         block: u32,
+        /// The epoch awaited and the last one the peer's counter showed
+        /// (low 16 bits; 0 for push): they tell a peer that never came
+        /// from one at another step.
+        expected: u32,
+        seen: u32,
     },
     #[error("this communicator failed earlier ({0}) and cannot be used again; create a new one")]
     Poisoned(String),

@@ -2,8 +2,12 @@
 //! access, and pointer queries: the small safe types over the driver's raw
 //! calls that the rest of the crate builds on.
 //!
-//! Allocations come from `cuMemAlloc`, never from a stream-ordered pool:
-//! legacy CUDA IPC refuses pool memory (see GPU.md).
+//! Memory that peers in other processes map comes from `cuMemAlloc`: legacy
+//! CUDA IPC refuses pool memory. Memory only this process's ranks read may
+//! come from the device's stream-ordered pool instead, whose frees are
+//! ordered on a stream: `cuMemFree` waits for the whole context, which for
+//! ranks sharing a GPU in one process would wait on a peer's kernel that
+//! waits for this rank (docs/design.md, "Ranks sharing a GPU").
 
 use std::marker::PhantomData;
 use std::sync::Arc;
@@ -42,12 +46,21 @@ pub fn device_count() -> Result<usize> {
 /// The granularity at which CUDA IPC maps memory.
 const IPC_PAGE: usize = 2 << 20;
 
-/// A `cuMemAlloc` allocation, freed on drop. Never wraps memory opened from
-/// a peer: that is closed, not freed.
+/// Where an allocation came from, which says how it is freed.
+enum Backing {
+    /// `cuMemAlloc`: exportable through CUDA IPC; `cuMemFree` on drop.
+    Legacy,
+    /// The device's default pool: `cuMemFreeAsync` on this stream on drop.
+    Pool(Arc<CudaStream>),
+}
+
+/// A device allocation, freed on drop. Never wraps memory opened from a
+/// peer: that is closed, not freed.
 pub(crate) struct DeviceMemory {
     ctx: Arc<CudaContext>,
     ptr: u64,
     bytes: usize,
+    backing: Backing,
 }
 
 impl DeviceMemory {
@@ -75,13 +88,46 @@ impl DeviceMemory {
             ctx: ctx.clone(),
             ptr,
             bytes,
+            backing: Backing::Legacy,
         };
-        // SAFETY: the range was just allocated with at least `bytes` bytes.
-        check(
-            unsafe { sys::cuMemsetD8Async(ptr, 0, bytes, stream.cu_stream()) },
-            "cuMemsetD8Async",
-        )?;
+        memory.zero(stream)?;
         Ok(memory)
+    }
+
+    /// Allocates `bytes` (at least one) from the device's default pool in
+    /// `stream`'s order, zeroed; freed in the same stream's order. Not
+    /// exportable through CUDA IPC. Falls back to [`zeroed`](Self::zeroed)
+    /// on devices without pools.
+    pub fn zeroed_in_pool(stream: &Arc<CudaStream>, bytes: usize) -> Result<Self> {
+        let ctx = stream.context();
+        if !ctx.has_async_alloc() {
+            return Self::zeroed(stream, bytes);
+        }
+        ctx.bind_to_thread()
+            .map_err(Error::driver("cuCtxSetCurrent"))?;
+        let mut ptr = 0;
+        // SAFETY: `ptr` is valid for writes; the stream belongs to the
+        // current context.
+        check(
+            unsafe { sys::cuMemAllocAsync(&mut ptr, bytes.max(1), stream.cu_stream()) },
+            "cuMemAllocAsync",
+        )?;
+        let memory = DeviceMemory {
+            ctx: ctx.clone(),
+            ptr,
+            bytes,
+            backing: Backing::Pool(stream.clone()),
+        };
+        memory.zero(stream)?;
+        Ok(memory)
+    }
+
+    fn zero(&self, stream: &CudaStream) -> Result<()> {
+        // SAFETY: the allocation holds at least `bytes` bytes.
+        check(
+            unsafe { sys::cuMemsetD8Async(self.ptr, 0, self.bytes, stream.cu_stream()) },
+            "cuMemsetD8Async",
+        )
     }
 
     /// Sets every 32-bit word from byte `from` (a multiple of 4) to the
@@ -108,10 +154,20 @@ impl DeviceMemory {
 
 impl Drop for DeviceMemory {
     fn drop(&mut self) {
-        if self.ctx.bind_to_thread().is_ok() {
+        if self.ctx.bind_to_thread().is_err() {
+            return;
+        }
+        match &self.backing {
             // SAFETY: `ptr` came from cuMemAlloc and is freed exactly once;
             // cuMemFree waits for work still using it.
-            let _ = unsafe { sys::cuMemFree_v2(self.ptr) };
+            Backing::Legacy => {
+                let _ = unsafe { sys::cuMemFree_v2(self.ptr) };
+            }
+            // SAFETY: `ptr` came from cuMemAllocAsync and is freed exactly
+            // once, after the work enqueued on its stream so far.
+            Backing::Pool(stream) => {
+                let _ = unsafe { sys::cuMemFreeAsync(self.ptr, stream.cu_stream()) };
+            }
         }
     }
 }
@@ -126,13 +182,29 @@ pub struct DeviceBuffer<T> {
 }
 
 impl<T> DeviceBuffer<T> {
-    /// A zeroed buffer of `len` elements whose copies go through `stream`.
+    /// A zeroed buffer of `len` elements whose copies go through `stream`,
+    /// from `cuMemAlloc`: peers in other processes can map it.
     pub fn zeroed(stream: &Arc<CudaStream>, len: usize) -> Result<Self> {
-        let bytes = len
-            .checked_mul(std::mem::size_of::<T>())
-            .ok_or_else(|| Error::InvalidConfig(format!("{len} elements overflow a byte count")))?;
+        let bytes = Self::bytes_of(len)?;
+        Self::wrap(DeviceMemory::zeroed(stream, bytes)?, stream, len)
+    }
+
+    /// Like [`zeroed`](Self::zeroed), but from the device's stream-ordered
+    /// pool and freed in `stream`'s order: for buffers that only ranks of
+    /// this process read.
+    pub(crate) fn zeroed_in_pool(stream: &Arc<CudaStream>, len: usize) -> Result<Self> {
+        let bytes = Self::bytes_of(len)?;
+        Self::wrap(DeviceMemory::zeroed_in_pool(stream, bytes)?, stream, len)
+    }
+
+    fn bytes_of(len: usize) -> Result<usize> {
+        len.checked_mul(std::mem::size_of::<T>())
+            .ok_or_else(|| Error::InvalidConfig(format!("{len} elements overflow a byte count")))
+    }
+
+    fn wrap(memory: DeviceMemory, stream: &Arc<CudaStream>, len: usize) -> Result<Self> {
         Ok(DeviceBuffer {
-            memory: DeviceMemory::zeroed(stream, bytes)?,
+            memory,
             len,
             stream: stream.clone(),
             marker: PhantomData,
@@ -143,7 +215,91 @@ impl<T> DeviceBuffer<T> {
     pub fn device_address(&self) -> u64 {
         self.memory.ptr()
     }
+
+    /// Elements `range` of the buffer, for reading (an input).
+    pub fn slice(&self, range: std::ops::Range<usize>) -> Result<DeviceView<'_, T>> {
+        let (ptr, len) = self.sub_range(range)?;
+        Ok(DeviceView {
+            ptr,
+            len,
+            stream: &self.stream,
+            marker: PhantomData,
+        })
+    }
+
+    /// Elements `range` of the buffer, for writing (an output, or in place).
+    pub fn slice_mut(&mut self, range: std::ops::Range<usize>) -> Result<DeviceViewMut<'_, T>> {
+        let (ptr, len) = self.sub_range(range)?;
+        Ok(DeviceViewMut {
+            ptr,
+            len,
+            stream: &self.stream,
+            marker: PhantomData,
+        })
+    }
+
+    fn sub_range(&self, range: std::ops::Range<usize>) -> Result<(u64, usize)> {
+        if range.start > range.end || range.end > self.len {
+            return Err(Error::InvalidConfig(format!(
+                "elements {range:?} are not inside a buffer of {}",
+                self.len
+            )));
+        }
+        let offset = (range.start * std::mem::size_of::<T>()) as u64;
+        Ok((self.memory.ptr() + offset, range.len()))
+    }
 }
+
+/// A view of part of a [`DeviceBuffer`], for reading.
+pub struct DeviceView<'a, T> {
+    ptr: u64,
+    len: usize,
+    stream: &'a Arc<CudaStream>,
+    marker: PhantomData<&'a T>,
+}
+
+/// A view of part of a [`DeviceBuffer`], for writing.
+pub struct DeviceViewMut<'a, T> {
+    ptr: u64,
+    len: usize,
+    stream: &'a Arc<CudaStream>,
+    marker: PhantomData<&'a mut T>,
+}
+
+/// Device-slice traits for a type that is a pointer and a length; ordering
+/// is the caller's, as for [`DeviceBuffer`].
+macro_rules! device_slice {
+    ($type:ident, $($mut:ident)?) => {
+        impl<T> DeviceSlice<T> for $type<'_, T> {
+            fn len(&self) -> usize {
+                self.len
+            }
+            fn stream(&self) -> &Arc<CudaStream> {
+                self.stream
+            }
+        }
+
+        impl<T> DevicePtr<T> for $type<'_, T> {
+            fn device_ptr<'a>(&'a self, _stream: &'a CudaStream) -> (sys::CUdeviceptr, SyncOnDrop<'a>) {
+                (self.ptr, SyncOnDrop::Record(None))
+            }
+        }
+
+        $(
+            impl<T> $mut<T> for $type<'_, T> {
+                fn device_ptr_mut<'a>(
+                    &'a mut self,
+                    _stream: &'a CudaStream,
+                ) -> (sys::CUdeviceptr, SyncOnDrop<'a>) {
+                    (self.ptr, SyncOnDrop::Record(None))
+                }
+            }
+        )?
+    };
+}
+
+device_slice!(DeviceView,);
+device_slice!(DeviceViewMut, DevicePtrMut);
 
 impl<T> DeviceSlice<T> for DeviceBuffer<T> {
     fn len(&self) -> usize {
@@ -324,6 +480,60 @@ pub(crate) fn enable_peer_access(from: &CudaContext, to: &CudaContext) -> Result
     check(
         unsafe { sys::cuMemPoolSetAccess(pool, &access, 1) },
         "cuMemPoolSetAccess",
+    )
+}
+
+/// Makes the default pool of `ctx`'s device safe for ranks that share the
+/// context, so that no rank's pool call waits for a peer's kernel, which may
+/// itself wait for this rank (docs/design.md, "Ranks sharing a GPU"):
+/// - memory freed on one stream is not handed to an allocation on another
+///   by making the second wait for the first (reuse after the free has
+///   completed, or after an explicit event wait, stays allowed);
+/// - freed memory is kept for reuse instead of being given back to the OS
+///   at the next synchronisation, which would unmap it under running work.
+pub(crate) fn prepare_shared_pool(ctx: &CudaContext) -> Result<()> {
+    if !ctx.has_async_alloc() {
+        return Ok(());
+    }
+    let mut pool = std::ptr::null_mut();
+    // SAFETY: `pool` is valid for writes; the device handle is valid.
+    check(
+        unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) },
+        "cuDeviceGetDefaultMemPool",
+    )?;
+    // SAFETY: both attributes take the types given (int, cuuint64_t).
+    unsafe {
+        set_pool_attribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_REUSE_ALLOW_INTERNAL_DEPENDENCIES,
+            0i32,
+        )?;
+        set_pool_attribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            u64::MAX,
+        )
+    }
+}
+
+/// # Safety
+/// `value` must have the type the driver documents for `attribute`.
+unsafe fn set_pool_attribute<T>(
+    pool: sys::CUmemoryPool,
+    attribute: sys::CUmemPool_attribute,
+    mut value: T,
+) -> Result<()> {
+    // SAFETY: the caller vouches for the value's type; it lives across the
+    // call.
+    check(
+        unsafe {
+            sys::cuMemPoolSetAttribute(
+                pool,
+                attribute,
+                &mut value as *mut T as *mut std::ffi::c_void,
+            )
+        },
+        "cuMemPoolSetAttribute",
     )
 }
 

@@ -1,98 +1,133 @@
-//! The buffer registry: host-side bookkeeping for the device table of peer
-//! pointer records (one record per registered buffer, see SPEC.md).
+//! The buffer registry: which entry of the buffer table each of this rank's
+//! buffers uses (docs/design.md, "Buffer table").
 //!
-//! The device table itself is written by the communicator; this module only
-//! decides which record a buffer uses, so it is testable without a GPU.
+//! Every rank numbers its own buffers; entry `index` of owner `r` in every
+//! rank's table holds the address of rank r's buffer `index` as that rank
+//! reaches it. Kernels learn at their start barrier which index and offset
+//! each peer reads from, so ranks need not agree on how they number
+//! buffers, nor on whether a call's input is registered, staged or
+//! captured. This module only does the numbering, so it is testable
+//! without a GPU; the communicator writes the table.
 
 use std::collections::BTreeMap;
 
 use crate::error::{Error, Result};
 
-/// Where an input lives in the table: its record and the byte offset of the
-/// input from the start of the registered buffer (the same on every rank).
+/// Index of the staging buffer, registered at set-up on every rank.
+pub(crate) const STAGING_INDEX: usize = 0;
+
+/// Where an input lives in this rank's numbering: the buffer's index and
+/// the byte offset of the input from the buffer's start.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Located {
-    pub record: usize,
+    pub index: usize,
     pub offset: u64,
 }
 
 #[derive(Debug)]
 pub(crate) struct Registry {
     capacity: usize,
-    next_free: usize,
-    /// Registered buffers by start address: (length in bytes, record).
+    /// Indices never handed out start here.
+    next_unused: usize,
+    /// Indices handed out and given back, reused first.
+    free: Vec<usize>,
+    /// Eagerly registered buffers by start address: (length in bytes, index).
     buffers: BTreeMap<u64, (u64, usize)>,
-    /// Records reserved during stream capture, filled after it (record,
-    /// local pointer), in the order the calls were captured.
+    /// Indices reserved during stream capture, with their pointers, in the
+    /// order the calls were captured; shared once capture ends.
     pending: Vec<(usize, u64)>,
+    /// Indices that registered graphs use, until their buffers are released.
+    graphs: Vec<usize>,
 }
 
 impl Registry {
     pub fn new(capacity: usize) -> Self {
         Registry {
             capacity,
-            next_free: 0,
+            next_unused: 0,
+            free: Vec::new(),
             buffers: BTreeMap::new(),
             pending: Vec::new(),
+            graphs: Vec::new(),
         }
     }
 
-    /// Takes the next free record; the table never overwrites one silently.
+    /// Takes a free index; a full table is an error, never an overwrite.
     pub fn reserve(&mut self) -> Result<usize> {
-        if self.next_free >= self.capacity {
+        if let Some(index) = self.free.pop() {
+            return Ok(index);
+        }
+        if self.next_unused >= self.capacity {
             return Err(Error::RecordTableFull {
                 capacity: self.capacity,
             });
         }
-        self.next_free += 1;
-        Ok(self.next_free - 1)
+        self.next_unused += 1;
+        Ok(self.next_unused - 1)
     }
 
-    /// Remembers that `bytes` at `start` use `record` (registered eagerly).
+    /// Gives `index` back for reuse.
+    pub fn release(&mut self, index: usize) {
+        self.free.push(index);
+    }
+
+    /// Remembers that `bytes` at `start` use `index` (registered eagerly).
     /// A later registration of the same start address replaces the earlier,
-    /// whose record is returned.
-    pub fn insert(&mut self, start: u64, bytes: u64, record: usize) -> Option<usize> {
+    /// whose index is returned (still taken: the caller releases it once
+    /// its peer mappings are gone).
+    pub fn insert(&mut self, start: u64, bytes: u64, index: usize) -> Option<usize> {
         self.buffers
-            .insert(start, (bytes, record))
+            .insert(start, (bytes, index))
             .map(|(_, replaced)| replaced)
     }
 
-    /// The record of the buffer registered at `start`.
-    pub fn record_of(&self, start: u64) -> Option<usize> {
-        self.buffers.get(&start).map(|&(_, record)| record)
+    /// The index of the buffer registered at `start`.
+    pub fn index_of(&self, start: u64) -> Option<usize> {
+        self.buffers.get(&start).map(|&(_, index)| index)
     }
 
-    /// Forgets the buffer registered at `start`; returns its record.
+    /// Forgets the buffer registered at `start` and frees its index.
     pub fn remove(&mut self, start: u64) -> Option<usize> {
-        self.buffers.remove(&start).map(|(_, record)| record)
+        let (_, index) = self.buffers.remove(&start)?;
+        self.release(index);
+        Some(index)
     }
 
     /// The registered buffer that holds all of `[ptr, ptr + bytes)`.
     pub fn lookup(&self, ptr: u64, bytes: u64) -> Option<Located> {
-        let (&start, &(len, record)) = self.buffers.range(..=ptr).next_back()?;
+        let (&start, &(len, index)) = self.buffers.range(..=ptr).next_back()?;
         let offset = ptr - start;
-        (offset.checked_add(bytes)? <= len).then_some(Located { record, offset })
+        (offset.checked_add(bytes)? <= len).then_some(Located { index, offset })
     }
 
-    /// Reserves a record for a pointer seen during stream capture; it is
-    /// filled by [`Registry::take_pending`]'s caller once capture ends.
+    /// Reserves an index for a pointer seen during stream capture.
     pub fn reserve_pending(&mut self, ptr: u64) -> Result<usize> {
-        let record = self.reserve()?;
-        self.pending.push((record, ptr));
-        Ok(record)
+        let index = self.reserve()?;
+        self.pending.push((index, ptr));
+        Ok(index)
     }
 
-    /// The records reserved during capture and their local pointers.
+    /// The indices reserved during capture and their local pointers.
     pub fn pending(&self) -> &[(usize, u64)] {
         &self.pending
     }
 
-    pub fn take_pending(&mut self) -> Vec<(usize, u64)> {
-        std::mem::take(&mut self.pending)
+    /// Moves the pending indices to the registered graphs' and returns them.
+    pub fn adopt_pending(&mut self) -> Vec<(usize, u64)> {
+        let pending = std::mem::take(&mut self.pending);
+        self.graphs.extend(pending.iter().map(|&(index, _)| index));
+        pending
     }
 
-    pub fn records_used(&self) -> usize {
-        self.next_free
+    /// Frees the indices of every registered graph.
+    pub fn release_graphs(&mut self) {
+        let graphs = std::mem::take(&mut self.graphs);
+        graphs.into_iter().for_each(|index| self.release(index));
+    }
+
+    /// Indices in use (the staging buffer's included).
+    pub fn in_use(&self) -> usize {
+        self.next_unused - self.free.len()
     }
 }
 
@@ -101,19 +136,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn registering_a_start_again_returns_the_replaced_record() {
+    fn registering_a_start_again_returns_the_replaced_index() {
         let mut registry = Registry::new(4);
         let first = registry.reserve().unwrap();
         assert_eq!(registry.insert(0x1000, 256, first), None);
         let second = registry.reserve().unwrap();
         assert_eq!(registry.insert(0x1000, 512, second), Some(first));
-        assert_eq!(registry.record_of(0x1000), Some(second));
+        registry.release(first);
+        assert_eq!(registry.index_of(0x1000), Some(second));
         assert_eq!(registry.remove(0x1000), Some(second));
-        assert_eq!(registry.record_of(0x1000), None);
+        assert_eq!(registry.index_of(0x1000), None);
+        assert_eq!(registry.in_use(), 0);
     }
 
     #[test]
-    fn records_are_handed_out_in_order_until_the_table_is_full() {
+    fn indices_are_reused_after_release_and_the_table_never_overflows() {
         let mut registry = Registry::new(3);
         assert_eq!(registry.reserve().unwrap(), 0);
         assert_eq!(registry.reserve().unwrap(), 1);
@@ -123,7 +160,13 @@ mod tests {
             other => panic!("expected a full table, got {other:?}"),
         }
         assert!(registry.reserve_pending(0x2000).is_err());
-        assert_eq!(registry.records_used(), 3);
+        assert_eq!(registry.in_use(), 3);
+        registry.insert(0x4000, 64, 1);
+        registry.remove(0x4000);
+        assert_eq!(registry.reserve().unwrap(), 1, "a removed index is reused");
+        assert_eq!(registry.adopt_pending(), vec![(2, 0x1000)]);
+        registry.release_graphs();
+        assert_eq!(registry.reserve().unwrap(), 2, "a released graph's index");
     }
 
     #[test]
@@ -135,14 +178,14 @@ mod tests {
         assert_eq!(
             at(0x1000, 0x100),
             Some(Located {
-                record: 4,
+                index: 4,
                 offset: 0
             })
         );
         assert_eq!(
             at(0x1010, 0x20),
             Some(Located {
-                record: 4,
+                index: 4,
                 offset: 0x10
             })
         );
@@ -152,7 +195,7 @@ mod tests {
         assert_eq!(
             at(0x2000, 0x40),
             Some(Located {
-                record: 5,
+                index: 5,
                 offset: 0
             })
         );
@@ -162,13 +205,13 @@ mod tests {
     }
 
     #[test]
-    fn pending_records_keep_capture_order_and_are_not_deduplicated() {
+    fn pending_indices_keep_capture_order_and_are_not_deduplicated() {
         let mut registry = Registry::new(8);
         registry.reserve().unwrap();
         let a = registry.reserve_pending(0x5000).unwrap();
         let b = registry.reserve_pending(0x5000).unwrap();
         assert_ne!(a, b);
-        assert_eq!(registry.take_pending(), vec![(1, 0x5000), (2, 0x5000)]);
-        assert!(registry.take_pending().is_empty());
+        assert_eq!(registry.adopt_pending(), vec![(1, 0x5000), (2, 0x5000)]);
+        assert!(registry.pending().is_empty());
     }
 }

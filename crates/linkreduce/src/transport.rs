@@ -10,8 +10,7 @@ use cudarc::driver::CudaContext;
 
 use crate::error::{Error, Result};
 use crate::ipc::{Exported, Handle, OpenedPeers, HANDLE_BYTES, IPC_HINT};
-use crate::kernels::{Record, MAX_RANKS};
-use crate::memory::{enable_peer_access, PointerInfo};
+use crate::memory::{enable_peer_access, prepare_shared_pool, PointerInfo};
 use crate::rendezvous::{agree, all_gather_u64s, gather_or_fail, u64_at, Rendezvous};
 
 /// A value that differs between processes, so ranks can tell which peers
@@ -21,14 +20,16 @@ fn process_token() -> u64 {
     *TOKEN.get_or_init(|| RandomState::new().hash_one(std::process::id()))
 }
 
-/// Bytes per shared address on the wire: address, offset, IPC handle.
-const ENTRY_BYTES: usize = 16 + HANDLE_BYTES;
+/// Bytes per shared address on the wire: tag, address, offset, IPC handle.
+const ENTRY_BYTES: usize = 24 + HANDLE_BYTES;
 
-/// One shared address: every rank's copy as this rank reaches it, and the
-/// peer allocations this rank mapped for it (to release when done).
-pub(crate) struct Shared {
-    pub record: Record,
-    pub mapped: Vec<Handle>,
+/// A peer's address as this rank reaches it, with the tag its owner gave it
+/// (the owner's buffer index), and the peer allocation this rank mapped for
+/// it (to release when done; None within the process).
+pub(crate) struct PeerAddress {
+    pub tag: u64,
+    pub address: u64,
+    pub mapped: Option<Handle>,
 }
 
 pub(crate) struct Transport {
@@ -48,11 +49,30 @@ impl Transport {
             &[token, ctx.ordinal() as u64],
         )?;
         let same_process: Vec<bool> = ranks.iter().map(|r| r[0] == token).collect();
-        let enabled = ranks.iter().filter(|r| r[0] == token).try_for_each(|r| {
-            let peer = CudaContext::new(r[1] as usize)
-                .map_err(Error::driver("cuDevicePrimaryCtxRetain"))?;
-            enable_peer_access(ctx, &peer)
-        });
+        let mine = [token, ctx.ordinal() as u64];
+        let context_shared = ranks.iter().filter(|r| r[..] == mine).count() > 1;
+        let enabled = ranks
+            .iter()
+            .filter(|r| r[0] == token)
+            .try_for_each(|r| {
+                let peer = CudaContext::new(r[1] as usize)
+                    .map_err(Error::driver("cuDevicePrimaryCtxRetain"))?;
+                enable_peer_access(ctx, &peer)
+            })
+            .and_then(|()| {
+                // Ranks that share this context also share its default
+                // memory pool: keep one rank's allocation from waiting on
+                // another rank's stream (docs/design.md, "Ranks sharing a GPU").
+                if context_shared {
+                    prepare_shared_pool(ctx)
+                } else {
+                    Ok(())
+                }
+            })
+            .and_then(|()| {
+                ctx.bind_to_thread()
+                    .map_err(Error::driver("cuCtxSetCurrent"))
+            });
         agree(rendezvous, "enabling peer access", enabled)?;
         Ok(Transport {
             same_process,
@@ -86,33 +106,19 @@ impl Transport {
         Ok(())
     }
 
-    /// [`share`](Self::share) of one address.
-    pub fn share_one(
-        &mut self,
-        rendezvous: &dyn Rendezvous,
-        what: &'static str,
-        address: u64,
-    ) -> Result<Shared> {
-        let mut shared = self.share(rendezvous, what, &[address])?;
-        shared.pop().ok_or(Error::RankMismatch {
-            what,
-            detail: "one address was shared but none came back".into(),
-        })
-    }
-
-    /// Collective: every rank passes its own addresses, as many as every
-    /// other rank and in the same order; returns for each the record of
-    /// every rank's address as this rank reaches it.
+    /// Collective: every rank passes its own (tag, address) pairs, as many
+    /// as it likes (ranks may pass different numbers); returns, for every
+    /// rank in rank order, its addresses as this rank reaches them.
     pub fn share(
         &mut self,
         rendezvous: &dyn Rendezvous,
         what: &'static str,
-        addresses: &[u64],
-    ) -> Result<Vec<Shared>> {
+        addresses: &[(u64, u64)],
+    ) -> Result<Vec<Vec<PeerAddress>>> {
         let export = self.crosses_processes();
         let encoded = addresses
             .iter()
-            .map(|&ptr| {
+            .map(|&(tag, ptr)| {
                 let exported = if export {
                     Exported::of(ptr)?
                 } else {
@@ -122,7 +128,8 @@ impl Transport {
                     }
                 };
                 Ok([
-                    &ptr.to_le_bytes()[..],
+                    &tag.to_le_bytes()[..],
+                    &ptr.to_le_bytes(),
                     &exported.offset.to_le_bytes(),
                     &exported.handle,
                 ]
@@ -131,44 +138,53 @@ impl Transport {
             .collect::<Result<Vec<_>>>()
             .map(|entries| entries.concat());
         let all = gather_or_fail(rendezvous, what, encoded)?;
-        let expected = addresses.len() * ENTRY_BYTES;
-        if let Some(bad) = all.iter().position(|entries| entries.len() != expected) {
+        if let Some(bad) = all
+            .iter()
+            .position(|entries| entries.len() % ENTRY_BYTES != 0)
+        {
             return Err(Error::RankMismatch {
                 what,
                 detail: format!(
-                    "rank {bad} shared {} buffers, this rank {}",
-                    all[bad].len() / ENTRY_BYTES,
-                    addresses.len()
+                    "rank {bad} sent {} bytes of addresses, not whole entries",
+                    all[bad].len()
                 ),
             });
         }
-        let shared = (0..addresses.len())
-            .map(|index| {
-                let mut shared = Shared {
-                    record: [0; MAX_RANKS],
-                    mapped: Vec::new(),
-                };
-                for (peer, entries) in all.iter().enumerate() {
-                    let entry = &entries[index * ENTRY_BYTES..(index + 1) * ENTRY_BYTES];
-                    shared.record[peer] = if self.same_process[peer] {
-                        u64_at(entry)
-                    } else {
-                        let mut handle = [0; HANDLE_BYTES];
-                        handle.copy_from_slice(&entry[16..]);
-                        let exported = Exported {
-                            handle,
-                            offset: u64_at(&entry[8..]),
-                        };
-                        let address = self.opened.address(&exported)?;
-                        shared.mapped.push(handle);
-                        address
-                    };
-                }
-                Ok(shared)
+        let shared = all
+            .iter()
+            .enumerate()
+            .map(|(owner, entries)| {
+                entries
+                    .chunks_exact(ENTRY_BYTES)
+                    .map(|entry| self.reach(owner, entry))
+                    .collect::<Result<Vec<_>>>()
             })
             .collect::<Result<Vec<_>>>();
         // Opening can fail on one rank only (no peer access between its GPU
         // and a peer's): every rank must learn of it.
         agree(rendezvous, what, shared)
+    }
+
+    /// `owner`'s address in one wire entry, as this rank reaches it.
+    fn reach(&mut self, owner: usize, entry: &[u8]) -> Result<PeerAddress> {
+        let tag = u64_at(entry);
+        if self.same_process[owner] {
+            return Ok(PeerAddress {
+                tag,
+                address: u64_at(&entry[8..]),
+                mapped: None,
+            });
+        }
+        let mut handle = [0; HANDLE_BYTES];
+        handle.copy_from_slice(&entry[24..]);
+        let exported = Exported {
+            handle,
+            offset: u64_at(&entry[16..]),
+        };
+        Ok(PeerAddress {
+            tag,
+            address: self.opened.address(&exported)?,
+            mapped: Some(handle),
+        })
     }
 }

@@ -198,7 +198,7 @@ fn worker(scenario: &str) -> linkreduce::Result<ExitCode> {
 
 fn worker_sweep() -> linkreduce::Result<ExitCode> {
     let mut comm = communicator(Config::default())?;
-    let cases = sweep_cases(&DType::ALL, &LENGTHS, comm.config().staging_bytes);
+    let cases = sweep_cases(&DType::ALL, &LENGTHS);
     let mut failures = 0;
     let started = Instant::now();
     for (seed, &case) in cases.iter().enumerate() {

@@ -8,7 +8,7 @@
 
 #define LR_THREADS 512
 // Where a rank's scratch area starts inside its signal region.
-#define LR_SCRATCH_OFFSET 17408ull
+#define LR_SCRATCH_OFFSET 33792ull
 static_assert(sizeof(Signal) <= LR_SCRATCH_OFFSET, "scratch overlaps the counters");
 static_assert(LR_SCRATCH_OFFSET % 256 == 0, "scratch must stay 256-byte aligned");
 
@@ -16,52 +16,23 @@ struct __align__(16) Pack {
   u32 w[4];
 };
 
-// The W input pointers of one registered buffer, one per rank.
-struct Record {
-  const char* rank[LR_MAX_RANKS];
-};
+// Where a rank's input is, as a "source": an index into the buffer table
+// (LR_INDEX_BITS bits) and an offset in packets above it. Every rank
+// publishes its own source in the start barrier, so ranks may read their
+// input from different places (registered in place, a staging copy, a
+// buffer captured in a graph) without agreeing beforehand.
+#define LR_INDEX_BITS 16
+#define LR_INDEX_MASK 0xffffull
 
 struct AllReduceArgs {
   BarrierArgs bar;
-  const Record* input;  // peers' copies of the input
-  u64 input_offset;     // bytes added to every pointer of the record
-  char* output;         // this rank's output
-  u64 count;            // elements
-};
-
-// Element types: storage bits, packet width, conversion through f32.
-struct F32 {
-  typedef u32 Bits;
-  enum { PER_PACK = 4, BITS = 32 };
-  static __device__ __forceinline__ float to_f32(u32 b) { return __uint_as_float(b); }
-  static __device__ __forceinline__ u32 from_f32(float f) { return __float_as_uint(f); }
-};
-
-struct BF16 {
-  typedef unsigned short Bits;
-  enum { PER_PACK = 8, BITS = 16 };
-  static __device__ __forceinline__ float to_f32(u32 b) { return __uint_as_float(b << 16); }
-  static __device__ __forceinline__ u32 from_f32(float f) {
-    unsigned short r;
-    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(f));
-    return r;
-  }
-};
-
-struct F16 {
-  typedef unsigned short Bits;
-  enum { PER_PACK = 8, BITS = 16 };
-  static __device__ __forceinline__ float to_f32(u32 b) {
-    float f;
-    unsigned short h = (unsigned short)b;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
-    return f;
-  }
-  static __device__ __forceinline__ u32 from_f32(float f) {
-    unsigned short r;
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r) : "f"(f));
-    return r;
-  }
+  // This rank's buffer table: entry [owner * capacity + index] is the
+  // address, as this rank reaches it, of buffer `index` of rank `owner`.
+  const u64* table;
+  u64 source;    // this rank's input (index | offset in packets << LR_INDEX_BITS)
+  char* output;  // this rank's output
+  u64 count;     // elements
+  u32 capacity;  // entries per owner in the table
 };
 
 // Element `i` of a packet, as storage bits.
@@ -101,10 +72,27 @@ static __device__ __forceinline__ typename D::Bits lr_reduce_one(const char* con
   return (typename D::Bits)D::from_f32(sum);
 }
 
+// The first barrier of a call. Thread t tells rank t where this rank's
+// input is, with its arrival, and turns rank t's source into an address
+// this rank can read: `inputs[t]`, in shared memory, valid for the block
+// once it returns true. No __syncthreads first: nothing precedes it.
 template <int W>
-static __device__ __forceinline__ void lr_sources(const AllReduceArgs& a, const char* (&src)[W]) {
-#pragma unroll
-  for (int r = 0; r < W; ++r) src[r] = a.input->rank[r] + a.input_offset;
+static __device__ __forceinline__ bool lr_start(const AllReduceArgs& a, u32 epoch,
+                                                const char** inputs) {
+  bool timed_out = false;
+  if (threadIdx.x < W) {
+    const u32 peer = threadIdx.x;
+    const u64* row = a.table + (u64)peer * a.capacity;
+    const u64 my_index = a.source & LR_INDEX_MASK;
+    // Peers usually name the same index: fetch it while waiting for them.
+    const u64 guess = row[my_index];
+    const u64 word = (a.source << LR_EPOCH_BITS) | (epoch & LR_EPOCH_MASK);
+    const u64 theirs = lr_meet<false>(a.bar, epoch, word, peer, 0, timed_out) >> LR_EPOCH_BITS;
+    const u64 index = theirs & LR_INDEX_MASK;
+    const u64 base = index == my_index ? guess : row[index];
+    inputs[peer] = (const char*)(base + (theirs >> LR_INDEX_BITS) * sizeof(Pack));
+  }
+  return !__syncthreads_or(timed_out);
 }
 
 static __device__ __forceinline__ char* lr_scratch(const AllReduceArgs& a, int rank) {
@@ -116,10 +104,11 @@ static __device__ __forceinline__ char* lr_scratch(const AllReduceArgs& a, int r
 template <typename D, int W>
 static __device__ __forceinline__ void lr_one_stage(const AllReduceArgs& a) {
   const u32 epoch = a.bar.peers.rank[a.bar.rank]->epoch[blockIdx.x];
-  // Fetch the record before waiting so that its latency hides in the barrier.
+  __shared__ const char* inputs[W];
+  if (!lr_start<W>(a, epoch + 1, inputs)) return;
   const char* src[W];
-  lr_sources<W>(a, src);
-  if (!lr_barrier<W, false>(a.bar, epoch + 1, 0)) return;
+#pragma unroll
+  for (int r = 0; r < W; ++r) src[r] = inputs[r];
   const u64 packs = a.count / D::PER_PACK;
   const u64 first = (u64)blockIdx.x * blockDim.x + threadIdx.x;
   const u64 stride = (u64)gridDim.x * blockDim.x;
@@ -150,10 +139,11 @@ static __device__ __forceinline__ void lr_one_stage(const AllReduceArgs& a) {
 template <typename D, int W>
 static __device__ __forceinline__ void lr_two_stage(const AllReduceArgs& a) {
   const u32 epoch = a.bar.peers.rank[a.bar.rank]->epoch[blockIdx.x];
-  // Fetch the record before waiting so that its latency hides in the barrier.
+  __shared__ const char* inputs[W];
+  if (!lr_start<W>(a, epoch + 1, inputs)) return;
   const char* src[W];
-  lr_sources<W>(a, src);
-  if (!lr_barrier<W, false>(a.bar, epoch + 1, 0)) return;
+#pragma unroll
+  for (int r = 0; r < W; ++r) src[r] = inputs[r];
   const int rank = (int)a.bar.rank;
   const u64 packs = a.count / D::PER_PACK;
   const u64 part = packs / W;

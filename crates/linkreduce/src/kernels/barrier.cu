@@ -4,18 +4,23 @@
 // and inline PTX. The host mirrors the constants and layouts below in
 // src/kernels/mod.rs; change both together.
 
-typedef unsigned int u32;
-typedef unsigned long long u64;
-
 #define LR_MAX_RANKS 8
 #define LR_MAX_BLOCKS 256
+
+// What a peer writes to say it reached a barrier: the barrier's epoch in the
+// low LR_EPOCH_BITS bits (only equality is tested, and a counter lags the
+// epoch awaited by at most 2, so 16 bits never alias), and above them what
+// the barrier carries (the start barrier: the sender's input, allreduce.cu).
+// One 64-bit store, so a peer sees the epoch and its payload together.
+#define LR_EPOCH_BITS 16
+#define LR_EPOCH_MASK 0xffffull
 
 // One rank's synchronisation counters, at the start of its signal region.
 // counters[parity][block][peer] is written by `peer` and read by the owner.
 // Two arrays alternate (by epoch parity) because a fast peer can already be
 // at the next barrier while a slow owner still waits on this one.
 struct Signal {
-  u32 counters[2][LR_MAX_BLOCKS][LR_MAX_RANKS];
+  u64 counters[2][LR_MAX_BLOCKS][LR_MAX_RANKS];
   // Per block: the last epoch this block passed. Only the owner touches it.
   u32 epoch[LR_MAX_BLOCKS];
 };
@@ -27,11 +32,13 @@ struct SignalPeers {
 
 // What a timed-out block leaves for the host (mapped host memory).
 struct Fault {
-  u32 code;     // 0: none, 1: barrier timeout
-  u32 rank;     // the rank that gave up waiting
-  u32 peer;     // the rank it waited for
-  u32 barrier;  // which barrier of the kernel (0 = start; 99 = push data)
+  u32 code;      // 0: none, 1: barrier timeout
+  u32 rank;      // the rank that gave up waiting
+  u32 peer;      // the rank it waited for
+  u32 barrier;   // which barrier of the kernel (0 = start; 99 = push data)
   u32 block;
+  u32 expected;  // the epoch awaited (low bits; 0 for push)
+  u32 seen;      // what the peer's counter held last (low bits; 0 for push)
 };
 
 // Everything a kernel needs to synchronise; passed by value.
@@ -48,37 +55,73 @@ static __device__ __forceinline__ u64 lr_now_ns() {
   return t;
 }
 
-static __device__ __forceinline__ void lr_store_relaxed(u32* p, u32 v) {
-  asm volatile("st.volatile.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+static __device__ __forceinline__ void lr_store_relaxed(u64* p, u64 v) {
+  asm volatile("st.volatile.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
 }
 
-static __device__ __forceinline__ u32 lr_load_relaxed(u32* p) {
-  u32 v;
-  asm volatile("ld.volatile.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+static __device__ __forceinline__ u64 lr_load_relaxed(u64* p) {
+  u64 v;
+  asm volatile("ld.volatile.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
   return v;
 }
 
-static __device__ __forceinline__ void lr_store_release(u32* p, u32 v) {
-  asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+static __device__ __forceinline__ void lr_store_release(u64* p, u64 v) {
+  asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
 }
 
-static __device__ __forceinline__ u32 lr_load_acquire(u32* p) {
-  u32 v;
-  asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+static __device__ __forceinline__ u64 lr_load_acquire(u64* p) {
+  u64 v;
+  asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
   return v;
 }
 
 // Several blocks may time out together; any one of their reports is true,
 // so plain stores suffice (atomics on host memory need PCIe atomics).
-static __device__ void lr_record_fault(const BarrierArgs& a, u32 peer, u32 barrier) {
+static __device__ void lr_record_fault(const BarrierArgs& a, u32 peer, u32 barrier, u32 expected,
+                                       u32 seen) {
   volatile Fault* f = a.fault;
   f->rank = a.rank;
   f->peer = peer;
   f->barrier = barrier;
   f->block = blockIdx.x;
+  f->expected = expected;
+  f->seen = seen;
   __threadfence_system();
   f->code = 1;
   __threadfence_system();
+}
+
+// Thread `peer`'s half of a barrier: tells rank `peer` that this block
+// arrived (`word`: epoch and payload), then waits until rank `peer` said the
+// same. Returns the peer's word, or records a fault and sets `timed_out`.
+template <bool PUBLISH>
+static __device__ __forceinline__ u64 lr_meet(const BarrierArgs& a, u32 epoch, u64 word, u32 peer,
+                                              u32 barrier, bool& timed_out) {
+  const u32 parity = epoch & 1u;
+  u64* to_peer = &a.peers.rank[peer]->counters[parity][blockIdx.x][a.rank];
+  u64* from_peer = &a.peers.rank[a.rank]->counters[parity][blockIdx.x][peer];
+  if (PUBLISH) {
+    lr_store_release(to_peer, word);
+  } else {
+    lr_store_relaxed(to_peer, word);
+  }
+  u64 start = 0;
+  u32 spins = 0;
+  for (;;) {
+    const u64 seen = PUBLISH ? lr_load_acquire(from_peer) : lr_load_relaxed(from_peer);
+    if ((seen & LR_EPOCH_MASK) == (epoch & LR_EPOCH_MASK)) return seen;
+    // Reading the clock on every spin slows the common, short wait.
+    if ((++spins & 1023u) == 0u) {
+      const u64 now = lr_now_ns();
+      if (start == 0) {
+        start = now;
+      } else if (now - start > a.timeout_ns) {
+        lr_record_fault(a, peer, barrier, epoch & LR_EPOCH_MASK, (u32)(seen & LR_EPOCH_MASK));
+        timed_out = true;
+        return 0;
+      }
+    }
+  }
 }
 
 // Block-wide barrier with block `blockIdx.x` of every rank.
@@ -97,30 +140,7 @@ static __device__ __forceinline__ bool lr_barrier(const BarrierArgs& a, u32 epoc
   __syncthreads();
   bool timed_out = false;
   if (threadIdx.x < W) {
-    u32 parity = epoch & 1u;
-    Signal* self = a.peers.rank[a.rank];
-    u32* to_peer = &a.peers.rank[threadIdx.x]->counters[parity][blockIdx.x][a.rank];
-    u32* from_peer = &self->counters[parity][blockIdx.x][threadIdx.x];
-    if (PUBLISH) {
-      lr_store_release(to_peer, epoch);
-    } else {
-      lr_store_relaxed(to_peer, epoch);
-    }
-    u64 start = 0;
-    u32 spins = 0;
-    while ((PUBLISH ? lr_load_acquire(from_peer) : lr_load_relaxed(from_peer)) != epoch) {
-      // Reading the clock on every spin slows the common, short wait.
-      if ((++spins & 1023u) == 0u) {
-        u64 now = lr_now_ns();
-        if (start == 0) {
-          start = now;
-        } else if (now - start > a.timeout_ns) {
-          lr_record_fault(a, threadIdx.x, barrier);
-          timed_out = true;
-          break;
-        }
-      }
-    }
+    lr_meet<PUBLISH>(a, epoch, epoch & LR_EPOCH_MASK, threadIdx.x, barrier, timed_out);
   }
   return !__syncthreads_or(timed_out);
 }

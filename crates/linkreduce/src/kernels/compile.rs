@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use cudarc::nvrtc::{result as nvrtc, sys as nvrtc_sys};
 use sha2::{Digest, Sha256};
 
-use super::SOURCE;
+use super::Program;
 use crate::error::{Error, Result};
 
 /// A GPU architecture, as compute capability.
@@ -61,23 +61,24 @@ pub fn nvrtc_version() -> Result<(i32, i32)> {
     Ok((major, minor))
 }
 
-/// The CUBIN of every kernel for `arch`, compiled on first use.
-pub fn compile_cubin(arch: Arch) -> Result<Arc<Vec<u8>>> {
-    static COMPILED: OnceLock<Mutex<HashMap<Arch, Arc<Vec<u8>>>>> = OnceLock::new();
+/// The CUBIN of `program`'s kernels for `arch`, compiled on first use.
+pub fn compile_cubin(program: Program, arch: Arch) -> Result<Arc<Vec<u8>>> {
+    type Compiled = HashMap<(Program, Arch), Arc<Vec<u8>>>;
+    static COMPILED: OnceLock<Mutex<Compiled>> = OnceLock::new();
     let compiled = COMPILED.get_or_init(Default::default);
     // Holding the lock while compiling makes concurrent ranks wait for one
     // compile instead of each running their own.
     let mut compiled = compiled.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some(cubin) = compiled.get(&arch) {
+    if let Some(cubin) = compiled.get(&(program, arch)) {
         return Ok(cubin.clone());
     }
     let options = options(arch);
-    let key = cache_key(arch, &options, nvrtc_version()?);
+    let key = cache_key(program.source(), arch, &options, nvrtc_version()?);
     let cache = cache_dir().map(|dir| dir.join(format!("{key}.cubin")));
     let cubin = match cache.as_deref().and_then(|path| std::fs::read(path).ok()) {
         Some(cubin) => cubin,
         None => {
-            let cubin = run_nvrtc(arch, &options)?;
+            let cubin = run_nvrtc(program, arch, &options)?;
             if let Some(path) = &cache {
                 store(path, &cubin);
             }
@@ -85,13 +86,13 @@ pub fn compile_cubin(arch: Arch) -> Result<Arc<Vec<u8>>> {
         }
     };
     let cubin = Arc::new(cubin);
-    compiled.insert(arch, cubin.clone());
+    compiled.insert((program, arch), cubin.clone());
     Ok(cubin)
 }
 
-fn cache_key(arch: Arch, options: &[String], nvrtc: (i32, i32)) -> String {
+fn cache_key(source: &str, arch: Arch, options: &[String], nvrtc: (i32, i32)) -> String {
     let mut hash = Sha256::new();
-    for part in [SOURCE, &options.join(" "), &arch.to_string()] {
+    for part in [source, &options.join(" "), &arch.to_string()] {
         hash.update(part.as_bytes());
         hash.update([0u8]);
     }
@@ -143,25 +144,25 @@ fn nvrtc_failure(arch: Arch, options: &[String], error: nvrtc::NvrtcError) -> Er
 }
 
 /// Owns an NVRTC program and destroys it on every path.
-struct Program(nvrtc_sys::nvrtcProgram);
+struct NvrtcProgram(nvrtc_sys::nvrtcProgram);
 
-impl Drop for Program {
+impl Drop for NvrtcProgram {
     fn drop(&mut self) {
         // SAFETY: the handle came from nvrtcCreateProgram and is destroyed once.
         let _ = unsafe { nvrtc::destroy_program(self.0) };
     }
 }
 
-fn run_nvrtc(arch: Arch, options: &[String]) -> Result<Vec<u8>> {
+fn run_nvrtc(program: Program, arch: Arch, options: &[String]) -> Result<Vec<u8>> {
     ensure_nvrtc()?;
     let fail = |e| nvrtc_failure(arch, options, e);
-    let source = CString::new(SOURCE).map_err(|_| Error::Compile {
+    let source = CString::new(program.source()).map_err(|_| Error::Compile {
         arch: arch.to_string(),
         options: options.to_vec(),
         log: "the kernel source contains a NUL byte".into(),
     })?;
-    let name = c"linkreduce.cu";
-    let program = Program(nvrtc::create_program(&source, Some(name)).map_err(fail)?);
+    let program =
+        NvrtcProgram(nvrtc::create_program(&source, Some(program.file_name())).map_err(fail)?);
     // SAFETY: `program` is a live program; the options are plain strings
     // without NUL bytes (built above from ASCII).
     let compiled = unsafe { nvrtc::compile_program(program.0, options) };
@@ -207,11 +208,14 @@ mod tests {
     fn cache_key_changes_with_every_input() {
         let sm90 = Arch { major: 9, minor: 0 };
         let sm80 = Arch { major: 8, minor: 0 };
-        let base = cache_key(sm90, &options(sm90), (13, 0));
-        assert_eq!(base, cache_key(sm90, &options(sm90), (13, 0)));
-        assert_ne!(base, cache_key(sm80, &options(sm90), (13, 0)));
-        assert_ne!(base, cache_key(sm90, &options(sm80), (13, 0)));
-        assert_ne!(base, cache_key(sm90, &options(sm90), (13, 1)));
+        let source = Program::AllReduce.source();
+        let base = cache_key(source, sm90, &options(sm90), (13, 0));
+        assert_eq!(base, cache_key(source, sm90, &options(sm90), (13, 0)));
+        assert_ne!(base, cache_key(source, sm80, &options(sm90), (13, 0)));
+        assert_ne!(base, cache_key(source, sm90, &options(sm80), (13, 0)));
+        assert_ne!(base, cache_key(source, sm90, &options(sm90), (13, 1)));
+        let check = Program::Check.source();
+        assert_ne!(base, cache_key(check, sm90, &options(sm90), (13, 0)));
         assert_eq!(base.len(), 64);
     }
 

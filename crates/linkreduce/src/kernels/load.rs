@@ -11,13 +11,16 @@ use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule};
 
-use super::{compile_cubin, kernel_name, Arch};
+use super::{compile_cubin, kernel_name, Arch, CheckKernel, Program};
 use crate::algorithm::Algorithm;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 
 /// Every algorithm and dtype of one world size, in one context.
 pub(crate) type Kernels = HashMap<(Algorithm, DType), CudaFunction>;
+
+/// The kernels of [`Program::Check`] in one context.
+pub(crate) type CheckKernels = HashMap<(CheckKernel, DType), CudaFunction>;
 
 /// This world size's kernels in `ctx` (a device's primary context), looked
 /// up once per process in the device's module, itself loaded once.
@@ -28,20 +31,52 @@ pub(crate) fn load_kernels(ctx: &Arc<CudaContext>, world_size: usize) -> Result<
     if let Some(kernels) = lock(&LOADED).get(&key) {
         return Ok(kernels.clone());
     }
-    let module = module_for(ctx)?;
-    let mut kernels = Kernels::new();
-    for algorithm in Algorithm::ALL {
-        for dtype in DType::ALL {
-            let function = module
-                .load_function(&kernel_name(algorithm, dtype, world_size))
-                .map_err(Error::driver("cuModuleGetFunction"))?;
-            kernels.insert((algorithm, dtype), function);
-        }
-    }
+    let names = Algorithm::ALL.into_iter().flat_map(|algorithm| {
+        DType::ALL.map(|dtype| {
+            (
+                (algorithm, dtype),
+                kernel_name(algorithm, dtype, world_size),
+            )
+        })
+    });
+    let kernels = functions(ctx, Program::AllReduce, names)?;
     Ok(lock(&LOADED)
         .entry(key)
         .or_insert(Arc::new(kernels))
         .clone())
+}
+
+/// The check kernels in `ctx`, loaded once per process and device.
+pub(crate) fn load_check_kernels(ctx: &Arc<CudaContext>) -> Result<Arc<CheckKernels>> {
+    static LOADED: Mutex<BTreeMap<usize, Arc<CheckKernels>>> = Mutex::new(BTreeMap::new());
+    if let Some(kernels) = lock(&LOADED).get(&ctx.ordinal()) {
+        return Ok(kernels.clone());
+    }
+    let names = CheckKernel::ALL
+        .into_iter()
+        .flat_map(|kind| DType::ALL.map(|dtype| ((kind, dtype), kind.symbol(dtype))));
+    let kernels = functions(ctx, Program::Check, names)?;
+    Ok(lock(&LOADED)
+        .entry(ctx.ordinal())
+        .or_insert(Arc::new(kernels))
+        .clone())
+}
+
+/// The functions `names` gives (key, symbol) from `program`'s module.
+fn functions<K: std::hash::Hash + Eq>(
+    ctx: &Arc<CudaContext>,
+    program: Program,
+    names: impl Iterator<Item = (K, String)>,
+) -> Result<HashMap<K, CudaFunction>> {
+    let module = module_for(ctx, program)?;
+    names
+        .map(|(key, name)| {
+            module
+                .load_function(&name)
+                .map(|function| (key, function))
+                .map_err(Error::driver("cuModuleGetFunction"))
+        })
+        .collect()
 }
 
 /// A lock whose holder cannot leave the map half-updated, so a panic while
@@ -52,23 +87,26 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-fn module_for(ctx: &Arc<CudaContext>) -> Result<Arc<CudaModule>> {
-    /// By device ordinal.
-    static LOADED: Mutex<BTreeMap<usize, Arc<CudaModule>>> = Mutex::new(BTreeMap::new());
+fn module_for(ctx: &Arc<CudaContext>, program: Program) -> Result<Arc<CudaModule>> {
+    /// By device ordinal and program.
+    static LOADED: Mutex<BTreeMap<(usize, Program), Arc<CudaModule>>> = Mutex::new(BTreeMap::new());
     let mut loaded = lock(&LOADED);
-    if let Some(module) = loaded.get(&ctx.ordinal()) {
+    if let Some(module) = loaded.get(&(ctx.ordinal(), program)) {
         return Ok(module.clone());
     }
     let (major, minor) = ctx
         .compute_capability()
         .map_err(Error::driver("cuDeviceGetAttribute"))?;
-    let cubin = compile_cubin(Arch {
-        major: major as u32,
-        minor: minor as u32,
-    })?;
+    let cubin = compile_cubin(
+        program,
+        Arch {
+            major: major as u32,
+            minor: minor as u32,
+        },
+    )?;
     let module = ctx
         .load_module(cudarc::nvrtc::Ptx::from_binary(cubin.to_vec()))
         .map_err(Error::driver("cuModuleLoadData"))?;
-    loaded.insert(ctx.ordinal(), module.clone());
+    loaded.insert((ctx.ordinal(), program), module.clone());
     Ok(module)
 }

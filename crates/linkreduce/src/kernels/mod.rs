@@ -13,15 +13,97 @@ use crate::algorithm::Algorithm;
 use crate::dtype::DType;
 
 pub use compile::{compile_cubin, nvrtc_version, Arch};
-pub(crate) use load::{load_kernels, Kernels};
+pub(crate) use load::{load_check_kernels, load_kernels, CheckKernels, Kernels};
 
-/// The barrier protocol, the all-reduce kernels that use it, then the
-/// barrier-free push kernels.
-pub(crate) const SOURCE: &str = concat!(
+/// The element types, the barrier protocol, the all-reduce kernels that use
+/// it, then the barrier-free push kernels.
+const ALL_REDUCE_SOURCE: &str = concat!(
+    include_str!("dtypes.cu"),
     include_str!("barrier.cu"),
     include_str!("allreduce.cu"),
     include_str!("push.cu")
 );
+
+/// A program NVRTC compiles: the all-reduce kernels, or the kernels that
+/// make and check data for correctness runs (loaded only by those).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Program {
+    AllReduce,
+    Check,
+}
+
+impl Program {
+    pub const ALL: [Program; 2] = [Program::AllReduce, Program::Check];
+
+    pub(crate) fn source(self) -> &'static str {
+        match self {
+            Program::AllReduce => ALL_REDUCE_SOURCE,
+            Program::Check => concat!(include_str!("dtypes.cu"), include_str!("check.cu")),
+        }
+    }
+
+    /// The name NVRTC reports in its logs.
+    pub(crate) fn file_name(self) -> &'static std::ffi::CStr {
+        match self {
+            Program::AllReduce => c"linkreduce.cu",
+            Program::Check => c"linkreduce_check.cu",
+        }
+    }
+
+    /// Every kernel symbol the program defines.
+    pub fn kernel_names(self) -> Vec<String> {
+        match self {
+            Program::AllReduce => all_kernel_names(),
+            Program::Check => DType::ALL
+                .iter()
+                .flat_map(|dtype| CheckKernel::ALL.map(|kind| kind.symbol(*dtype)))
+                .collect(),
+        }
+    }
+}
+
+/// The kernels of [`Program::Check`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum CheckKernel {
+    /// Writes a rank's input for a seed.
+    Fill,
+    /// Compares a buffer with an expected input or sum.
+    Check,
+}
+
+impl CheckKernel {
+    pub const ALL: [CheckKernel; 2] = [CheckKernel::Fill, CheckKernel::Check];
+
+    pub fn symbol(self, dtype: DType) -> String {
+        let kind = match self {
+            CheckKernel::Fill => "fill",
+            CheckKernel::Check => "check",
+        };
+        format!("linkreduce_{kind}_{}", dtype.name())
+    }
+}
+
+/// Mirrors `CheckArgs` of check.cu.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct CheckArgs {
+    pub data: u64,
+    pub count: u64,
+    pub seed: u64,
+    pub world: u32,
+    pub rank: u32,
+    pub expect: u32,
+    pub result: u64,
+}
+
+// SAFETY: plain-old-data with the layout of the C struct `CheckArgs`
+// (repr(C), only integers; size checked by the test below).
+unsafe impl DeviceRepr for CheckArgs {}
+
+/// Threads per block of the check kernels (mirrors their `LR_THREADS`).
+pub(crate) const CHECK_THREADS: u32 = 256;
+/// Most blocks a check kernel is launched with (mirrors `LR_MAX_BLOCKS`).
+pub(crate) const CHECK_MAX_BLOCKS: u32 = 1024;
 
 /// Mirrors `LR_MAX_RANKS`.
 pub const MAX_RANKS: usize = 8;
@@ -30,7 +112,7 @@ pub const MAX_BLOCKS: usize = 256;
 /// Mirrors `LR_THREADS`.
 pub const THREADS_PER_BLOCK: u32 = 512;
 /// Mirrors `LR_SCRATCH_OFFSET`: counters come first, scratch after.
-pub const SCRATCH_OFFSET: usize = 17408;
+pub const SCRATCH_OFFSET: usize = 33792;
 /// Bytes moved per packet.
 pub const PACKET_BYTES: usize = 16;
 /// Two-stage kernels keep a reduced tail (under one packet) after the slice.
@@ -42,6 +124,21 @@ pub const PUSH_SLOTS: usize = 3;
 pub const PUSH_HEADER: usize = 256;
 /// Mirrors `LR_PUSH_EMPTY`: what an empty push slot holds, per 32-bit word.
 pub const PUSH_EMPTY: u32 = 0x8000_8000;
+
+/// Mirrors `LR_INDEX_BITS`: a source names a buffer-table index in this
+/// many bits and an offset in packets in the 32 above them.
+pub(crate) const INDEX_BITS: u32 = 16;
+/// Buffer-table entries per owner at most (what an index can name).
+pub const MAX_TABLE_ENTRIES: usize = 1 << INDEX_BITS;
+
+/// The source word a kernel publishes for an input at `offset` bytes into
+/// buffer `index` of the table; None where the offset is not a whole number
+/// of packets or too far for the word (such inputs are staged).
+pub(crate) fn source_word(index: usize, offset: u64) -> Option<u64> {
+    let packets = offset / PACKET_BYTES as u64;
+    let fits = index < MAX_TABLE_ENTRIES && packets <= u64::from(u32::MAX);
+    (fits && offset % PACKET_BYTES as u64 == 0).then_some(index as u64 | packets << INDEX_BITS)
+}
 
 /// World sizes the kernels are instantiated for.
 pub const WORLD_SIZES: std::ops::RangeInclusive<usize> = 2..=MAX_RANKS;
@@ -78,6 +175,8 @@ pub(crate) struct Fault {
     pub peer: u32,
     pub barrier: u32,
     pub block: u32,
+    pub expected: u32,
+    pub seen: u32,
 }
 
 /// Mirrors `BarrierArgs`.
@@ -95,10 +194,11 @@ pub(crate) struct BarrierArgs {
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct AllReduceArgs {
     pub barrier: BarrierArgs,
-    pub input_record: u64,
-    pub input_offset: u64,
+    pub table: u64,
+    pub source: u64,
     pub output: u64,
     pub count: u64,
+    pub capacity: u32,
 }
 
 // SAFETY: plain-old-data with the layout of the C struct `AllReduceArgs`
@@ -121,22 +221,21 @@ pub(crate) struct PushArgs {
 // (repr(C), only integers; sizes checked by the test below).
 unsafe impl DeviceRepr for PushArgs {}
 
-/// Mirrors `Record`: one registered buffer's address on every rank.
-pub(crate) type Record = [u64; MAX_RANKS];
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn host_mirrors_have_the_c_layout() {
-        // Signal: two counter arrays plus one epoch per block, all u32.
-        let signal_bytes = (2 * MAX_BLOCKS * MAX_RANKS + MAX_BLOCKS) * 4;
+        // Signal: two arrays of u64 counters plus one u32 epoch per block.
+        let signal_bytes = 2 * MAX_BLOCKS * MAX_RANKS * 8 + MAX_BLOCKS * 4;
         assert!(signal_bytes <= SCRATCH_OFFSET && SCRATCH_OFFSET % 256 == 0);
-        assert_eq!(std::mem::size_of::<Fault>(), 20);
+        assert_eq!(std::mem::size_of::<Fault>(), 28);
         assert_eq!(std::mem::size_of::<BarrierArgs>(), 88);
-        assert_eq!(std::mem::size_of::<AllReduceArgs>(), 120);
+        assert_eq!(std::mem::size_of::<AllReduceArgs>(), 128);
         assert_eq!(std::mem::size_of::<PushArgs>(), 184);
+        assert_eq!(std::mem::size_of::<CheckArgs>(), 48);
+        assert_eq!(std::mem::offset_of!(CheckArgs, result), 40);
         // Field offsets as the C compiler lays the structs out.
         use std::mem::offset_of;
         assert_eq!(
@@ -149,12 +248,13 @@ mod tests {
         );
         assert_eq!(
             [
-                offset_of!(AllReduceArgs, input_record),
-                offset_of!(AllReduceArgs, input_offset),
+                offset_of!(AllReduceArgs, table),
+                offset_of!(AllReduceArgs, source),
                 offset_of!(AllReduceArgs, output),
-                offset_of!(AllReduceArgs, count)
+                offset_of!(AllReduceArgs, count),
+                offset_of!(AllReduceArgs, capacity)
             ],
-            [88, 96, 104, 112]
+            [88, 96, 104, 112, 120]
         );
         assert_eq!(
             [
@@ -166,19 +266,29 @@ mod tests {
             ],
             [88, 152, 160, 168, 176]
         );
-        assert_eq!(std::mem::size_of::<Record>(), 64);
+    }
+
+    #[test]
+    fn source_words_hold_index_and_whole_packets_only() {
+        assert_eq!(source_word(0, 0), Some(0));
+        assert_eq!(source_word(5, 32), Some(5 | 2 << INDEX_BITS));
+        assert_eq!(source_word(5, 8), None, "not a whole packet");
+        assert_eq!(source_word(MAX_TABLE_ENTRIES, 0), None, "index too large");
+        let farthest = u64::from(u32::MAX) * PACKET_BYTES as u64;
+        assert!(source_word(1, farthest).is_some());
+        assert_eq!(source_word(1, farthest + PACKET_BYTES as u64), None);
     }
 
     #[test]
     fn the_source_defines_every_kernel_name() {
         // The macros build names from pieces, so check the pieces are there.
-        assert!(SOURCE.contains("linkreduce_one_stage_##NAME##_w##W"));
-        assert!(SOURCE.contains("linkreduce_two_stage_##NAME##_w##W"));
-        assert!(SOURCE.contains("linkreduce_push_##NAME##_w##W"));
+        assert!(ALL_REDUCE_SOURCE.contains("linkreduce_one_stage_##NAME##_w##W"));
+        assert!(ALL_REDUCE_SOURCE.contains("linkreduce_two_stage_##NAME##_w##W"));
+        assert!(ALL_REDUCE_SOURCE.contains("linkreduce_push_##NAME##_w##W"));
         for dtype in DType::ALL {
             for kernels in ["LR_KERNELS", "LR_PUSH_KERNELS"] {
                 let line = format!("LR_FOR_WORLDS({kernels}, {},", dtype.name());
-                assert!(SOURCE.contains(&line), "source lacks `{line}`");
+                assert!(ALL_REDUCE_SOURCE.contains(&line), "source lacks `{line}`");
             }
         }
         assert_eq!(all_kernel_names().len(), 3 * 7 * 3);
@@ -198,9 +308,18 @@ mod tests {
             ("LR_PUSH_SLOTS", PUSH_SLOTS.to_string()),
             ("LR_PUSH_HEADER", format!("{PUSH_HEADER}ull")),
             ("LR_PUSH_EMPTY", format!("{PUSH_EMPTY:#x}u")),
+            ("LR_INDEX_BITS", INDEX_BITS.to_string()),
         ] {
             let line = format!("#define {name} {value}");
-            assert!(SOURCE.contains(&line), "source lacks `{line}`");
+            assert!(ALL_REDUCE_SOURCE.contains(&line), "source lacks `{line}`");
+        }
+        for (name, value) in [
+            ("LR_THREADS", CHECK_THREADS.to_string()),
+            ("LR_MAX_BLOCKS", CHECK_MAX_BLOCKS.to_string()),
+        ] {
+            let line = format!("#define {name} {value}");
+            let source = Program::Check.source();
+            assert!(source.contains(&line), "check.cu lacks `{line}`");
         }
     }
 }

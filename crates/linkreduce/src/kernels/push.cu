@@ -164,7 +164,7 @@ static __device__ __forceinline__ void lr_push(const PushArgs& a) {
           if (start == 0) {
             start = now;
           } else if (now - start > a.bar.timeout_ns) {
-            lr_record_fault(a.bar, (u32)r, LR_PUSH_WAIT);
+            lr_record_fault(a.bar, (u32)r, LR_PUSH_WAIT, 0, 0);
             timed_out = true;
             break;
           }

@@ -127,6 +127,18 @@ pub(crate) fn exchange(
     what: &'static str,
     local: Result<&[u8], &crate::Error>,
 ) -> crate::Result<Vec<Vec<u8>>> {
+    gather_statuses(rendezvous, what, local)?
+        .into_iter()
+        .collect()
+}
+
+/// Like [`exchange`], but returns every rank's payload or failure, for
+/// callers that report them all.
+pub(crate) fn gather_statuses(
+    rendezvous: &dyn Rendezvous,
+    what: &'static str,
+    local: Result<&[u8], &crate::Error>,
+) -> crate::Result<Vec<crate::Result<Vec<u8>>>> {
     let tag = step_tag(what).to_le_bytes();
     let message = match local {
         Ok(payload) => [&[1u8][..], &tag, payload].concat(),
@@ -143,7 +155,7 @@ pub(crate) fn exchange(
             ),
         });
     }
-    gathered
+    Ok(gathered
         .into_iter()
         .enumerate()
         .map(|(rank, message)| {
@@ -167,7 +179,7 @@ pub(crate) fn exchange(
                 }),
             }
         })
-        .collect()
+        .collect())
 }
 
 /// A stable 64-bit FNV-1a hash of a step's name, the same in every process.

@@ -1,0 +1,280 @@
+//! The enqueue path: where this rank's input is read from (in place, a
+//! staging copy, or a buffer captured in a graph), where the output is
+//! written (in place, or a bounce buffer then a copy), how a call is cut
+//! into launches, and the launches themselves.
+//!
+//! Every decision from this rank's own pointers stays local: each rank
+//! publishes its input's table entry at the start barrier, so peers that
+//! decided otherwise still read the right memory (docs/design.md, "Buffer
+//! table"). What every rank must do alike (the algorithm, the cut into
+//! launches, the grid) depends only on the call's length and dtype and on
+//! settings checked equal at set-up.
+
+use cudarc::driver::sys;
+use cudarc::driver::{LaunchConfig, PushKernelArg};
+
+use super::Communicator;
+use crate::algorithm::{blocks_for, choose_tuned, Algorithm};
+use crate::comm::CallOptions;
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::kernels::{
+    source_word, AllReduceArgs, BarrierArgs, PushArgs, PACKET_BYTES, SCRATCH_TAIL_BYTES,
+    THREADS_PER_BLOCK,
+};
+use crate::memory::check;
+use crate::registry::{Located, STAGING_INDEX};
+
+/// Where a call reads this rank's input from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    /// Where it is, through its buffer-table entry (peers read it too).
+    Table(Located),
+    /// Where it is, read by this rank alone (push).
+    Local,
+    /// A copy in this rank's staging buffer.
+    Staged,
+}
+
+/// The input as one launch names it.
+#[derive(Debug, Clone, Copy)]
+enum LaunchInput {
+    /// A source word: table index and offset (peers read it too).
+    Table(u64),
+    /// This rank's address (push: only this rank reads it).
+    Address(u64),
+}
+
+const PACKET: u64 = PACKET_BYTES as u64;
+
+impl Communicator {
+    pub(super) fn enqueue(
+        &mut self,
+        dtype: DType,
+        input: u64,
+        output: u64,
+        count: usize,
+        options: CallOptions,
+    ) -> Result<()> {
+        self.check_usable()?;
+        if count == 0 {
+            return Ok(());
+        }
+        let bytes = count * dtype.size();
+        let overlaps = input < output + bytes as u64 && output < input + bytes as u64;
+        if overlaps && input != output {
+            return Err(Error::PartialOverlap {
+                input,
+                output,
+                bytes,
+            });
+        }
+        self.gpu
+            .ctx
+            .bind_to_thread()
+            .map_err(Error::driver("cuCtxSetCurrent"))?;
+        let algorithm = choose_tuned(
+            self.world_size,
+            bytes,
+            options.algorithm,
+            self.tuning.as_ref(),
+        );
+        let source = self.locate_input(algorithm, input, output, bytes, options.zero_copy)?;
+        // A misaligned output is written whole packets at a time into the
+        // bounce buffer, then copied into place: this rank's concern alone.
+        let bounce = (output % PACKET != 0).then(|| self.regions.bounce.ptr());
+        let chunk = self.chunk_elements(algorithm, dtype);
+        let mut done = 0;
+        while done < count {
+            let n = chunk.min(count - done);
+            let offset = (done * dtype.size()) as u64;
+            let launch_input = match source {
+                Source::Table(located) => {
+                    // locate_input checked that every chunk's offset fits.
+                    let word = source_word(located.index, located.offset + offset);
+                    LaunchInput::Table(word.ok_or(Error::InvalidConfig(
+                        "an input's offset outgrew its source word".into(),
+                    ))?)
+                }
+                Source::Local => LaunchInput::Address(input + offset),
+                Source::Staged => {
+                    // The previous launch ended on this stream, so every
+                    // peer has finished reading staging.
+                    self.copy(self.regions.staging.ptr(), input + offset, n * dtype.size())?;
+                    if algorithm == Algorithm::Push {
+                        LaunchInput::Address(self.regions.staging.ptr())
+                    } else {
+                        LaunchInput::Table(STAGING_INDEX as u64)
+                    }
+                }
+            };
+            let target = bounce.unwrap_or(output + offset);
+            self.launch(algorithm, dtype, launch_input, target, n)?;
+            if let Some(bounce) = bounce {
+                self.copy(output + offset, bounce, n * dtype.size())?;
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Decides where the kernel reads this rank's input from: where it is
+    /// (registered, or captured and registered after capture), or from a
+    /// staging copy. Decided from this rank's pointers alone.
+    fn locate_input(
+        &mut self,
+        algorithm: Algorithm,
+        input: u64,
+        output: u64,
+        bytes: usize,
+        zero_copy: bool,
+    ) -> Result<Source> {
+        let aligned = input % PACKET == 0;
+        if algorithm == Algorithm::Push {
+            // Only this rank reads its input, each packet before writing
+            // the same packet of the output: in place is safe, and nothing
+            // needs registering. Whole packets need 16-byte alignment.
+            return match (aligned, zero_copy) {
+                (true, _) => Ok(Source::Local),
+                (false, false) => Ok(Source::Staged),
+                (false, true) => Err(Error::Misaligned {
+                    ptr: input,
+                    alignment: PACKET,
+                }),
+            };
+        }
+        // One-stage writes the output while peers may still read the input.
+        let hazard = algorithm == Algorithm::OneStage && input == output;
+        let registered = self.buffers.registry.lookup(input, bytes as u64);
+        // Every launch's offset must fit a source word: check the last.
+        let addressable = |located: Located| {
+            let last = located.offset + (bytes as u64).saturating_sub(1) / PACKET * PACKET;
+            source_word(located.index, located.offset).is_some()
+                && source_word(located.index, last).is_some()
+        };
+        if let (Some(located), false) = (registered, hazard) {
+            if addressable(located) {
+                return Ok(Source::Table(located));
+            }
+        }
+        if registered.is_none() && aligned && !hazard && self.capturing()? {
+            // Memory peers cannot map (a pool's, across processes) is staged
+            // instead, inside the graph.
+            if self.shareable(input, bytes).is_ok() {
+                let index = self.buffers.registry.reserve_pending(input)?;
+                return Ok(Source::Table(Located { index, offset: 0 }));
+            }
+        }
+        if zero_copy && registered.is_none() {
+            return Err(Error::NotRegistered { ptr: input });
+        }
+        Ok(Source::Staged)
+    }
+
+    /// Copies `bytes` from `src` to `dst` in this rank's stream order.
+    fn copy(&self, dst: u64, src: u64, bytes: usize) -> Result<()> {
+        // SAFETY: both ranges hold `bytes`: a caller's buffer holds the
+        // call's elements (it came from a device slice that long), and
+        // staging and bounce hold a whole chunk (chunk_elements).
+        check(
+            unsafe { sys::cuMemcpyDtoDAsync_v2(dst, src, bytes, self.gpu.stream.cu_stream()) },
+            "cuMemcpyDtoDAsync",
+        )
+    }
+
+    /// The most elements one launch takes: what staging and the bounce
+    /// buffer hold, and for two-stage what scratch holds, for push a push
+    /// segment. The same on every rank, whatever its pointers, so that all
+    /// ranks launch alike. A multiple of the packet, so chunks stay aligned.
+    fn chunk_elements(&self, algorithm: Algorithm, dtype: DType) -> usize {
+        let staging = self.regions.staging.bytes() / PACKET_BYTES * PACKET_BYTES;
+        let bytes = match algorithm {
+            Algorithm::OneStage => staging,
+            Algorithm::Push => self.regions.push_segment.min(staging),
+            Algorithm::TwoStage => {
+                let slice_packets = (self.config.scratch_bytes - SCRATCH_TAIL_BYTES) / PACKET_BYTES;
+                // The last slice may hold up to W-1 packets more than the rest.
+                let packets = (slice_packets - self.world_size) * self.world_size;
+                (packets * PACKET_BYTES).min(staging)
+            }
+        };
+        bytes / dtype.size()
+    }
+
+    fn launch(
+        &self,
+        algorithm: Algorithm,
+        dtype: DType,
+        input: LaunchInput,
+        output: u64,
+        count: usize,
+    ) -> Result<()> {
+        // Push kernels take the partial last packet as a packet; the others
+        // give it to a scalar tail path.
+        let packets = match algorithm {
+            Algorithm::Push => (count * dtype.size()).div_ceil(PACKET_BYTES),
+            _ => count * dtype.size() / PACKET_BYTES,
+        };
+        let blocks = blocks_for(
+            algorithm,
+            self.world_size,
+            packets,
+            THREADS_PER_BLOCK,
+            self.gpu.max_blocks,
+        );
+        let barrier = BarrierArgs {
+            peers: self.regions.signal_peers,
+            fault: self.regions.fault.device_ptr(),
+            timeout_ns: self.config.timeout.as_nanos().min(u64::MAX as u128) as u64,
+            rank: self.rank as u32,
+        };
+        let function = self.gpu.kernels.get(&(algorithm, dtype)).ok_or_else(|| {
+            Error::InvalidConfig(format!("no {algorithm} kernel for {dtype} was loaded"))
+        })?;
+        let config = LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (THREADS_PER_BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut launch = self.gpu.stream.launch_builder(function);
+        let table_args;
+        let push_args;
+        match input {
+            LaunchInput::Table(source) => {
+                table_args = AllReduceArgs {
+                    barrier,
+                    table: self.regions.table.ptr(),
+                    source,
+                    output,
+                    count: count as u64,
+                    capacity: self.regions.table_capacity as u32,
+                };
+                launch.arg(&table_args);
+            }
+            LaunchInput::Address(input) => {
+                push_args = PushArgs {
+                    barrier,
+                    push: self.regions.push_peers,
+                    input,
+                    output,
+                    count: count as u64,
+                    segment_bytes: self.regions.push_segment as u64,
+                };
+                launch.arg(&push_args);
+            }
+        }
+        // SAFETY: the one-stage and two-stage kernels take exactly one
+        // `AllReduceArgs` by value, the push kernels one `PushArgs`; which
+        // one `input` says (locate_input gives push inputs by address, the
+        // others through the table). Their pointers are valid: signal
+        // regions, push areas and the table live as long as their
+        // communicators (collectively dropped); every table entry a peer
+        // can name holds a buffer checked shareable when it was shared; a
+        // push input holds `count` elements and fits the push segment
+        // (chunks are cut to it); the output holds `count` elements (the
+        // caller's slice, or the bounce buffer, which holds a whole chunk).
+        unsafe { launch.launch(config) }
+            .map(|_| ())
+            .map_err(Error::driver("cuLaunchKernel"))
+    }
+}

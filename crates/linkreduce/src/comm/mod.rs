@@ -1,0 +1,256 @@
+//! The communicator: one rank's handle for all-reduces.
+//!
+//! Set-up is collective (every rank builds its communicator at the same time
+//! through a [`Rendezvous`]); so are [`Communicator::register`] and
+//! [`Communicator::register_graph_buffers`]. All-reduces are collective on the
+//! GPU: every rank must make the same calls, with the same lengths, in the
+//! same order; each rank passes its own buffers, which need not be alike.
+//!
+//! The concerns live apart, as NCCL keeps init, enqueue and registration
+//! apart: [`config`] (what callers tune), `setup` (building a rank and its
+//! shared memory), `register` (the buffer table: registered buffers and
+//! buffers of captured graphs) and `enqueue` (turning a call into staging
+//! copies and launches). See docs/design.md for the protocols.
+
+mod config;
+mod enqueue;
+mod register;
+mod setup;
+
+use std::sync::Arc;
+
+use cudarc::driver::sys::CUstreamCaptureStatus;
+use cudarc::driver::{CudaContext, CudaStream, DevicePtr, DevicePtrMut};
+
+pub use config::{CallOptions, Config};
+
+use crate::algorithm::{choose_tuned, Algorithm, AlgorithmChoice, Tuning};
+use crate::dtype::Element;
+use crate::error::{Error, Result};
+use crate::kernels::Kernels;
+use crate::memory::{DeviceBuffer, PointerInfo};
+use crate::nccl::NcclComm;
+use crate::rendezvous::Rendezvous;
+
+use register::Buffers;
+use setup::Regions;
+
+/// The device side of a rank.
+struct Gpu {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    kernels: Arc<Kernels>,
+    /// Blocks per launch at most: the same on every rank.
+    max_blocks: u32,
+}
+
+/// One rank of a group that all-reduces across GPUs.
+pub struct Communicator {
+    rank: usize,
+    world_size: usize,
+    gpu: Gpu,
+    regions: Regions,
+    buffers: Buffers,
+    config: Config,
+    tuning: Option<Tuning>,
+    rendezvous: Arc<dyn Rendezvous>,
+    /// Why the communicator cannot be used any more, once it cannot.
+    poisoned: Option<String>,
+}
+
+impl Communicator {
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    pub fn world_size(&self) -> usize {
+        self.world_size
+    }
+
+    /// The device this rank runs on.
+    pub fn device(&self) -> usize {
+        self.gpu.ctx.ordinal()
+    }
+
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.gpu.ctx
+    }
+
+    /// The stream every operation of this communicator is enqueued on; to
+    /// capture all-reduces in a CUDA graph, capture this stream.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.gpu.stream
+    }
+
+    /// The meeting point of this communicator's ranks, for callers that
+    /// coordinate the same ranks (an NCCL communicator, a benchmark).
+    pub fn rendezvous(&self) -> &Arc<dyn Rendezvous> {
+        &self.rendezvous
+    }
+
+    /// An NCCL communicator over the same ranks and devices, on this
+    /// communicator's stream. Collective.
+    pub fn nccl(&self) -> Result<NcclComm> {
+        NcclComm::from_rendezvous(self.rendezvous.as_ref(), &self.gpu.stream)
+    }
+
+    /// The largest grid a launch uses (same on every rank).
+    pub fn max_blocks(&self) -> u32 {
+        self.gpu.max_blocks
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The algorithm an automatic call of `bytes` uses.
+    pub fn algorithm_for(&self, bytes: usize) -> Algorithm {
+        choose_tuned(
+            self.world_size,
+            bytes,
+            AlgorithmChoice::Auto,
+            self.tuning.as_ref(),
+        )
+    }
+
+    /// Allocates a zeroed buffer that peers can read, on this rank's stream.
+    /// Where every rank lives in this process it comes from the device's
+    /// stream-ordered pool and is freed in this stream's order; otherwise
+    /// from `cuMemAlloc`, which CUDA IPC can export.
+    pub fn alloc<T: Element>(&self, len: usize) -> Result<DeviceBuffer<T>> {
+        if self.buffers.crosses_processes() {
+            DeviceBuffer::zeroed(&self.gpu.stream, len)
+        } else {
+            DeviceBuffer::zeroed_in_pool(&self.gpu.stream, len)
+        }
+    }
+
+    /// Allocates a buffer peers can read and copies `host` into it.
+    pub fn upload<T: Element>(&self, host: &[T]) -> Result<DeviceBuffer<T>> {
+        let mut buffer = self.alloc::<T>(host.len())?;
+        self.gpu
+            .stream
+            .memcpy_htod(host, &mut buffer)
+            .map_err(Error::driver("cuMemcpyHtoD"))?;
+        Ok(buffer)
+    }
+
+    /// Copies `buffer` to the host once this rank's stream reaches it.
+    pub fn download<T: Element + Default>(&self, buffer: &impl DevicePtr<T>) -> Result<Vec<T>> {
+        self.gpu
+            .stream
+            .clone_dtoh(buffer)
+            .map_err(Error::driver("cuMemcpyDtoH"))
+    }
+
+    /// Sums `input` over all ranks into `output` (any device buffer of the
+    /// same length on this rank's device, at any address).
+    pub fn all_reduce<T: Element>(
+        &mut self,
+        input: &impl DevicePtr<T>,
+        output: &mut impl DevicePtrMut<T>,
+    ) -> Result<()> {
+        self.all_reduce_with(input, output, CallOptions::default())
+    }
+
+    pub fn all_reduce_with<T: Element>(
+        &mut self,
+        input: &impl DevicePtr<T>,
+        output: &mut impl DevicePtrMut<T>,
+        options: CallOptions,
+    ) -> Result<()> {
+        if input.len() != output.len() {
+            return Err(Error::LengthMismatch {
+                input: input.len(),
+                output: output.len(),
+            });
+        }
+        let stream = self.gpu.stream.clone();
+        let (input_ptr, _read) = input.device_ptr(&stream);
+        let (output_ptr, _write) = output.device_ptr_mut(&stream);
+        self.enqueue(T::DTYPE, input_ptr, output_ptr, input.len(), options)
+    }
+
+    /// Sums `buffer` over all ranks in place.
+    pub fn all_reduce_in_place<T: Element>(
+        &mut self,
+        buffer: &mut impl DevicePtrMut<T>,
+        options: CallOptions,
+    ) -> Result<()> {
+        let stream = self.gpu.stream.clone();
+        let len = buffer.len();
+        let (ptr, _write) = buffer.device_ptr_mut(&stream);
+        self.enqueue(T::DTYPE, ptr, ptr, len, options)
+    }
+
+    /// Entries of this rank's buffer table in use (the staging buffer's
+    /// included).
+    pub fn records_used(&self) -> usize {
+        self.buffers.registry.in_use()
+    }
+
+    /// Waits for this rank's enqueued work and reports a peer timeout that
+    /// happened in it.
+    pub fn synchronize(&mut self) -> Result<()> {
+        self.check_usable()?;
+        self.gpu
+            .stream
+            .synchronize()
+            .map_err(Error::driver("cuStreamSynchronize"))?;
+        self.check_usable()
+    }
+
+    /// Fails when the communicator was poisoned or a kernel reported a
+    /// timed-out peer since the last check.
+    fn check_usable(&mut self) -> Result<()> {
+        if let Some(reason) = &self.poisoned {
+            return Err(Error::Poisoned(reason.clone()));
+        }
+        let fault = self.regions.fault.read();
+        if fault.code == 0 {
+            return Ok(());
+        }
+        let error = Error::PeerTimeout {
+            rank: fault.rank as usize,
+            peer: fault.peer as usize,
+            barrier: fault.barrier,
+            block: fault.block,
+            expected: fault.expected,
+            seen: fault.seen,
+        };
+        self.poisoned = Some(error.to_string());
+        Err(error)
+    }
+
+    /// Checks that peers can read `bytes` at `ptr` where it is.
+    fn shareable(&self, ptr: u64, bytes: usize) -> Result<()> {
+        let info = PointerInfo::shareable(ptr, bytes, self.device())?;
+        self.buffers.transport.check_shareable(ptr, &info)
+    }
+
+    /// Fails when the stream is being captured: `what` synchronises the
+    /// stream, which would invalidate the capture.
+    fn not_capturing(&self, what: &str) -> Result<()> {
+        if self.capturing()? {
+            return Err(Error::InvalidConfig(format!(
+                "{what} cannot run while the stream is being captured; call it before or after capture"
+            )));
+        }
+        Ok(())
+    }
+
+    fn capturing(&self) -> Result<bool> {
+        let status = self
+            .gpu
+            .stream
+            .capture_status()
+            .map_err(Error::driver("cuStreamIsCapturing"))?;
+        match status {
+            CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE => Ok(false),
+            CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_ACTIVE => Ok(true),
+            _ => Err(Error::InvalidConfig(
+                "the stream's capture was invalidated; end the capture and start again".into(),
+            )),
+        }
+    }
+}
