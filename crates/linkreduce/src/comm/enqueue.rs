@@ -84,6 +84,15 @@ impl Communicator {
         // bounce buffer, then copied into place: this rank's concern alone.
         let bounce = (output % PACKET != 0).then(|| self.regions.bounce.ptr());
         let chunk = self.chunk_elements(algorithm, dtype);
+        tracing::trace!(
+            rank = self.rank,
+            %algorithm,
+            ?source,
+            bounce = bounce.is_some(),
+            chunk,
+            count,
+            "all-reduce"
+        );
         let mut done = 0;
         while done < count {
             let n = chunk.min(count - done);

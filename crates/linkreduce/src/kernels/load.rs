@@ -9,6 +9,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
+use cudarc::driver::sys::{CUfunction_attribute, CUshared_carveout};
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule};
 
 use super::{compile_cubin, kernel_name, Arch, CheckKernel, Program};
@@ -40,6 +41,19 @@ pub(crate) fn load_kernels(ctx: &Arc<CudaContext>, world_size: usize) -> Result<
         })
     });
     let kernels = functions(ctx, Program::AllReduce, names)?;
+    // The kernels stream peers' memory through L1, which holds the data of
+    // loads in flight; their few bytes of static shared memory (peers'
+    // input pointers) must not let the driver trade L1 for shared memory.
+    // Suspected cause of a 2.6x slowdown of one-stage on large messages
+    // (bench/results/2026-11-26-h200x2/perf); not yet measured.
+    for function in kernels.values() {
+        function
+            .set_attribute(
+                CUfunction_attribute::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
+                CUshared_carveout::CU_SHAREDMEM_CARVEOUT_MAX_L1 as i32,
+            )
+            .map_err(Error::driver("cuFuncSetAttribute"))?;
+    }
     Ok(lock(&LOADED)
         .entry(key)
         .or_insert(Arc::new(kernels))
