@@ -1,28 +1,21 @@
 // All-reduce kernels: one-stage and two-stage, for f32, f16 and bf16, for
 // every world size 2..8. Appended to barrier.cu before compilation.
 //
-// Data moves in 16-byte packets; 16-bit types are accumulated in f32 and
-// rounded once. Ranks are summed in order 0..W-1 on every rank so that all
+// Ranks are summed in order 0..W-1 on every rank (common.cu) so that all
 // ranks produce bitwise-identical results. Elements past the last whole
-// packet (the tail, fewer than one packet) take a scalar path.
+// packet (the tail, fewer than one packet) take a scalar path. LR_THREADS,
+// LR_SCRATCH_OFFSET (where a rank's scratch starts in its signal region)
+// and LR_INDEX_BITS come from the host (src/kernels/mod.rs).
 
-#define LR_THREADS 512
-// Where a rank's scratch area starts inside its signal region.
-#define LR_SCRATCH_OFFSET 33792ull
 static_assert(sizeof(Signal) <= LR_SCRATCH_OFFSET, "scratch overlaps the counters");
 static_assert(LR_SCRATCH_OFFSET % 256 == 0, "scratch must stay 256-byte aligned");
-
-struct __align__(16) Pack {
-  u32 w[4];
-};
 
 // Where a rank's input is, as a "source": an index into the buffer table
 // (LR_INDEX_BITS bits) and an offset in packets above it. Every rank
 // publishes its own source in the start barrier, so ranks may read their
 // input from different places (registered in place, a staging copy, a
 // buffer captured in a graph) without agreeing beforehand.
-#define LR_INDEX_BITS 16
-#define LR_INDEX_MASK 0xffffull
+#define LR_INDEX_MASK ((1ull << LR_INDEX_BITS) - 1)
 
 struct AllReduceArgs {
   BarrierArgs bar;
@@ -34,34 +27,6 @@ struct AllReduceArgs {
   u64 count;     // elements
   u32 capacity;  // entries per owner in the table
 };
-
-// Element `i` of a packet, as storage bits.
-template <typename D>
-static __device__ __forceinline__ u32 lr_lane(const Pack& p, int i) {
-  if (D::BITS == 32) return p.w[i];
-  return (p.w[i / 2] >> (16 * (i % 2))) & 0xffffu;
-}
-
-// Sums W packets in rank order and rounds once.
-template <typename D, int W>
-static __device__ __forceinline__ Pack lr_reduce(const Pack (&in)[W]) {
-  Pack out;
-#pragma unroll
-  for (int w = 0; w < 4; ++w) out.w[w] = 0;
-#pragma unroll
-  for (int i = 0; i < D::PER_PACK; ++i) {
-    float sum = D::to_f32(lr_lane<D>(in[0], i));
-#pragma unroll
-    for (int r = 1; r < W; ++r) sum += D::to_f32(lr_lane<D>(in[r], i));
-    u32 bits = D::from_f32(sum);
-    if (D::BITS == 32) {
-      out.w[i] = bits;
-    } else {
-      out.w[i / 2] |= bits << (16 * (i % 2));
-    }
-  }
-  return out;
-}
 
 // Sums element `e` of W arrays in rank order (the scalar tail path).
 template <typename D, int W>
@@ -203,16 +168,6 @@ static __device__ __forceinline__ void lr_two_stage(const AllReduceArgs& a) {
       linkreduce_one_stage_##NAME##_w##W(AllReduceArgs a) { lr_one_stage<D, W>(a); }           \
   extern "C" __global__ void __launch_bounds__(LR_THREADS)                                     \
       linkreduce_two_stage_##NAME##_w##W(AllReduceArgs a) { lr_two_stage<D, W>(a); }
-
-// Instantiates KERNELS(NAME, D, W) for every world size.
-#define LR_FOR_WORLDS(KERNELS, NAME, D) \
-  KERNELS(NAME, D, 2)                   \
-  KERNELS(NAME, D, 3)                   \
-  KERNELS(NAME, D, 4)                   \
-  KERNELS(NAME, D, 5)                   \
-  KERNELS(NAME, D, 6)                   \
-  KERNELS(NAME, D, 7)                   \
-  KERNELS(NAME, D, 8)
 
 LR_FOR_WORLDS(LR_KERNELS, f32, F32)
 LR_FOR_WORLDS(LR_KERNELS, f16, F16)

@@ -1,19 +1,16 @@
 // The barrier between GPUs: the one place that defines how ranks meet.
 //
 // Compiled by NVRTC with no CUDA headers: only built-in types and functions
-// and inline PTX. The host mirrors the constants and layouts below in
-// src/kernels/mod.rs; change both together.
-
-#define LR_MAX_RANKS 8
-#define LR_MAX_BLOCKS 256
+// and inline PTX. LR_MAX_RANKS, LR_MAX_BLOCKS and LR_EPOCH_BITS come from
+// the host (src/kernels/mod.rs generates them); the host mirrors the
+// layouts below there, checked by its tests.
 
 // What a peer writes to say it reached a barrier: the barrier's epoch in the
 // low LR_EPOCH_BITS bits (only equality is tested, and a counter lags the
 // epoch awaited by at most 2, so 16 bits never alias), and above them what
 // the barrier carries (the start barrier: the sender's input, allreduce.cu).
 // One 64-bit store, so a peer sees the epoch and its payload together.
-#define LR_EPOCH_BITS 16
-#define LR_EPOCH_MASK 0xffffull
+#define LR_EPOCH_MASK ((1ull << LR_EPOCH_BITS) - 1)
 
 // One rank's synchronisation counters, at the start of its signal region.
 // counters[parity][block][peer] is written by `peer` and read by the owner.

@@ -8,9 +8,6 @@
 // regenerate every rank's input and sum it without reading any peer. The
 // host mirrors the generator in src/verify/values.rs; change both together.
 
-#define LR_THREADS 256
-#define LR_MAX_BLOCKS 1024
-
 // splitmix64's finaliser.
 static __device__ __forceinline__ u64 lr_mix(u64 x) {
   x ^= x >> 30;
@@ -106,11 +103,11 @@ static __device__ void lr_check(const CheckArgs& a) {
 }
 
 #define LR_CHECK_KERNELS(NAME, D)                                                               \
-  extern "C" __global__ void __launch_bounds__(LR_THREADS)                                     \
+  extern "C" __global__ void __launch_bounds__(LR_CHECK_THREADS)                                     \
       linkreduce_fill_##NAME(char* data, u64 count, u64 seed, u32 rank) {                      \
     lr_fill<D>(data, count, seed, rank);                                                       \
   }                                                                                             \
-  extern "C" __global__ void __launch_bounds__(LR_THREADS) linkreduce_check_##NAME(CheckArgs a) { \
+  extern "C" __global__ void __launch_bounds__(LR_CHECK_THREADS) linkreduce_check_##NAME(CheckArgs a) { \
     lr_check<D>(a);                                                                             \
   }
 

@@ -73,7 +73,7 @@ pub fn compile_cubin(program: Program, arch: Arch) -> Result<Arc<Vec<u8>>> {
         return Ok(cubin.clone());
     }
     let options = options(arch);
-    let key = cache_key(program.source(), arch, &options, nvrtc_version()?);
+    let key = cache_key(&program.source(), arch, &options, nvrtc_version()?);
     let cache = cache_dir().map(|dir| dir.join(format!("{key}.cubin")));
     let cubin = match cache.as_deref().and_then(|path| std::fs::read(path).ok()) {
         Some(cubin) => cubin,
@@ -209,13 +209,13 @@ mod tests {
         let sm90 = Arch { major: 9, minor: 0 };
         let sm80 = Arch { major: 8, minor: 0 };
         let source = Program::AllReduce.source();
-        let base = cache_key(source, sm90, &options(sm90), (13, 0));
-        assert_eq!(base, cache_key(source, sm90, &options(sm90), (13, 0)));
-        assert_ne!(base, cache_key(source, sm80, &options(sm90), (13, 0)));
-        assert_ne!(base, cache_key(source, sm90, &options(sm80), (13, 0)));
-        assert_ne!(base, cache_key(source, sm90, &options(sm90), (13, 1)));
+        let base = cache_key(&source, sm90, &options(sm90), (13, 0));
+        assert_eq!(base, cache_key(&source, sm90, &options(sm90), (13, 0)));
+        assert_ne!(base, cache_key(&source, sm80, &options(sm90), (13, 0)));
+        assert_ne!(base, cache_key(&source, sm90, &options(sm80), (13, 0)));
+        assert_ne!(base, cache_key(&source, sm90, &options(sm90), (13, 1)));
         let check = Program::Check.source();
-        assert_ne!(base, cache_key(check, sm90, &options(sm90), (13, 0)));
+        assert_ne!(base, cache_key(&check, sm90, &options(sm90), (13, 0)));
         assert_eq!(base.len(), 64);
     }
 

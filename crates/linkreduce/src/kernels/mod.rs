@@ -15,14 +15,18 @@ use crate::dtype::DType;
 pub use compile::{compile_cubin, nvrtc_version, Arch};
 pub(crate) use load::{load_check_kernels, load_kernels, CheckKernels, Kernels};
 
-/// The element types, the barrier protocol, the all-reduce kernels that use
-/// it, then the barrier-free push kernels.
-const ALL_REDUCE_SOURCE: &str = concat!(
-    include_str!("dtypes.cu"),
+/// The all-reduce program's files in compile order: the shared layer, the
+/// barrier protocol, the all-reduce kernels that use it, then the
+/// barrier-free push kernels.
+const ALL_REDUCE_FILES: [&str; 4] = [
+    include_str!("common.cu"),
     include_str!("barrier.cu"),
     include_str!("allreduce.cu"),
-    include_str!("push.cu")
-);
+    include_str!("push.cu"),
+];
+
+/// The check program's files in compile order.
+const CHECK_FILES: [&str; 2] = [include_str!("common.cu"), include_str!("check.cu")];
 
 /// A program NVRTC compiles: the all-reduce kernels, or the kernels that
 /// make and check data for correctness runs (loaded only by those).
@@ -35,11 +39,16 @@ pub enum Program {
 impl Program {
     pub const ALL: [Program; 2] = [Program::AllReduce, Program::Check];
 
-    pub(crate) fn source(self) -> &'static str {
-        match self {
-            Program::AllReduce => ALL_REDUCE_SOURCE,
-            Program::Check => concat!(include_str!("dtypes.cu"), include_str!("check.cu")),
-        }
+    /// The whole source NVRTC compiles: the generated constants, then the
+    /// program's files.
+    pub(crate) fn source(self) -> String {
+        let files: &[&str] = match self {
+            Program::AllReduce => &ALL_REDUCE_FILES,
+            Program::Check => &CHECK_FILES,
+        };
+        let mut source = generated_constants();
+        files.iter().for_each(|file| source.push_str(file));
+        source
     }
 
     /// The name NVRTC reports in its logs.
@@ -100,33 +109,41 @@ pub(crate) struct CheckArgs {
 // (repr(C), only integers; size checked by the test below).
 unsafe impl DeviceRepr for CheckArgs {}
 
-/// Threads per block of the check kernels (mirrors their `LR_THREADS`).
+// The constants below that name an `LR_*` macro are written into every
+// program's source by `generated_constants`: the kernels take them from
+// here, so the two sides cannot drift apart.
+
+/// Threads per block of the check kernels (`LR_CHECK_THREADS`).
 pub(crate) const CHECK_THREADS: u32 = 256;
-/// Most blocks a check kernel is launched with (mirrors `LR_MAX_BLOCKS`).
+/// Most blocks a check kernel is launched with (they stride over the rest).
 pub(crate) const CHECK_MAX_BLOCKS: u32 = 1024;
 
-/// Mirrors `LR_MAX_RANKS`.
+/// `LR_MAX_RANKS`.
 pub const MAX_RANKS: usize = 8;
-/// Mirrors `LR_MAX_BLOCKS`: the largest grid a kernel may be launched with.
+/// `LR_MAX_BLOCKS`: the largest grid a kernel may be launched with.
 pub const MAX_BLOCKS: usize = 256;
-/// Mirrors `LR_THREADS`.
+/// `LR_THREADS`: threads per block of the all-reduce kernels.
 pub const THREADS_PER_BLOCK: u32 = 512;
-/// Mirrors `LR_SCRATCH_OFFSET`: counters come first, scratch after.
+/// `LR_SCRATCH_OFFSET`: counters come first in a signal region, scratch
+/// after (barrier.cu checks that the counters fit).
 pub const SCRATCH_OFFSET: usize = 33792;
 /// Bytes moved per packet.
 pub const PACKET_BYTES: usize = 16;
 /// Two-stage kernels keep a reduced tail (under one packet) after the slice.
 pub(crate) const SCRATCH_TAIL_BYTES: usize = PACKET_BYTES;
 
-/// Mirrors `LR_PUSH_SLOTS`: push slots that rotate, one per call.
+/// `LR_PUSH_SLOTS`: push slots that rotate, one per call.
 pub const PUSH_SLOTS: usize = 3;
-/// Mirrors `LR_PUSH_HEADER`: bytes before the first push slot.
+/// `LR_PUSH_HEADER`: bytes before the first push slot.
 pub const PUSH_HEADER: usize = 256;
-/// Mirrors `LR_PUSH_EMPTY`: what an empty push slot holds, per 32-bit word.
+/// `LR_PUSH_EMPTY`: what an empty push slot holds, per 32-bit word.
 pub const PUSH_EMPTY: u32 = 0x8000_8000;
 
-/// Mirrors `LR_INDEX_BITS`: a source names a buffer-table index in this
-/// many bits and an offset in packets in the 32 above them.
+/// `LR_EPOCH_BITS`: a barrier word carries the epoch in this many low bits
+/// and its payload above them.
+pub(crate) const EPOCH_BITS: u32 = 16;
+/// `LR_INDEX_BITS`: a source word names a buffer-table index in this many
+/// bits and an offset in packets in the bits left above them.
 pub(crate) const INDEX_BITS: u32 = 16;
 /// Buffer-table entries per owner at most (what an index can name).
 pub const MAX_TABLE_ENTRIES: usize = 1 << INDEX_BITS;
@@ -136,12 +153,41 @@ pub const MAX_TABLE_ENTRIES: usize = 1 << INDEX_BITS;
 /// of packets or too far for the word (such inputs are staged).
 pub(crate) fn source_word(index: usize, offset: u64) -> Option<u64> {
     let packets = offset / PACKET_BYTES as u64;
-    let fits = index < MAX_TABLE_ENTRIES && packets <= u64::from(u32::MAX);
+    let offset_bits = 64 - EPOCH_BITS - INDEX_BITS;
+    let fits = index < MAX_TABLE_ENTRIES && packets < 1 << offset_bits;
     (fits && offset % PACKET_BYTES as u64 == 0).then_some(index as u64 | packets << INDEX_BITS)
 }
 
 /// World sizes the kernels are instantiated for.
 pub const WORLD_SIZES: std::ops::RangeInclusive<usize> = 2..=MAX_RANKS;
+
+/// The `#define`s that open every program: the host's constants, and
+/// `LR_FOR_WORLDS(KERNELS, NAME, D)`, which instantiates `KERNELS(NAME, D, W)`
+/// for every world size in [`WORLD_SIZES`].
+fn generated_constants() -> String {
+    let defines = [
+        ("LR_MAX_RANKS", MAX_RANKS.to_string()),
+        ("LR_MAX_BLOCKS", MAX_BLOCKS.to_string()),
+        ("LR_THREADS", THREADS_PER_BLOCK.to_string()),
+        ("LR_SCRATCH_OFFSET", format!("{SCRATCH_OFFSET}ull")),
+        ("LR_EPOCH_BITS", EPOCH_BITS.to_string()),
+        ("LR_INDEX_BITS", INDEX_BITS.to_string()),
+        ("LR_PUSH_SLOTS", PUSH_SLOTS.to_string()),
+        ("LR_PUSH_HEADER", format!("{PUSH_HEADER}ull")),
+        ("LR_PUSH_EMPTY", format!("{PUSH_EMPTY:#x}u")),
+        ("LR_CHECK_THREADS", CHECK_THREADS.to_string()),
+    ];
+    let mut text = String::from("// Generated from the host's constants (src/kernels/mod.rs).\n");
+    for (name, value) in defines {
+        text.push_str(&format!("#define {name} {value}\n"));
+    }
+    text.push_str("#define LR_FOR_WORLDS(KERNELS, NAME, D)");
+    for world_size in WORLD_SIZES {
+        text.push_str(&format!(" KERNELS(NAME, D, {world_size})"));
+    }
+    text.push_str("\n\n");
+    text
+}
 
 /// The symbol of one kernel variant.
 pub fn kernel_name(algorithm: Algorithm, dtype: DType, world_size: usize) -> String {
@@ -282,15 +328,20 @@ mod tests {
     #[test]
     fn the_source_defines_every_kernel_name() {
         // The macros build names from pieces, so check the pieces are there.
-        assert!(ALL_REDUCE_SOURCE.contains("linkreduce_one_stage_##NAME##_w##W"));
-        assert!(ALL_REDUCE_SOURCE.contains("linkreduce_two_stage_##NAME##_w##W"));
-        assert!(ALL_REDUCE_SOURCE.contains("linkreduce_push_##NAME##_w##W"));
+        let source = Program::AllReduce.source();
+        assert!(source.contains("linkreduce_one_stage_##NAME##_w##W"));
+        assert!(source.contains("linkreduce_two_stage_##NAME##_w##W"));
+        assert!(source.contains("linkreduce_push_##NAME##_w##W"));
         for dtype in DType::ALL {
             for kernels in ["LR_KERNELS", "LR_PUSH_KERNELS"] {
                 let line = format!("LR_FOR_WORLDS({kernels}, {},", dtype.name());
-                assert!(ALL_REDUCE_SOURCE.contains(&line), "source lacks `{line}`");
+                assert!(source.contains(&line), "source lacks `{line}`");
             }
         }
+        let worlds = " KERNELS(NAME, D, 2) KERNELS(NAME, D, 3) KERNELS(NAME, D, 4) \
+                      KERNELS(NAME, D, 5) KERNELS(NAME, D, 6) KERNELS(NAME, D, 7) \
+                      KERNELS(NAME, D, 8)\n";
+        assert!(source.contains(&format!("#define LR_FOR_WORLDS(KERNELS, NAME, D){worlds}")));
         assert_eq!(all_kernel_names().len(), 3 * 7 * 3);
         assert_eq!(
             kernel_name(Algorithm::TwoStage, DType::BF16, 5),
@@ -299,27 +350,35 @@ mod tests {
     }
 
     #[test]
-    fn source_constants_match_the_host() {
-        for (name, value) in [
-            ("LR_MAX_RANKS", MAX_RANKS.to_string()),
-            ("LR_MAX_BLOCKS", MAX_BLOCKS.to_string()),
-            ("LR_THREADS", THREADS_PER_BLOCK.to_string()),
-            ("LR_SCRATCH_OFFSET", format!("{SCRATCH_OFFSET}ull")),
-            ("LR_PUSH_SLOTS", PUSH_SLOTS.to_string()),
-            ("LR_PUSH_HEADER", format!("{PUSH_HEADER}ull")),
-            ("LR_PUSH_EMPTY", format!("{PUSH_EMPTY:#x}u")),
-            ("LR_INDEX_BITS", INDEX_BITS.to_string()),
+    fn shared_constants_come_only_from_the_host() {
+        let generated = generated_constants();
+        for line in [
+            "#define LR_MAX_RANKS 8",
+            "#define LR_MAX_BLOCKS 256",
+            "#define LR_THREADS 512",
+            "#define LR_SCRATCH_OFFSET 33792ull",
+            "#define LR_EPOCH_BITS 16",
+            "#define LR_INDEX_BITS 16",
+            "#define LR_PUSH_SLOTS 3",
+            "#define LR_PUSH_HEADER 256ull",
+            "#define LR_PUSH_EMPTY 0x80008000u",
+            "#define LR_CHECK_THREADS 256",
         ] {
-            let line = format!("#define {name} {value}");
-            assert!(ALL_REDUCE_SOURCE.contains(&line), "source lacks `{line}`");
+            assert!(
+                generated.contains(line),
+                "generated constants lack `{line}`"
+            );
+            let name = line.split(' ').nth(1).unwrap_or_default();
+            let by_hand = format!("#define {name} ");
+            for file in ALL_REDUCE_FILES.iter().chain(&CHECK_FILES) {
+                assert!(
+                    !file.contains(&by_hand),
+                    "a .cu file defines {name} by hand"
+                );
+            }
         }
-        for (name, value) in [
-            ("LR_THREADS", CHECK_THREADS.to_string()),
-            ("LR_MAX_BLOCKS", CHECK_MAX_BLOCKS.to_string()),
-        ] {
-            let line = format!("#define {name} {value}");
-            let source = Program::Check.source();
-            assert!(source.contains(&line), "check.cu lacks `{line}`");
+        for program in Program::ALL {
+            assert!(program.source().starts_with(&generated));
         }
     }
 }

@@ -19,9 +19,6 @@
 // becomes +0.0 in f16 and bf16, and the f32 denormal 0x80008000 becomes
 // -0.0 (a change of 4.6e-41).
 
-#define LR_PUSH_SLOTS 3
-#define LR_PUSH_HEADER 256ull
-#define LR_PUSH_EMPTY 0x80008000u
 // The "barrier" a fault names when a push waited in vain for a peer's data.
 #define LR_PUSH_WAIT 99u
 
