@@ -10,10 +10,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use cudarc::driver::sys;
-use cudarc::driver::CudaContext;
+use cudarc::driver::{CudaContext, DriverError};
 
+use crate::driver;
 use crate::error::{Error, Result};
-use crate::memory::{check, PointerInfo};
+use crate::memory::PointerInfo;
 
 /// Why memory handed to peers in other processes must come from `cuMemAlloc`.
 pub(crate) const IPC_HINT: &str = "peers in other processes map memory through legacy CUDA IPC, \
@@ -48,16 +49,11 @@ impl Exported {
     /// Exports the allocation holding `ptr`.
     pub fn of(ptr: u64) -> Result<Exported> {
         let info = PointerInfo::query(ptr)?;
-        let mut handle = sys::CUipcMemHandle {
-            reserved: [0; HANDLE_BYTES],
-        };
-        // SAFETY: `handle` is valid for writes; `info.base` is the start of
-        // a live allocation the driver just described.
-        let status = unsafe { sys::cuIpcGetMemHandle(&mut handle, info.base) };
-        status.result().map_err(|error| Error::NotShareable {
-            ptr,
-            reason: format!("CUDA IPC cannot export it ({error}): {IPC_HINT}"),
-        })?;
+        let handle =
+            driver::ipc_get_mem_handle(info.base).map_err(|error| Error::NotShareable {
+                ptr,
+                reason: format!("CUDA IPC cannot export it ({error}): {IPC_HINT}"),
+            })?;
         Ok(Exported {
             handle: handle.reserved.map(|b| b as u8),
             offset: ptr - info.base,
@@ -95,27 +91,20 @@ impl OpenedPeers {
         let handle = sys::CUipcMemHandle {
             reserved: exported.handle.map(|b| b as _),
         };
-        let mut base = 0;
-        // SAFETY: `base` is valid for writes and the context is current. A
-        // handle that is not a live peer allocation makes the call fail.
-        let status = unsafe {
-            sys::cuIpcOpenMemHandle_v2(
-                &mut base,
-                handle,
-                sys::CUipcMem_flags::CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS as u32,
-            )
-        };
-        if status == sys::CUresult::CUDA_ERROR_ALREADY_MAPPED {
-            return Err(Error::NotShareable {
-                ptr: exported.offset,
-                reason: "a peer's buffer (at this offset in its allocation) shares a 2 MiB \
+        let base = match driver::ipc_open_mem_handle(handle) {
+            Ok(base) => base,
+            Err(DriverError(sys::CUresult::CUDA_ERROR_ALREADY_MAPPED)) => {
+                return Err(Error::NotShareable {
+                    ptr: exported.offset,
+                    reason: "a peer's buffer (at this offset in its allocation) shares a 2 MiB \
                          page with another of its buffers that this rank already mapped, \
                          and CUDA IPC maps whole pages; allocate registered buffers with \
                          Communicator::alloc (whole pages each)"
-                    .into(),
-            });
-        }
-        check(status, "cuIpcOpenMemHandle")?;
+                        .into(),
+                });
+            }
+            Err(error) => return Err(Error::driver("cuIpcOpenMemHandle")(error)),
+        };
         OPEN_HANDLES.fetch_add(1, Ordering::Relaxed);
         self.bases.insert(exported.handle, (base, 1));
         Ok(base + exported.offset)
@@ -148,7 +137,7 @@ impl OpenedPeers {
         }
         // SAFETY: `base` was returned by cuIpcOpenMemHandle in this context
         // and is closed once: callers removed it from `bases` first.
-        if unsafe { sys::cuIpcCloseMemHandle(base) } == sys::CUresult::CUDA_SUCCESS {
+        if unsafe { driver::ipc_close_mem_handle(base) }.is_ok() {
             OPEN_HANDLES.fetch_sub(1, Ordering::Relaxed);
         }
     }

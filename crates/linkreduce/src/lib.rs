@@ -15,6 +15,7 @@
 
 pub mod algorithm;
 pub mod comm;
+pub mod driver;
 pub mod dtype;
 pub mod error;
 pub mod group;

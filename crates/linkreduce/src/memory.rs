@@ -1,6 +1,6 @@
 //! Device memory that peers may read, host memory the GPU can write, peer
-//! access, and pointer queries: the small safe types over the driver's raw
-//! calls that the rest of the crate builds on.
+//! access, and pointer queries: the small safe types, over cudarc's result
+//! layer and [`crate::driver`], that the rest of the crate builds on.
 //!
 //! Memory that peers in other processes map comes from `cuMemAlloc`: legacy
 //! CUDA IPC refuses pool memory. Memory only this process's ranks read may
@@ -12,15 +12,12 @@
 use std::marker::PhantomData;
 use std::sync::Arc;
 
-use cudarc::driver::sys::{self, CUresult};
+use cudarc::driver::result as cuda;
+use cudarc::driver::sys;
 use cudarc::driver::{CudaContext, CudaStream, DevicePtr, DevicePtrMut, DeviceSlice, SyncOnDrop};
 
+use crate::driver;
 use crate::error::{Error, Result};
-
-/// Turns a raw driver status into our error, naming the call.
-pub fn check(status: CUresult, call: &'static str) -> Result<()> {
-    status.result().map_err(Error::driver(call))
-}
 
 /// Loads libcuda and initialises it; the first thing every entry point does,
 /// so that a missing driver is an error rather than a panic inside cudarc.
@@ -73,17 +70,14 @@ impl DeviceMemory {
         let ctx = stream.context();
         ctx.bind_to_thread()
             .map_err(Error::driver("cuCtxSetCurrent"))?;
-        let mut ptr = 0;
         // The driver packs small allocations into shared 2 MiB pages, and
         // CUDA IPC maps whole pages: a peer process that opened one
         // allocation of a page cannot open another (ALREADY_MAPPED). Whole
         // pages keep every allocation separately mappable.
         let reserved = bytes.max(1).div_ceil(IPC_PAGE) * IPC_PAGE;
-        // SAFETY: `ptr` is valid for writes; the context is current.
-        check(
-            unsafe { sys::cuMemAlloc_v2(&mut ptr, reserved) },
-            "cuMemAlloc",
-        )?;
+        // SAFETY: the context is current; the memory is zeroed below before
+        // anything reads it.
+        let ptr = unsafe { cuda::malloc_sync(reserved) }.map_err(Error::driver("cuMemAlloc"))?;
         let memory = DeviceMemory {
             ctx: ctx.clone(),
             ptr,
@@ -105,13 +99,10 @@ impl DeviceMemory {
         }
         ctx.bind_to_thread()
             .map_err(Error::driver("cuCtxSetCurrent"))?;
-        let mut ptr = 0;
-        // SAFETY: `ptr` is valid for writes; the stream belongs to the
-        // current context.
-        check(
-            unsafe { sys::cuMemAllocAsync(&mut ptr, bytes.max(1), stream.cu_stream()) },
-            "cuMemAllocAsync",
-        )?;
+        // SAFETY: the stream belongs to the current context; the memory is
+        // zeroed below, in the same stream's order, before anything reads it.
+        let ptr = unsafe { cuda::malloc_async(stream.cu_stream(), bytes.max(1)) }
+            .map_err(Error::driver("cuMemAllocAsync"))?;
         let memory = DeviceMemory {
             ctx: ctx.clone(),
             ptr,
@@ -123,24 +114,22 @@ impl DeviceMemory {
     }
 
     fn zero(&self, stream: &CudaStream) -> Result<()> {
-        // SAFETY: the allocation holds at least `bytes` bytes.
-        check(
-            unsafe { sys::cuMemsetD8Async(self.ptr, 0, self.bytes, stream.cu_stream()) },
-            "cuMemsetD8Async",
-        )
+        // SAFETY: the allocation holds at least `bytes` bytes and lives
+        // until its free, which is ordered after this.
+        unsafe { cuda::memset_d8_async(self.ptr, 0, self.bytes, stream.cu_stream()) }
+            .map_err(Error::driver("cuMemsetD8Async"))
     }
 
     /// Sets every 32-bit word from byte `from` (a multiple of 4) to the
     /// end to `value`, in `stream`'s order.
     pub fn fill_words(&self, stream: &CudaStream, from: usize, value: u32) -> Result<()> {
         let words = self.bytes.saturating_sub(from) / 4;
-        // SAFETY: `words` 32-bit words from `from` lie inside the allocation.
-        check(
-            unsafe {
-                sys::cuMemsetD32Async(self.ptr + from as u64, value, words, stream.cu_stream())
-            },
-            "cuMemsetD32Async",
-        )
+        // SAFETY: `words` 32-bit words from `from` lie inside the allocation,
+        // which lives until its free, ordered after this.
+        unsafe {
+            driver::memset_d32_async(self.ptr + from as u64, value, words, stream.cu_stream())
+        }
+        .map_err(Error::driver("cuMemsetD32Async"))
     }
 
     pub fn ptr(&self) -> u64 {
@@ -161,12 +150,12 @@ impl Drop for DeviceMemory {
             // SAFETY: `ptr` came from cuMemAlloc and is freed exactly once;
             // cuMemFree waits for work still using it.
             Backing::Legacy => {
-                let _ = unsafe { sys::cuMemFree_v2(self.ptr) };
+                let _ = unsafe { cuda::free_sync(self.ptr) };
             }
             // SAFETY: `ptr` came from cuMemAllocAsync and is freed exactly
             // once, after the work enqueued on its stream so far.
             Backing::Pool(stream) => {
-                let _ = unsafe { sys::cuMemFreeAsync(self.ptr, stream.cu_stream()) };
+                let _ = unsafe { cuda::free_async(self.ptr, stream.cu_stream()) };
             }
         }
     }
@@ -337,11 +326,10 @@ pub unsafe fn copy_to_device<T: Copy>(stream: &CudaStream, dst: u64, src: &[T]) 
         .context()
         .bind_to_thread()
         .map_err(Error::driver("cuCtxSetCurrent"))?;
-    let bytes = std::mem::size_of_val(src);
-    check(
-        sys::cuMemcpyHtoDAsync_v2(dst, src.as_ptr() as *const _, bytes, stream.cu_stream()),
-        "cuMemcpyHtoDAsync",
-    )?;
+    // SAFETY: the caller vouches for `dst`; `src` outlives the copy (the
+    // stream is synchronised below).
+    unsafe { cuda::memcpy_htod_async(dst, src, stream.cu_stream()) }
+        .map_err(Error::driver("cuMemcpyHtoDAsync"))?;
     stream
         .synchronize()
         .map_err(Error::driver("cuStreamSynchronize"))
@@ -356,11 +344,10 @@ pub unsafe fn copy_to_host<T: Copy>(stream: &CudaStream, dst: &mut [T], src: u64
         .context()
         .bind_to_thread()
         .map_err(Error::driver("cuCtxSetCurrent"))?;
-    let bytes = std::mem::size_of_val(dst);
-    check(
-        sys::cuMemcpyDtoHAsync_v2(dst.as_mut_ptr() as *mut _, src, bytes, stream.cu_stream()),
-        "cuMemcpyDtoHAsync",
-    )?;
+    // SAFETY: the caller vouches for `src`; `dst` outlives the copy (the
+    // stream is synchronised below).
+    unsafe { cuda::memcpy_dtoh_async(dst, src, stream.cu_stream()) }
+        .map_err(Error::driver("cuMemcpyDtoHAsync"))?;
     stream
         .synchronize()
         .map_err(Error::driver("cuStreamSynchronize"))
@@ -382,13 +369,11 @@ impl<T: Copy + Default> HostMapped<T> {
     pub fn new(ctx: &Arc<CudaContext>) -> Result<Self> {
         ctx.bind_to_thread()
             .map_err(Error::driver("cuCtxSetCurrent"))?;
-        let mut host = std::ptr::null_mut();
         let flags = sys::CU_MEMHOSTALLOC_DEVICEMAP | sys::CU_MEMHOSTALLOC_PORTABLE;
-        // SAFETY: `host` is valid for writes; the context is current.
-        check(
-            unsafe { sys::cuMemHostAlloc(&mut host, std::mem::size_of::<T>(), flags) },
-            "cuMemHostAlloc",
-        )?;
+        // SAFETY: the context is current; the memory is written below
+        // before anything reads it.
+        let host = unsafe { cuda::malloc_host(std::mem::size_of::<T>(), flags) }
+            .map_err(Error::driver("cuMemHostAlloc"))?;
         let mut mapped = HostMapped {
             ctx: ctx.clone(),
             host: host as *mut T,
@@ -396,10 +381,8 @@ impl<T: Copy + Default> HostMapped<T> {
         };
         mapped.write(T::default());
         // SAFETY: `host` is a mapped allocation from cuMemHostAlloc above.
-        check(
-            unsafe { sys::cuMemHostGetDevicePointer_v2(&mut mapped.device, host, 0) },
-            "cuMemHostGetDevicePointer",
-        )?;
+        mapped.device = unsafe { driver::host_device_pointer(host) }
+            .map_err(Error::driver("cuMemHostGetDevicePointer"))?;
         Ok(mapped)
     }
 
@@ -423,7 +406,7 @@ impl<T: Copy + Default> Drop for HostMapped<T> {
     fn drop(&mut self) {
         if self.ctx.bind_to_thread().is_ok() {
             // SAFETY: allocated by cuMemHostAlloc and freed exactly once.
-            let _ = unsafe { sys::cuMemFreeHost(self.host as *mut _) };
+            let _ = unsafe { cuda::free_host(self.host as *mut _) };
         }
     }
 }
@@ -433,13 +416,8 @@ pub fn can_access_peer(from: &CudaContext, to: &CudaContext) -> Result<bool> {
     if from.cu_device() == to.cu_device() {
         return Ok(true);
     }
-    let mut can = 0;
-    // SAFETY: `can` is valid for writes; both devices are valid handles.
-    check(
-        unsafe { sys::cuDeviceCanAccessPeer(&mut can, from.cu_device(), to.cu_device()) },
-        "cuDeviceCanAccessPeer",
-    )?;
-    Ok(can != 0)
+    driver::can_access_peer(from.cu_device(), to.cu_device())
+        .map_err(Error::driver("cuDeviceCanAccessPeer"))
 }
 
 /// Lets `from` map `to`'s memory (legacy allocations and the default pool).
@@ -456,31 +434,22 @@ pub(crate) fn enable_peer_access(from: &CudaContext, to: &CudaContext) -> Result
     }
     from.bind_to_thread()
         .map_err(Error::driver("cuCtxSetCurrent"))?;
-    // SAFETY: `to` is a live context; flags must be 0.
-    match unsafe { sys::cuCtxEnablePeerAccess(to.cu_ctx(), 0) } {
-        CUresult::CUDA_SUCCESS | CUresult::CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED => {}
-        other => check(other, "cuCtxEnablePeerAccess")?,
-    }
+    // SAFETY: `to` is a live context (we hold it); `from` is current.
+    unsafe { driver::enable_peer_access(to.cu_ctx()) }
+        .map_err(Error::driver("cuCtxEnablePeerAccess"))?;
     // Memory from `to`'s default stream-ordered pool (what cudarc allocates)
     // needs its own grant.
-    let mut pool = std::ptr::null_mut();
-    // SAFETY: `pool` is valid for writes; the device handle is valid.
-    check(
-        unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, to.cu_device()) },
-        "cuDeviceGetDefaultMemPool",
-    )?;
-    let access = sys::CUmemAccessDesc {
-        location: sys::CUmemLocation {
-            type_: sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE,
-            id: from.cu_device(),
-        },
-        flags: sys::CUmemAccess_flags::CU_MEM_ACCESS_FLAGS_PROT_READWRITE,
-    };
-    // SAFETY: `pool` is `to`'s default pool; one descriptor is passed.
-    check(
-        unsafe { sys::cuMemPoolSetAccess(pool, &access, 1) },
-        "cuMemPoolSetAccess",
-    )
+    let pool = default_pool(to)?;
+    // SAFETY: `pool` is `to`'s default pool, which lives as long as `to`.
+    unsafe { driver::mem_pool_grant_access(pool, from.cu_device()) }
+        .map_err(Error::driver("cuMemPoolSetAccess"))
+}
+
+/// The default stream-ordered pool of `ctx`'s device.
+fn default_pool(ctx: &CudaContext) -> Result<sys::CUmemoryPool> {
+    // SAFETY: the device handle comes from a live context.
+    unsafe { cuda::device::get_default_mem_pool(ctx.cu_device()) }
+        .map_err(Error::driver("cuDeviceGetDefaultMemPool"))
 }
 
 /// Makes the default pool of `ctx`'s device safe for ranks that share the
@@ -495,12 +464,7 @@ pub(crate) fn prepare_shared_pool(ctx: &CudaContext) -> Result<()> {
     if !ctx.has_async_alloc() {
         return Ok(());
     }
-    let mut pool = std::ptr::null_mut();
-    // SAFETY: `pool` is valid for writes; the device handle is valid.
-    check(
-        unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) },
-        "cuDeviceGetDefaultMemPool",
-    )?;
+    let pool = default_pool(ctx)?;
     // SAFETY: both attributes take the types given (int, cuuint64_t).
     unsafe {
         set_pool_attribute(
@@ -517,24 +481,29 @@ pub(crate) fn prepare_shared_pool(ctx: &CudaContext) -> Result<()> {
 }
 
 /// # Safety
-/// `value` must have the type the driver documents for `attribute`.
+/// `pool` must be live and `value` of the type the driver documents for
+/// `attribute`.
 unsafe fn set_pool_attribute<T>(
     pool: sys::CUmemoryPool,
     attribute: sys::CUmemPool_attribute,
     mut value: T,
 ) -> Result<()> {
-    // SAFETY: the caller vouches for the value's type; it lives across the
-    // call.
-    check(
-        unsafe {
-            sys::cuMemPoolSetAttribute(
-                pool,
-                attribute,
-                &mut value as *mut T as *mut std::ffi::c_void,
-            )
-        },
-        "cuMemPoolSetAttribute",
-    )
+    // SAFETY: the caller vouches for the pool and the value's type; the
+    // value lives across the call.
+    unsafe { cuda::mem_pool::set_attribute(pool, attribute, &mut value as *mut T as *mut _) }
+        .map_err(Error::driver("cuMemPoolSetAttribute"))
+}
+
+/// Pointer attribute `which` of `ptr`.
+///
+/// # Safety
+/// As for [`driver::pointer_attribute`]: `T` is what the driver writes.
+unsafe fn pointer_attribute<T: Copy + Default>(
+    ptr: u64,
+    which: sys::CUpointer_attribute,
+) -> Result<T> {
+    // SAFETY: the caller vouches for `T`.
+    unsafe { driver::pointer_attribute(ptr, which) }.map_err(Error::driver("cuPointerGetAttribute"))
 }
 
 /// What the driver knows about a device address.
@@ -551,48 +520,27 @@ pub(crate) struct PointerInfo {
 
 impl PointerInfo {
     pub fn query(ptr: u64) -> Result<PointerInfo> {
-        let mut memory_type: u32 = 0;
-        let mut ordinal: i32 = -1;
-        let mut managed: u32 = 0;
-        let mut base: u64 = 0;
-        let mut size: usize = 0;
-        let mut ipc_capable: u32 = 0;
-        let attribute = |data: *mut std::ffi::c_void, which| {
-            // SAFETY: each `data` points to a local of the size the driver
-            // writes for `which` (u32/i32 for enums and ordinals, a pointer
-            // for handles, u64/usize for addresses and sizes).
-            let status = unsafe { sys::cuPointerGetAttribute(data, which, ptr) };
-            check(status, "cuPointerGetAttribute")
-        };
         use sys::CUpointer_attribute::*;
-        attribute(
-            &mut memory_type as *mut _ as *mut _,
-            CU_POINTER_ATTRIBUTE_MEMORY_TYPE,
-        )
-        .map_err(|_| Error::NotShareable {
-            ptr,
-            reason: "the driver does not know this address: it is not CUDA memory".into(),
-        })?;
-        attribute(
-            &mut managed as *mut _ as *mut _,
-            CU_POINTER_ATTRIBUTE_IS_MANAGED,
-        )?;
-        attribute(
-            &mut ordinal as *mut _ as *mut _,
-            CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL,
-        )?;
-        attribute(
-            &mut base as *mut _ as *mut _,
-            CU_POINTER_ATTRIBUTE_RANGE_START_ADDR,
-        )?;
-        attribute(
-            &mut size as *mut _ as *mut _,
-            CU_POINTER_ATTRIBUTE_RANGE_SIZE,
-        )?;
-        attribute(
-            &mut ipc_capable as *mut _ as *mut _,
-            CU_POINTER_ATTRIBUTE_IS_LEGACY_CUDA_IPC_CAPABLE,
-        )?;
+        // SAFETY: each call reads into the type the driver writes for its
+        // attribute: u32 for enums and flags, i32 for the ordinal, u64 for
+        // the start address, usize for the size.
+        let memory_type: u32 =
+            unsafe { driver::pointer_attribute(ptr, CU_POINTER_ATTRIBUTE_MEMORY_TYPE) }.map_err(
+                |_| Error::NotShareable {
+                    ptr,
+                    reason: "the driver does not know this address: it is not CUDA memory".into(),
+                },
+            )?;
+        // SAFETY: as above.
+        let (managed, ordinal, base, size, ipc_capable) = unsafe {
+            (
+                pointer_attribute::<u32>(ptr, CU_POINTER_ATTRIBUTE_IS_MANAGED)?,
+                pointer_attribute::<i32>(ptr, CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL)?,
+                pointer_attribute::<u64>(ptr, CU_POINTER_ATTRIBUTE_RANGE_START_ADDR)?,
+                pointer_attribute::<usize>(ptr, CU_POINTER_ATTRIBUTE_RANGE_SIZE)?,
+                pointer_attribute::<u32>(ptr, CU_POINTER_ATTRIBUTE_IS_LEGACY_CUDA_IPC_CAPABLE)?,
+            )
+        };
         Ok(PointerInfo {
             legacy_ipc_capable: ipc_capable != 0,
             device_ordinal: ordinal,

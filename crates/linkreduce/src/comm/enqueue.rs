@@ -10,7 +10,6 @@
 //! launches, the grid) depends only on the call's length and dtype and on
 //! settings checked equal at set-up.
 
-use cudarc::driver::sys;
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 use super::Communicator;
@@ -22,7 +21,6 @@ use crate::kernels::{
     source_word, AllReduceArgs, BarrierArgs, PushArgs, PACKET_BYTES, SCRATCH_TAIL_BYTES,
     THREADS_PER_BLOCK,
 };
-use crate::memory::check;
 use crate::registry::{Located, STAGING_INDEX};
 
 /// Where a call reads this rank's input from.
@@ -185,10 +183,10 @@ impl Communicator {
         // SAFETY: both ranges hold `bytes`: a caller's buffer holds the
         // call's elements (it came from a device slice that long), and
         // staging and bounce hold a whole chunk (chunk_elements).
-        check(
-            unsafe { sys::cuMemcpyDtoDAsync_v2(dst, src, bytes, self.gpu.stream.cu_stream()) },
-            "cuMemcpyDtoDAsync",
-        )
+        unsafe {
+            cudarc::driver::result::memcpy_dtod_async(dst, src, bytes, self.gpu.stream.cu_stream())
+        }
+        .map_err(Error::driver("cuMemcpyDtoDAsync"))
     }
 
     /// The most elements one launch takes: what staging and the bounce

@@ -10,7 +10,6 @@ use super::Communicator;
 use crate::dtype::Element;
 use crate::error::{Error, Result};
 use crate::ipc::Handle;
-use crate::memory::check;
 use crate::registry::Registry;
 use crate::rendezvous::{agree, exchange};
 use crate::transport::{PeerAddress, Transport};
@@ -234,17 +233,14 @@ impl Communicator {
             // SAFETY: `at` lies inside the table (owner < world size and
             // index < capacity, checked above); `address` lives until the
             // copy is done (the stream is synchronised below).
-            check(
-                unsafe {
-                    cudarc::driver::sys::cuMemcpyHtoDAsync_v2(
-                        at,
-                        address as *const u64 as *const _,
-                        8,
-                        stream.cu_stream(),
-                    )
-                },
-                "cuMemcpyHtoDAsync",
-            )?;
+            unsafe {
+                cudarc::driver::result::memcpy_htod_async(
+                    at,
+                    std::slice::from_ref(address),
+                    stream.cu_stream(),
+                )
+            }
+            .map_err(Error::driver("cuMemcpyHtoDAsync"))?;
         }
         stream
             .synchronize()

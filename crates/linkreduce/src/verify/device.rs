@@ -11,7 +11,7 @@ use crate::error::{Error, Result};
 use crate::kernels::{
     load_check_kernels, CheckArgs, CheckKernel, CheckKernels, CHECK_MAX_BLOCKS, CHECK_THREADS,
 };
-use crate::memory::{check, copy_to_host, DeviceMemory};
+use crate::memory::{copy_to_host, DeviceMemory};
 
 /// What a buffer should hold (check.cu `Expect`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,17 +65,15 @@ impl DeviceChecks {
     /// Clears every slot, in stream order.
     pub fn reset(&self) -> Result<()> {
         // SAFETY: the results buffer holds every slot's words.
-        check(
-            unsafe {
-                cudarc::driver::sys::cuMemsetD8Async(
-                    self.results.ptr(),
-                    0,
-                    self.results.bytes(),
-                    self.stream.cu_stream(),
-                )
-            },
-            "cuMemsetD8Async",
-        )
+        unsafe {
+            cudarc::driver::result::memset_d8_async(
+                self.results.ptr(),
+                0,
+                self.results.bytes(),
+                self.stream.cu_stream(),
+            )
+        }
+        .map_err(Error::driver("cuMemsetD8Async"))
     }
 
     /// Writes `rank`'s input for `seed` into `count` elements at `ptr`.

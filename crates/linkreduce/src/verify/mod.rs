@@ -413,12 +413,8 @@ pub fn on_every_rank<R: Send>(
 /// an element the kernel never writes cannot pass.
 fn poison(comm: &Communicator, ptr: u64, bytes: usize) -> Result<()> {
     // SAFETY: callers pass a buffer of theirs that holds `bytes`.
-    crate::memory::check(
-        unsafe {
-            cudarc::driver::sys::cuMemsetD8Async(ptr, 0xff, bytes, comm.stream().cu_stream())
-        },
-        "cuMemsetD8Async",
-    )
+    unsafe { cudarc::driver::result::memset_d8_async(ptr, 0xff, bytes, comm.stream().cu_stream()) }
+        .map_err(Error::driver("cuMemsetD8Async"))
 }
 
 /// Whether a call with `choice` of `bytes` runs push (which rewrites its
