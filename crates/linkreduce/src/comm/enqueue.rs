@@ -12,7 +12,11 @@
 
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
-use super::Communicator;
+use std::sync::Arc;
+
+use cudarc::driver::CudaStream;
+
+use super::{capturing, Communicator};
 use crate::algorithm::{blocks_for, choose_tuned, Algorithm};
 use crate::comm::CallOptions;
 use crate::dtype::DType;
@@ -48,6 +52,7 @@ const PACKET: u64 = PACKET_BYTES as u64;
 impl Communicator {
     pub(super) fn enqueue(
         &mut self,
+        stream: &Arc<CudaStream>,
         dtype: DType,
         input: u64,
         output: u64,
@@ -71,13 +76,14 @@ impl Communicator {
             .ctx
             .bind_to_thread()
             .map_err(Error::driver("cuCtxSetCurrent"))?;
+        let capturing = self.enter_stream(stream)?;
         let algorithm = choose_tuned(
             self.world_size,
             bytes,
             options.algorithm,
             self.tuning.as_ref(),
         );
-        let source = self.locate_input(algorithm, input, output, bytes, options.zero_copy)?;
+        let source = self.locate_input(algorithm, input, output, bytes, options, capturing)?;
         // A misaligned output is written whole packets at a time into the
         // bounce buffer, then copied into place: this rank's concern alone.
         let bounce = (output % PACKET != 0).then(|| self.regions.bounce.ptr());
@@ -107,7 +113,12 @@ impl Communicator {
                 Source::Staged => {
                     // The previous launch ended on this stream, so every
                     // peer has finished reading staging.
-                    self.copy(self.regions.staging.ptr(), input + offset, n * dtype.size())?;
+                    copy(
+                        stream,
+                        self.regions.staging.ptr(),
+                        input + offset,
+                        n * dtype.size(),
+                    )?;
                     if algorithm == Algorithm::Push {
                         LaunchInput::Address(self.regions.staging.ptr())
                     } else {
@@ -116,13 +127,52 @@ impl Communicator {
                 }
             };
             let target = bounce.unwrap_or(output + offset);
-            self.launch(algorithm, dtype, launch_input, target, n)?;
+            self.launch(stream, algorithm, dtype, launch_input, target, n)?;
             if let Some(bounce) = bounce {
-                self.copy(output + offset, bounce, n * dtype.size())?;
+                copy(stream, output + offset, bounce, n * dtype.size())?;
             }
             done += n;
         }
-        Ok(())
+        self.leave_stream(stream, capturing)
+    }
+
+    /// Makes `stream` the one this call goes on, ordered after the previous
+    /// call wherever that went (calls share staging, signal counters and
+    /// push slots, so they must not overlap). Returns whether `stream` is
+    /// being captured: a captured call is ordered by where its graph is
+    /// launched, so no event ties it to eager calls (docs/design.md,
+    /// "Streams").
+    fn enter_stream(&mut self, stream: &Arc<CudaStream>) -> Result<bool> {
+        if stream.context().cu_ctx() != self.gpu.ctx.cu_ctx() {
+            return Err(Error::InvalidConfig(format!(
+                "the stream belongs to another CUDA context than rank {}'s (device {}); \
+                 use a stream of Communicator::context()",
+                self.rank,
+                self.gpu.ctx.ordinal()
+            )));
+        }
+        let capturing = capturing(stream)?;
+        let last = &self.gpu.last_call;
+        if last.cu_stream() != stream.cu_stream() && !capturing && !super::capturing(last)? {
+            stream
+                .join(last)
+                .map_err(Error::driver("cuStreamWaitEvent"))?;
+        }
+        self.gpu.last_call = stream.clone();
+        Ok(capturing)
+    }
+
+    /// After a call on another stream than this rank's own, orders the own
+    /// stream after it, so that what goes there next (frees of
+    /// [`Communicator::alloc`]'s buffers, downloads) waits for the call.
+    fn leave_stream(&self, stream: &Arc<CudaStream>, capturing: bool) -> Result<()> {
+        if capturing || stream.cu_stream() == self.gpu.stream.cu_stream() {
+            return Ok(());
+        }
+        self.gpu
+            .stream
+            .join(stream)
+            .map_err(Error::driver("cuStreamWaitEvent"))
     }
 
     /// Decides where the kernel reads this rank's input from: where it is
@@ -134,8 +184,10 @@ impl Communicator {
         input: u64,
         output: u64,
         bytes: usize,
-        zero_copy: bool,
+        options: CallOptions,
+        capturing: bool,
     ) -> Result<Source> {
+        let zero_copy = options.zero_copy;
         let aligned = input % PACKET == 0;
         if algorithm == Algorithm::Push {
             // Only this rank reads its input, each packet before writing
@@ -164,7 +216,7 @@ impl Communicator {
                 return Ok(Source::Table(located));
             }
         }
-        if registered.is_none() && aligned && !hazard && self.capturing()? {
+        if registered.is_none() && aligned && !hazard && capturing {
             // Memory peers cannot map (a pool's, across processes) is staged
             // instead, inside the graph.
             if self.shareable(input, bytes).is_ok() {
@@ -176,17 +228,6 @@ impl Communicator {
             return Err(Error::NotRegistered { ptr: input });
         }
         Ok(Source::Staged)
-    }
-
-    /// Copies `bytes` from `src` to `dst` in this rank's stream order.
-    fn copy(&self, dst: u64, src: u64, bytes: usize) -> Result<()> {
-        // SAFETY: both ranges hold `bytes`: a caller's buffer holds the
-        // call's elements (it came from a device slice that long), and
-        // staging and bounce hold a whole chunk (chunk_elements).
-        unsafe {
-            cudarc::driver::result::memcpy_dtod_async(dst, src, bytes, self.gpu.stream.cu_stream())
-        }
-        .map_err(Error::driver("cuMemcpyDtoDAsync"))
     }
 
     /// The most elements one launch takes: what staging and the bounce
@@ -210,6 +251,7 @@ impl Communicator {
 
     fn launch(
         &self,
+        stream: &Arc<CudaStream>,
         algorithm: Algorithm,
         dtype: DType,
         input: LaunchInput,
@@ -243,7 +285,7 @@ impl Communicator {
             block_dim: (THREADS_PER_BLOCK, 1, 1),
             shared_mem_bytes: 0,
         };
-        let mut launch = self.gpu.stream.launch_builder(function);
+        let mut launch = stream.launch_builder(function);
         let table_args;
         let push_args;
         match input {
@@ -284,4 +326,13 @@ impl Communicator {
             .map(|_| ())
             .map_err(Error::driver("cuLaunchKernel"))
     }
+}
+
+/// Copies `bytes` from `src` to `dst` in `stream`'s order.
+fn copy(stream: &CudaStream, dst: u64, src: u64, bytes: usize) -> Result<()> {
+    // SAFETY: both ranges hold `bytes`: a caller's buffer holds the call's
+    // elements (it came from a device slice that long), and staging and
+    // bounce hold a whole chunk (chunk_elements).
+    unsafe { cudarc::driver::result::memcpy_dtod_async(dst, src, bytes, stream.cu_stream()) }
+        .map_err(Error::driver("cuMemcpyDtoDAsync"))
 }

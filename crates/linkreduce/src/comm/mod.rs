@@ -39,6 +39,9 @@ use setup::Regions;
 struct Gpu {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
+    /// The stream the latest call went on (this rank's own stream, or a
+    /// caller's): the next call on another stream is ordered after it.
+    last_call: Arc<CudaStream>,
     kernels: Arc<Kernels>,
     /// Blocks per launch at most: the same on every rank.
     max_blocks: u32,
@@ -76,10 +79,24 @@ impl Communicator {
         &self.gpu.ctx
     }
 
-    /// The stream every operation of this communicator is enqueued on; to
-    /// capture all-reduces in a CUDA graph, capture this stream.
+    /// This rank's own stream: where calls without a stream of their own
+    /// go, and where [`alloc`](Self::alloc)'s buffers are allocated and
+    /// freed. Capture it to put such calls in a CUDA graph.
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.gpu.stream
+    }
+
+    /// Wraps a stream that another library owns (PyTorch's current stream,
+    /// an engine's raw handle) for the `*_on` calls.
+    ///
+    /// # Safety
+    /// `stream` must be a live stream of this rank's context
+    /// ([`context`](Self::context)), and its owner must keep it alive while
+    /// the returned handle, any call enqueued on it, or any graph captured
+    /// on it may still run.
+    pub unsafe fn borrow_stream(&self, stream: cudarc::driver::sys::CUstream) -> Arc<CudaStream> {
+        // SAFETY: the caller vouches for the stream's context and lifetime.
+        unsafe { self.gpu.ctx.wrap_borrowed_stream(stream) }
     }
 
     /// The meeting point of this communicator's ranks, for callers that
@@ -159,16 +176,8 @@ impl Communicator {
         output: &mut impl DevicePtrMut<T>,
         options: CallOptions,
     ) -> Result<()> {
-        if input.len() != output.len() {
-            return Err(Error::LengthMismatch {
-                input: input.len(),
-                output: output.len(),
-            });
-        }
         let stream = self.gpu.stream.clone();
-        let (input_ptr, _read) = input.device_ptr(&stream);
-        let (output_ptr, _write) = output.device_ptr_mut(&stream);
-        self.enqueue(T::DTYPE, input_ptr, output_ptr, input.len(), options)
+        self.all_reduce_on(&stream, input, output, options)
     }
 
     /// Sums `buffer` over all ranks in place.
@@ -178,9 +187,52 @@ impl Communicator {
         options: CallOptions,
     ) -> Result<()> {
         let stream = self.gpu.stream.clone();
+        self.all_reduce_in_place_on(&stream, buffer, options)
+    }
+
+    /// Like [`all_reduce_with`](Self::all_reduce_with), enqueued on
+    /// `stream`, a stream of this rank's context (an engine's own, or one
+    /// from [`borrow_stream`](Self::borrow_stream)): ordered after the work
+    /// before it on that stream and before the work after it, with nothing
+    /// waiting on the host. Captured when `stream` is being captured.
+    /// Calls may change streams; each is ordered after the previous call
+    /// (docs/design.md, "Streams").
+    pub fn all_reduce_on<T: Element>(
+        &mut self,
+        stream: &Arc<CudaStream>,
+        input: &impl DevicePtr<T>,
+        output: &mut impl DevicePtrMut<T>,
+        options: CallOptions,
+    ) -> Result<()> {
+        if input.len() != output.len() {
+            return Err(Error::LengthMismatch {
+                input: input.len(),
+                output: output.len(),
+            });
+        }
+        let (input_ptr, _read) = input.device_ptr(stream);
+        let (output_ptr, _write) = output.device_ptr_mut(stream);
+        self.enqueue(
+            stream,
+            T::DTYPE,
+            input_ptr,
+            output_ptr,
+            input.len(),
+            options,
+        )
+    }
+
+    /// Like [`all_reduce_in_place`](Self::all_reduce_in_place), enqueued on
+    /// `stream` as [`all_reduce_on`](Self::all_reduce_on) is.
+    pub fn all_reduce_in_place_on<T: Element>(
+        &mut self,
+        stream: &Arc<CudaStream>,
+        buffer: &mut impl DevicePtrMut<T>,
+        options: CallOptions,
+    ) -> Result<()> {
         let len = buffer.len();
-        let (ptr, _write) = buffer.device_ptr_mut(&stream);
-        self.enqueue(T::DTYPE, ptr, ptr, len, options)
+        let (ptr, _write) = buffer.device_ptr_mut(stream);
+        self.enqueue(stream, T::DTYPE, ptr, ptr, len, options)
     }
 
     /// Entries of this rank's buffer table in use (the staging buffer's
@@ -193,11 +245,20 @@ impl Communicator {
     /// happened in it.
     pub fn synchronize(&mut self) -> Result<()> {
         self.check_usable()?;
-        self.gpu
-            .stream
-            .synchronize()
-            .map_err(Error::driver("cuStreamSynchronize"))?;
+        self.wait_for_calls()?;
         self.check_usable()
+    }
+
+    /// Waits on the host until every call enqueued so far has finished: on
+    /// the stream of the latest call (which waited for the calls before
+    /// it) and on this rank's own.
+    fn wait_for_calls(&self) -> Result<()> {
+        for stream in [&self.gpu.last_call, &self.gpu.stream] {
+            stream
+                .synchronize()
+                .map_err(Error::driver("cuStreamSynchronize"))?;
+        }
+        Ok(())
     }
 
     /// Fails when the communicator was poisoned or a kernel reported a
@@ -228,29 +289,28 @@ impl Communicator {
         self.buffers.transport.check_shareable(ptr, &info)
     }
 
-    /// Fails when the stream is being captured: `what` synchronises the
-    /// stream, which would invalidate the capture.
+    /// Fails when a stream calls go on is being captured: `what`
+    /// synchronises it, which would invalidate the capture.
     fn not_capturing(&self, what: &str) -> Result<()> {
-        if self.capturing()? {
+        if capturing(&self.gpu.stream)? || capturing(&self.gpu.last_call)? {
             return Err(Error::InvalidConfig(format!(
                 "{what} cannot run while the stream is being captured; call it before or after capture"
             )));
         }
         Ok(())
     }
+}
 
-    fn capturing(&self) -> Result<bool> {
-        let status = self
-            .gpu
-            .stream
-            .capture_status()
-            .map_err(Error::driver("cuStreamIsCapturing"))?;
-        match status {
-            CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE => Ok(false),
-            CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_ACTIVE => Ok(true),
-            _ => Err(Error::InvalidConfig(
-                "the stream's capture was invalidated; end the capture and start again".into(),
-            )),
-        }
+/// Whether `stream` is being captured into a graph.
+fn capturing(stream: &CudaStream) -> Result<bool> {
+    let status = stream
+        .capture_status()
+        .map_err(Error::driver("cuStreamIsCapturing"))?;
+    match status {
+        CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE => Ok(false),
+        CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_ACTIVE => Ok(true),
+        _ => Err(Error::InvalidConfig(
+            "the stream's capture was invalidated; end the capture and start again".into(),
+        )),
     }
 }

@@ -133,12 +133,7 @@ impl Communicator {
                     .index_of(ptr)
                     .ok_or(Error::NotRegistered { ptr })
             })
-            .and_then(|index| {
-                stream
-                    .synchronize()
-                    .map_err(Error::driver("cuStreamSynchronize"))
-                    .map(|()| index)
-            });
+            .and_then(|index| self.wait_for_calls().map(|()| index));
         let index = agree(self.rendezvous.as_ref(), "deregistration", removable)?;
         self.buffers.registry.remove(ptr);
         self.buffers.release_mapped(index);
@@ -196,12 +191,9 @@ impl Communicator {
     /// point at the unmapped buffers.
     pub fn release_graph_buffers(&mut self) -> Result<()> {
         self.check_usable()?;
-        let idle = self.not_capturing("release_graph_buffers").and_then(|()| {
-            self.gpu
-                .stream
-                .synchronize()
-                .map_err(Error::driver("cuStreamSynchronize"))
-        });
+        let idle = self
+            .not_capturing("release_graph_buffers")
+            .and_then(|()| self.wait_for_calls());
         agree(self.rendezvous.as_ref(), "graph buffer release", idle)?;
         let mapped = std::mem::take(&mut self.buffers.graph_mapped);
         self.buffers.transport.release(&mapped);

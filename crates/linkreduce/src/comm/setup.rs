@@ -155,6 +155,7 @@ impl Communicator {
             world_size,
             gpu: Gpu {
                 ctx: local.ctx,
+                last_call: local.stream.clone(),
                 stream: local.stream,
                 kernels: local.kernels,
                 max_blocks,
