@@ -14,10 +14,11 @@ use linkreduce::rendezvous::Rendezvous;
 use linkreduce::verify::values::small_integer;
 use linkreduce::{
     Algorithm, AlgorithmChoice, CallOptions, Communicator, Config, DType, DeviceBuffer, Element,
-    Error, Result,
+    Error,
 };
 use serde::Serialize;
 
+use crate::error::{CliError, Result};
 use crate::ranks::{exit_code, on_ranks, Mode as RankMode};
 use crate::sizes::{format_size, parse_sizes};
 
@@ -165,11 +166,15 @@ fn calls_per_repetition(bytes: usize) -> usize {
 }
 
 pub fn run(args: Args) -> Result<ExitCode> {
-    let sizes = parse_sizes(&args.sizes).map_err(Error::InvalidConfig)?;
+    let sizes = parse_sizes(&args.sizes).map_err(|problem| CliError::BadArgument {
+        arg: "--sizes".into(),
+        problem,
+    })?;
     if args.repetitions == 0 {
-        return Err(Error::InvalidConfig(
-            "--repetitions must be at least 1".into(),
-        ));
+        return Err(CliError::BadArgument {
+            arg: "--repetitions 0".into(),
+            problem: "must be at least 1".into(),
+        });
     }
     let devices = crate::pick_devices(&args.devices)?;
     let world = args.ranks.unwrap_or(devices.len());
@@ -303,10 +308,9 @@ fn bench_rank(comm: &mut Communicator, args: &Args, sizes: &[usize]) -> Result<b
 /// Writes the tuning table measured by `report`.
 fn write_tuning(report: &Report, path: &std::path::Path) -> Result<()> {
     if report.gpus.len() < report.world_size {
-        return Err(Error::InvalidConfig(
+        return Err(CliError::Tuning(
             "ranks shared GPUs in this run, so its times say nothing about speed; \
-             tune with one rank per GPU"
-                .into(),
+             tune with one rank per GPU",
         ));
     }
     let mut fastest: Vec<(usize, Algorithm, f64)> = Vec::new();
@@ -324,8 +328,9 @@ fn write_tuning(report: &Report, path: &std::path::Path) -> Result<()> {
         }
     }
     if fastest.is_empty() {
-        return Err(Error::InvalidConfig(
-            "no forced linkreduce algorithm was timed with right results; nothing to tune".into(),
+        return Err(CliError::Tuning(
+            "no forced linkreduce algorithm (one-stage, two-stage, push) was timed with right \
+             results",
         ));
     }
     let winners: Vec<(usize, Algorithm)> = fastest.iter().map(|f| (f.0, f.1)).collect();
@@ -340,10 +345,15 @@ fn write_tuning(report: &Report, path: &std::path::Path) -> Result<()> {
         ),
         entries: linkreduce::Tuning::from_fastest(report.world_size, &winners),
     };
-    let text = serde_json::to_string_pretty(&tuning)
-        .map_err(|e| Error::InvalidConfig(format!("cannot encode the tuning table: {e}")))?;
-    std::fs::write(path, text)
-        .map_err(|e| Error::InvalidConfig(format!("cannot write {}: {e}", path.display())))?;
+    let text = serde_json::to_string_pretty(&tuning).map_err(|source| CliError::JsonEncode {
+        what: "the tuning table",
+        source,
+    })?;
+    std::fs::write(path, text).map_err(|source| CliError::Io {
+        action: "write",
+        path: path.to_path_buf(),
+        source,
+    })?;
     eprintln!(
         "wrote {}; use it with {}={}",
         path.display(),
@@ -357,10 +367,15 @@ fn write_tuning(report: &Report, path: &std::path::Path) -> Result<()> {
 /// drawn (no font on this machine) is a warning: `linkreduce plot` can
 /// draw it elsewhere from the JSON.
 fn write_report(report: &Report, path: &std::path::Path) -> Result<()> {
-    let text = serde_json::to_string_pretty(report)
-        .map_err(|e| Error::InvalidConfig(format!("cannot encode the report: {e}")))?;
-    std::fs::write(path, &text)
-        .map_err(|e| Error::InvalidConfig(format!("cannot write {}: {e}", path.display())))?;
+    let text = serde_json::to_string_pretty(report).map_err(|source| CliError::JsonEncode {
+        what: "the report",
+        source,
+    })?;
+    std::fs::write(path, &text).map_err(|source| CliError::Io {
+        action: "write",
+        path: path.to_path_buf(),
+        source,
+    })?;
     let picture = path.with_extension("png");
     match crate::plot::render(&text, &picture) {
         Ok(()) => eprintln!("wrote {} and {}", path.display(), picture.display()),
@@ -479,27 +494,27 @@ fn call<T: Element>(
     count: usize,
 ) -> Result<()> {
     match (implementation.algorithm(), buffers) {
-        (Some(algorithm), Buffers::Linkreduce { input, output }) => rank.comm.all_reduce_with(
+        (Some(algorithm), Buffers::Linkreduce { input, output }) => Ok(rank.comm.all_reduce_with(
             input,
             output,
             CallOptions {
                 algorithm,
                 zero_copy: true,
             },
-        ),
+        )?),
         (None, buffers) => {
             let nccl = rank
                 .nccl
                 .as_mut()
-                .ok_or_else(|| Error::InvalidConfig("NCCL was not initialised".into()))?;
+                .ok_or(CliError::Internal("NCCL was not initialised"))?;
             let (send, recv) = buffers.addresses();
             // SAFETY: both addresses hold `count` elements of T on this
             // rank's device and outlive the enqueued work (synchronised
             // before the buffers drop).
-            unsafe { nccl.all_reduce_raw(T::DTYPE, send, recv, count) }
+            Ok(unsafe { nccl.all_reduce_raw(T::DTYPE, send, recv, count) }?)
         }
-        _ => Err(Error::InvalidConfig(
-            "buffers do not match the implementation".into(),
+        _ => Err(CliError::Internal(
+            "buffers do not match the implementation",
         )),
     }
 }
@@ -561,7 +576,7 @@ fn capture<T: Element>(
         .end_capture(CUgraphInstantiate_flags(0))
         .map_err(Error::driver("cuStreamEndCapture"));
     captured?;
-    graph?.ok_or_else(|| Error::InvalidConfig("capture produced no graph".into()))
+    graph?.ok_or(CliError::Internal("stream capture produced no CUDA graph"))
 }
 
 /// What one rank measured for one size: per-repetition microseconds per
@@ -590,7 +605,7 @@ fn measure<T: Element + Default>(
             let nccl = rank
                 .nccl
                 .as_ref()
-                .ok_or_else(|| Error::InvalidConfig("NCCL was not initialised".into()))?;
+                .ok_or(CliError::Internal("NCCL was not initialised"))?;
             let bytes = count * std::mem::size_of::<T>();
             Buffers::Symmetric {
                 input: SymmetricBuffer::new(nccl, bytes)?,
@@ -636,7 +651,7 @@ fn measure<T: Element + Default>(
     let graph = capture(rank, implementation, &mut buffers, count, calls)?;
     graph.launch().map_err(Error::driver("cuGraphLaunch"))?;
     let graphed = time_calls(&stream, rendezvous.as_ref(), repetitions, calls, || {
-        graph.launch().map_err(Error::driver("cuGraphLaunch"))
+        Ok(graph.launch().map_err(Error::driver("cuGraphLaunch"))?)
     })?;
     stream
         .synchronize()
@@ -675,7 +690,8 @@ fn slowest_rank(rendezvous: &dyn Rendezvous, mine: &RankRun) -> Result<Measured>
         return Err(Error::RankMismatch {
             what: "benchmark timing",
             detail: format!("rank {bad} sent {} figures", runs[bad].len()),
-        });
+        }
+        .into());
     }
     let median_of_slowest = |first: usize| {
         let mut worst: Vec<f64> = (0..repetitions)

@@ -6,7 +6,9 @@ use std::time::{Duration, Instant};
 
 use linkreduce::verify::soak::{soak, SoakOptions};
 use linkreduce::verify::{check_case_on_rank, check_graph_on_rank, sweep_cases};
-use linkreduce::{Algorithm, AlgorithmChoice, Communicator, Config, DType, Result};
+use linkreduce::{Algorithm, AlgorithmChoice, Communicator, Config, DType};
+
+use crate::error::Result;
 
 use crate::ranks::{exit_code, is_worker, on_ranks, placement, Mode};
 

@@ -58,7 +58,7 @@ fn pci_bus_id(ctx: &CudaContext) -> Result<String> {
     Ok(String::from_utf8_lossy(&bytes).into_owned())
 }
 
-pub fn run(args: Args) -> Result<ExitCode> {
+pub fn run(args: Args) -> crate::error::Result<ExitCode> {
     let devices = crate::pick_devices(&args.devices)?;
     let driver = driver_version()?;
     println!("CUDA driver: {}.{}", driver / 1000, (driver % 1000) / 10);

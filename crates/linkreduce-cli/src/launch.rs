@@ -8,6 +8,10 @@
 //! see its Ctrl-C: the launcher catches SIGINT and SIGTERM and stops the
 //! groups itself, and the kernel kills every rank if the launcher dies
 //! without doing so (SIGKILL).
+//!
+//! System calls go through `nix`, except two it cannot express: `waitid`
+//! without reaping for a rank a real-time signal killed (nix's status has no
+//! such signal), and reading a signal's disposition without changing it.
 
 use std::ffi::{OsStr, OsString};
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -21,8 +25,11 @@ use std::sync::mpsc::{self, Receiver, Sender};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use libc::{c_int, pid_t};
-use linkreduce::{Error, Result};
+use libc::c_int;
+use nix::sys::signal::{self, killpg, SaFlags, SigAction, SigHandler, SigSet, Signal};
+use nix::unistd::Pid;
+
+use crate::error::{CliError, Result};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -66,9 +73,10 @@ const DRAIN_LIMIT: Duration = Duration::from_secs(2);
 
 pub fn run(args: Args) -> Result<ExitCode> {
     let Some((program, rest)) = args.command.split_first() else {
-        return Err(Error::InvalidConfig(
-            "no command given; usage: linkreduce launch -n N [--] CMD ARGS...".to_string(),
-        ));
+        return Err(CliError::BadArgument {
+            arg: "COMMAND".into(),
+            problem: "no command given; usage: linkreduce launch -n N [--] CMD ARGS...".into(),
+        });
     };
     let mut env = vec![("MASTER_ADDR".to_string(), args.master_addr)];
     if let Some(port) = args.master_port {
@@ -89,9 +97,10 @@ pub fn run(args: Args) -> Result<ExitCode> {
 /// ranks left running in their process groups is stopped before returning.
 ///
 /// While it runs, SIGINT and SIGTERM (unless ignored when it is called) stop
-/// every rank and then end this process with status 128 + the signal, as
-/// the signal itself would have; the previous handlers are restored on
-/// return. One launch at a time per process: the handlers are global.
+/// every rank and then return [`CliError::Interrupted`], with which `main`
+/// ends this process with status 128 + the signal, as the signal itself
+/// would have; the previous handlers are restored on return. One launch at
+/// a time per process: the handlers are global.
 pub fn launch(
     ranks: usize,
     program: &OsStr,
@@ -99,9 +108,10 @@ pub fn launch(
     extra_env: &[(String, String)],
 ) -> Result<u8> {
     if ranks == 0 {
-        return Err(Error::InvalidConfig(
-            "-n 0: at least one rank must be started".to_string(),
-        ));
+        return Err(CliError::BadArgument {
+            arg: "-n 0".into(),
+            problem: "at least one rank must be started".into(),
+        });
     }
     let mut env = vec![
         ("WORLD_SIZE".to_string(), ranks.to_string()),
@@ -141,18 +151,10 @@ pub fn launch(
             );
             Ok(code)
         }
-        Outcome::Signalled(signal) => {
-            let name = match signal {
-                libc::SIGINT => "SIGINT",
-                libc::SIGTERM => "SIGTERM",
-                _ => "a signal",
-            };
-            eprintln!("linkreduce launch: received {name} ({signal}); stopped the ranks");
-            // The caller asked the whole program to stop, not this job: a
-            // caller that starts one job per world size must not go on to
-            // the next.
-            std::process::exit(128 + signal)
-        }
+        // The caller asked the whole program to stop, not this job: the
+        // error goes up through any caller that starts one job per world
+        // size, and `main` exits with 128 + the signal.
+        Outcome::Signalled(signal) => Err(CliError::Interrupted { signal }),
     }
 }
 
@@ -162,11 +164,7 @@ fn free_port() -> Result<u16> {
     TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
         .and_then(|listener| listener.local_addr())
         .map(|addr| addr.port())
-        .map_err(|error| {
-            Error::InvalidConfig(format!(
-                "could not find a free port for MASTER_PORT ({error}); pass --master-port"
-            ))
-        })
+        .map_err(CliError::NoFreePort)
 }
 
 /// Spawns one rank, leading a process group of its own, and its two output
@@ -198,16 +196,16 @@ fn start(
         let parent = std::process::id();
         // SAFETY: the closure runs in the forked child before exec, where
         // only async-signal-safe calls are allowed: it makes two system
-        // calls (prctl, getppid) and allocates nothing.
+        // calls (prctl, getppid) through nix's thin wrappers, and allocates
+        // nothing (its errors are plain errno values).
         unsafe {
             command.pre_exec(move || die_with_parent(parent));
         }
     }
-    let mut child = command.spawn().map_err(|error| {
-        Error::InvalidConfig(format!(
-            "could not start `{}` for rank {rank}: {error}",
-            program.to_string_lossy()
-        ))
+    let mut child = command.spawn().map_err(|source| CliError::Spawn {
+        program: program.to_string_lossy().into_owned(),
+        rank,
+        source,
     })?;
     let stdout = child.stdout.take();
     let stderr = child.stderr.take();
@@ -228,16 +226,10 @@ fn start(
 /// Async-signal-safe: system calls only, errors without allocation.
 #[cfg(target_os = "linux")]
 fn die_with_parent(parent: u32) -> io::Result<()> {
-    // SAFETY: PR_SET_PDEATHSIG takes a signal number, passed as the
-    // unsigned long the kernel reads, and touches no memory of ours.
-    if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: getppid has no preconditions.
-    let now = unsafe { libc::getppid() };
-    if u32::try_from(now) != Ok(parent) {
+    nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
+    if u32::try_from(nix::unistd::getppid().as_raw()) != Ok(parent) {
         // Reparented: the launcher is gone, and exec must not happen.
-        return Err(io::Error::from_raw_os_error(libc::ESRCH));
+        return Err(nix::errno::Errno::ESRCH.into());
     }
     Ok(())
 }
@@ -257,10 +249,9 @@ fn spawn_reader(
             drop(alive);
         })
         .map(drop)
-        .map_err(|error| {
-            Error::InvalidConfig(format!(
-                "could not start a thread to read rank {rank}'s {stream}: {error}"
-            ))
+        .map_err(|source| CliError::Launch {
+            what: format!("start a thread to read rank {rank}'s {stream}"),
+            source,
         })
 }
 
@@ -303,8 +294,9 @@ fn supervise(children: &[Child]) -> Result<Outcome> {
             if exited[rank] {
                 continue;
             }
-            let status = exit_status(child).map_err(|error| {
-                Error::InvalidConfig(format!("could not check on rank {rank}: {error}"))
+            let status = exit_status(child).map_err(|source| CliError::Launch {
+                what: format!("check on rank {rank}"),
+                source,
             })?;
             if let Some(status) = status {
                 exited[rank] = true;
@@ -323,6 +315,10 @@ fn supervise(children: &[Child]) -> Result<Outcome> {
 /// The status of a rank that has exited, without reaping it: an unreaped
 /// rank keeps its pid, which is also its group's id, from being reused, so
 /// that [`stop`] can signal the group however long ago the rank exited.
+///
+/// Raw `waitid` rather than nix's: nix turns the status into a `Signal`,
+/// which has no real-time signals, so a rank killed by one would be an
+/// error instead of status 128 + its number.
 fn exit_status(child: &Child) -> io::Result<Option<ExitStatus>> {
     // SAFETY: all-zero bytes are a valid siginfo_t (a plain C struct).
     let mut info: libc::siginfo_t = unsafe { mem::zeroed() };
@@ -355,11 +351,14 @@ fn exit_status(child: &Child) -> io::Result<Option<ExitStatus>> {
 /// signal has been sent, so no signal can reach a stranger's group.
 fn stop(children: &mut [Child]) {
     // Pids fit pid_t: the kernel's limit is 2^22.
-    let groups: Vec<pid_t> = children.iter().map(|child| child.id() as pid_t).collect();
+    let groups: Vec<Pid> = children
+        .iter()
+        .map(|child| Pid::from_raw(child.id() as libc::pid_t))
+        .collect();
     let mut live = live_groups(&groups);
     for &group in &live {
-        signal_group(group, libc::SIGTERM);
-        signal_group(group, libc::SIGCONT);
+        signal_group(group, Signal::SIGTERM);
+        signal_group(group, Signal::SIGCONT);
     }
     let deadline = Instant::now() + TERM_GRACE;
     while !live.is_empty() && Instant::now() < deadline {
@@ -367,7 +366,7 @@ fn stop(children: &mut [Child]) {
         live = live_groups(&live);
     }
     for &group in &live {
-        signal_group(group, libc::SIGKILL);
+        signal_group(group, Signal::SIGKILL);
     }
     let mut unreaped: Vec<&mut Child> = children.iter_mut().collect();
     let deadline = Instant::now() + KILL_WAIT;
@@ -385,12 +384,12 @@ fn stop(children: &mut [Child]) {
 /// Zombies do not count: they hold nothing, and one whose parent died waits
 /// for init, which in a container may never reap it. Without /proc, a group
 /// counts while it has any process, zombies included.
-fn live_groups(groups: &[pid_t]) -> Vec<pid_t> {
+fn live_groups(groups: &[Pid]) -> Vec<Pid> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return groups
             .iter()
             .copied()
-            .filter(|&group| signal_group(group, 0))
+            .filter(|&group| signal_group(group, None))
             .collect();
     };
     let mut live = Vec::new();
@@ -418,21 +417,20 @@ fn live_groups(groups: &[pid_t]) -> Vec<pid_t> {
 /// The state and process group in a `/proc/PID/stat` line, `PID (COMM)
 /// STATE PPID PGRP ...`. COMM may hold spaces, parentheses or bytes that
 /// are not UTF-8, so fields are counted from its last `)`.
-fn state_and_group(stat: &[u8]) -> Option<(u8, pid_t)> {
+fn state_and_group(stat: &[u8]) -> Option<(u8, Pid)> {
     let close = stat.iter().rposition(|&byte| byte == b')')?;
     let rest = std::str::from_utf8(&stat[close + 1..]).ok()?;
     let mut fields = rest.split_ascii_whitespace();
     let state = *fields.next()?.as_bytes().first()?;
     let _parent = fields.next()?;
     let group = fields.next()?.parse().ok()?;
-    Some((state, group))
+    Some((state, Pid::from_raw(group)))
 }
 
-/// Sends `signal` to every process of `group` (0: only checks that the group
-/// has a process). False when that failed.
-fn signal_group(group: pid_t, signal: c_int) -> bool {
-    // SAFETY: killpg takes two integers and touches no memory of ours.
-    unsafe { libc::killpg(group, signal) == 0 }
+/// Sends `signal` to every process of `group` (None: only checks that the
+/// group has a process). False when that failed.
+fn signal_group(group: Pid, signal: impl Into<Option<Signal>>) -> bool {
+    killpg(group, signal).is_ok()
 }
 
 /// Waits, at most [`DRAIN_LIMIT`], for every reader to reach end of file,
@@ -457,31 +455,33 @@ extern "C" fn record_signal(signal: c_int) {
 /// ignores stays ignored (a non-interactive shell starts background jobs
 /// with SIGINT ignored), and the ranks inherit that as before.
 struct SignalWatch {
-    previous: Vec<(c_int, libc::sigaction)>,
+    previous: Vec<(Signal, SigAction)>,
 }
 
 impl SignalWatch {
     fn install() -> Result<SignalWatch> {
         RECEIVED.store(0, Ordering::SeqCst);
-        // SAFETY: all-zero bytes are a valid sigaction: SIG_DFL, an empty
-        // mask, no flags.
-        let mut ours: libc::sigaction = unsafe { mem::zeroed() };
-        ours.sa_sigaction = record_signal as extern "C" fn(c_int) as libc::sighandler_t;
         // Reads and sleeps interrupted by the signal resume.
-        ours.sa_flags = libc::SA_RESTART;
+        let ours = SigAction::new(
+            SigHandler::Handler(record_signal),
+            SaFlags::SA_RESTART,
+            SigSet::empty(),
+        );
         let mut watch = SignalWatch {
             previous: Vec::new(),
         };
-        for signal in [libc::SIGINT, libc::SIGTERM] {
-            let failed = |error: io::Error| {
-                Error::InvalidConfig(format!("could not handle signal {signal}: {error}"))
+        for signal in [Signal::SIGINT, Signal::SIGTERM] {
+            let failed = |source: io::Error| CliError::Launch {
+                what: format!("handle {signal}"),
+                source,
             };
-            let current = sigaction(signal, None).map_err(failed)?;
-            if current.sa_sigaction == libc::SIG_IGN {
+            if is_ignored(signal).map_err(failed)? {
                 continue;
             }
-            sigaction(signal, Some(&ours)).map_err(failed)?;
-            watch.previous.push((signal, current));
+            let previous = set_action(signal, &ours)
+                .map_err(io::Error::from)
+                .map_err(failed)?;
+            watch.previous.push((signal, previous));
         }
         Ok(watch)
     }
@@ -490,23 +490,34 @@ impl SignalWatch {
 impl Drop for SignalWatch {
     fn drop(&mut self) {
         for (signal, previous) in &self.previous {
-            let _ = sigaction(*signal, Some(previous));
+            let _ = set_action(*signal, previous);
         }
     }
 }
 
-/// Sets the disposition of `signal` to `new` (or only reads it, for None)
-/// and returns the one before.
-fn sigaction(signal: c_int, new: Option<&libc::sigaction>) -> io::Result<libc::sigaction> {
-    // SAFETY: all-zero bytes are a valid sigaction; the kernel overwrites it.
-    let mut old: libc::sigaction = unsafe { mem::zeroed() };
-    let new = new.map_or(ptr::null(), ptr::from_ref);
-    // SAFETY: `new` is null or points to a valid sigaction, and `old` is
-    // valid for writes, for the duration of the call.
-    if unsafe { libc::sigaction(signal, new, &mut old) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(old)
+/// Sets the disposition of `signal` to `action` and returns the one before.
+fn set_action(signal: Signal, action: &SigAction) -> nix::Result<SigAction> {
+    // SAFETY: the actions installed are `record_signal`, which only stores
+    // to a lock-free atomic (async-signal-safe), and dispositions that
+    // `sigaction` returned earlier, put back as they were.
+    unsafe { signal::sigaction(signal, action) }
+}
+
+/// Whether `signal` is ignored (SIG_IGN). nix's `sigaction` always sets a
+/// new disposition; reading one without changing it, even for a moment,
+/// takes libc's with a null new action.
+fn is_ignored(signal: Signal) -> io::Result<bool> {
+    // SAFETY: all-zero bytes are a valid sigaction: SIG_DFL, an empty mask,
+    // no flags. A null new action only reads the current one into `current`,
+    // which is valid for writes for the duration of the call.
+    let current = unsafe {
+        let mut current: libc::sigaction = mem::zeroed();
+        if libc::sigaction(signal as c_int, ptr::null(), &mut current) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        current
+    };
+    Ok(current.sa_sigaction == libc::SIG_IGN)
 }
 
 /// The shell's convention: the exit code itself, or 128 + the signal.

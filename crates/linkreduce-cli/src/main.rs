@@ -3,6 +3,7 @@
 
 mod bench;
 mod check;
+mod error;
 mod info;
 mod launch;
 mod plot;
@@ -13,6 +14,8 @@ mod topology;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+
+use crate::error::{CliError, Result};
 
 #[derive(Parser)]
 #[command(
@@ -61,15 +64,20 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(error) => {
-            eprintln!("linkreduce: {error}");
-            ExitCode::from(2)
+            eprintln!("{}: {error}", error.speaker());
+            error.exit_code()
         }
     }
 }
 
-/// The GPUs to use: the ones asked for, or every visible one.
-fn pick_devices(asked: &Option<Vec<usize>>) -> linkreduce::Result<Vec<usize>> {
-    let count = linkreduce::memory::device_count()?;
+/// The GPUs to use: the ones asked for, or every visible one. No driver
+/// library or no device is [`CliError::NoGpu`]: the first thing a command
+/// says on a machine without an NVIDIA GPU.
+fn pick_devices(asked: &Option<Vec<usize>>) -> Result<Vec<usize>> {
+    let count = linkreduce::memory::device_count().map_err(|error| match error {
+        linkreduce::Error::DriverNotFound | linkreduce::Error::NoDevice => CliError::NoGpu(error),
+        other => CliError::Library(other),
+    })?;
     Ok(match asked {
         Some(devices) => devices.clone(),
         None => (0..count).collect(),

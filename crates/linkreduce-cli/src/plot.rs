@@ -9,12 +9,12 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::OnceLock;
 
-use linkreduce::{Error, Result};
 use plotters::coord::combinators::{BindKeyPoints, WithKeyPoints};
 use plotters::coord::ranged1d::{Ranged, ValueFormatter};
 use plotters::prelude::*;
 use serde::Deserialize;
 
+use crate::error::{CliError, Result};
 use crate::sizes::format_size;
 
 #[derive(clap::Args)]
@@ -61,8 +61,11 @@ pub fn run(args: Args) -> Result<ExitCode> {
         .output
         .unwrap_or_else(|| args.json.with_extension("png"));
     let name = args.json.display().to_string();
-    let text = std::fs::read_to_string(&args.json)
-        .map_err(|e| Error::InvalidConfig(format!("cannot read {name}: {e}")))?;
+    let text = std::fs::read_to_string(&args.json).map_err(|source| CliError::Io {
+        action: "read",
+        path: args.json.clone(),
+        source,
+    })?;
     draw(&text, &name, &out)?;
     println!("wrote {}", out.display());
     Ok(ExitCode::SUCCESS)
@@ -75,19 +78,19 @@ pub fn render(report_json: &str, out: &Path) -> Result<()> {
 
 /// `render`, naming the input as `source` in errors about its contents.
 fn draw(report_json: &str, source: &str, out: &Path) -> Result<()> {
-    let report: Report = serde_json::from_str(report_json).map_err(|e| {
-        Error::InvalidConfig(format!(
-            "{source} is not a `linkreduce bench --json` report: {e}"
-        ))
-    })?;
+    let report: Report =
+        serde_json::from_str(report_json).map_err(|error| CliError::NotAReport {
+            input: source.to_string(),
+            source: error,
+        })?;
     // Log axes cannot show zero or negative values; such rows are failures.
     let rows: Vec<&Row> = (report.rows.iter())
         .filter(|r| r.bytes > 0 && r.time_us.is_some_and(|t| t > 0.0 && t.is_finite()))
         .collect();
     if rows.is_empty() {
-        return Err(Error::InvalidConfig(format!(
-            "{source} has no rows with a positive size and time to plot"
-        )));
+        return Err(CliError::NothingToPlot {
+            input: source.to_string(),
+        });
     }
     register_font()?;
 
@@ -142,8 +145,9 @@ fn draw(report_json: &str, source: &str, out: &Path) -> Result<()> {
             busbw,
         )?;
     }
-    root.present().map_err(|e| {
-        Error::InvalidConfig(format!("cannot write the plot to {}: {e}", out.display()))
+    root.present().map_err(|e| CliError::PlotWrite {
+        path: out.to_path_buf(),
+        reason: e.to_string(),
     })
 }
 
@@ -409,8 +413,8 @@ fn format_number(v: f64) -> String {
     text.trim_end_matches('0').trim_end_matches('.').to_string()
 }
 
-fn draw_error(e: impl std::fmt::Display) -> Error {
-    Error::InvalidConfig(format!("drawing the plot failed: {e}"))
+fn draw_error(e: impl std::fmt::Display) -> CliError {
+    CliError::Plot(e.to_string())
 }
 
 const NO_FONT: &str =
@@ -423,14 +427,22 @@ fn register_font() -> Result<()> {
     let outcome = REGISTERED.get_or_init(|| {
         let path = find_font(std::env::var_os("LINKREDUCE_FONT").map(PathBuf::from))
             .ok_or_else(|| NO_FONT.to_string())?;
-        let bytes = std::fs::read(&path)
-            .map_err(|e| format!("cannot read font {}: {e}", path.display()))?;
+        let bytes = std::fs::read(&path).map_err(|e| {
+            format!(
+                "cannot read font {}: {e}; set LINKREDUCE_FONT to a readable .ttf file",
+                path.display()
+            )
+        })?;
         // Leaked once per process; the table keeps it for the process anyway.
         let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
-        plotters::style::register_font("sans-serif", FontStyle::Normal, bytes)
-            .map_err(|_| format!("{} is not a usable TrueType font", path.display()))
+        plotters::style::register_font("sans-serif", FontStyle::Normal, bytes).map_err(|_| {
+            format!(
+                "{} is not a usable TrueType font; set LINKREDUCE_FONT to a .ttf file",
+                path.display()
+            )
+        })
     });
-    outcome.clone().map_err(Error::InvalidConfig)
+    outcome.clone().map_err(CliError::Font)
 }
 
 /// The font to use: the one named by LINKREDUCE_FONT (even if missing, so a
@@ -533,8 +545,19 @@ mod tests {
         let out = dir.join("bad.png");
         for json in ["not json", "{\"rows\": 3}", "{\"rows\": []}"] {
             let error = render(json, &out).unwrap_err();
-            assert!(matches!(error, Error::InvalidConfig(_)), "{error}");
+            assert!(
+                matches!(
+                    error,
+                    CliError::NotAReport { .. } | CliError::NothingToPlot { .. }
+                ),
+                "{error}"
+            );
         }
+        let error = render("{\"rows\": []}", &out).unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "the report has no rows with a positive size and time to plot"
+        );
         assert!(!out.exists());
         std::fs::remove_dir_all(dir).unwrap();
     }

@@ -9,7 +9,9 @@ use std::sync::Arc;
 use linkreduce::group::in_process;
 use linkreduce::rendezvous::{Rendezvous, TcpRendezvous, TcpRendezvousConfig};
 use linkreduce::verify::on_every_rank;
-use linkreduce::{Communicator, Config, Error, Result};
+use linkreduce::{Communicator, Config};
+
+use crate::error::{CliError, Result};
 
 /// Set by the parent in the processes it starts as ranks.
 const WORKER_VAR: &str = "LINKREDUCE_CLI_WORKER";
@@ -69,12 +71,16 @@ pub fn on_ranks(
     match (mode, worker_world()) {
         (Mode::Threads, _) => {
             let mut comms = in_process(&places, config)?;
-            let passed = on_every_rank(&mut comms, per_rank)?;
+            // The CLI's errors ride through the library's runner as values;
+            // the first failing rank's, in rank order, is the one reported.
+            let outcomes = on_every_rank(&mut comms, |comm| Ok(per_rank(comm)))?;
+            let passed = outcomes.into_iter().collect::<Result<Vec<bool>>>()?;
             Ok(Some(passed.into_iter().all(|p| p)))
         }
         (Mode::Processes, None) => {
-            let exe = std::env::current_exe().map_err(|e| {
-                Error::InvalidConfig(format!("cannot find this program to start ranks: {e}"))
+            let exe = std::env::current_exe().map_err(|source| CliError::Launch {
+                what: "find this program to start its ranks".into(),
+                source,
             })?;
             let args: Vec<OsString> = std::env::args_os().skip(1).collect();
             let env = [(WORKER_VAR.to_string(), "1".to_string())];
