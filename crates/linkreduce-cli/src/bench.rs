@@ -441,14 +441,9 @@ fn gather_strings(rendezvous: &dyn Rendezvous, mine: &str) -> Result<Vec<String>
 }
 
 fn driver_string() -> String {
-    let mut version = 0;
-    // SAFETY: the driver is loaded (a group was created); `version` is
-    // valid for writes.
-    let status = unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut version) };
-    if status.result().is_ok() {
-        format!("{}.{}", version / 1000, (version % 1000) / 10)
-    } else {
-        "unknown".into()
+    match linkreduce::driver::driver_version() {
+        Ok(version) => format!("{}.{}", version / 1000, (version % 1000) / 10),
+        Err(_) => "unknown".into(),
     }
 }
 

@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use cudarc::driver::sys::{self, CUdevice_P2PAttribute};
 use cudarc::driver::CudaContext;
+use linkreduce::driver;
 use linkreduce::kernels::nvrtc_version;
 use linkreduce::memory::can_access_peer;
 use linkreduce::{algorithm, AlgorithmChoice, Error, Result};
@@ -18,13 +19,7 @@ pub struct Args {
 }
 
 fn driver_version() -> Result<i32> {
-    let mut version = 0;
-    // SAFETY: the driver is loaded (device_count succeeded); `version` is
-    // valid for writes.
-    unsafe { sys::cuDriverGetVersion(&mut version) }
-        .result()
-        .map_err(Error::driver("cuDriverGetVersion"))?;
-    Ok(version)
+    driver::driver_version().map_err(Error::driver("cuDriverGetVersion"))
 }
 
 fn p2p_attribute(
@@ -32,30 +27,13 @@ fn p2p_attribute(
     to: &CudaContext,
     attribute: CUdevice_P2PAttribute,
 ) -> Result<i32> {
-    let mut value = 0;
-    // SAFETY: both device handles are valid; `value` is valid for writes.
-    unsafe {
-        sys::cuDeviceGetP2PAttribute(&mut value, attribute, from.cu_device(), to.cu_device())
-    }
-    .result()
-    .map_err(Error::driver("cuDeviceGetP2PAttribute"))?;
-    Ok(value)
+    driver::p2p_attribute(attribute, from.cu_device(), to.cu_device())
+        .map_err(Error::driver("cuDeviceGetP2PAttribute"))
 }
 
 /// The device's PCI bus id as CUDA prints it ("0000:18:00.0").
 fn pci_bus_id(ctx: &CudaContext) -> Result<String> {
-    let mut text = [0 as std::ffi::c_char; 32];
-    // SAFETY: the buffer holds `len` bytes; the driver writes a
-    // NUL-terminated string of at most that many.
-    unsafe { sys::cuDeviceGetPCIBusId(text.as_mut_ptr(), text.len() as i32, ctx.cu_device()) }
-        .result()
-        .map_err(Error::driver("cuDeviceGetPCIBusId"))?;
-    let bytes: Vec<u8> = text
-        .iter()
-        .take_while(|&&c| c != 0)
-        .map(|&c| c as u8)
-        .collect();
-    Ok(String::from_utf8_lossy(&bytes).into_owned())
+    driver::pci_bus_id(ctx.cu_device()).map_err(Error::driver("cuDeviceGetPCIBusId"))
 }
 
 pub fn run(args: Args) -> crate::error::Result<ExitCode> {
