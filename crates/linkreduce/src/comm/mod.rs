@@ -25,7 +25,7 @@ use cudarc::driver::{CudaContext, CudaStream, DevicePtr, DevicePtrMut};
 pub use config::{CallOptions, Config};
 
 use crate::algorithm::{choose_tuned, Algorithm, AlgorithmChoice, Tuning};
-use crate::dtype::Element;
+use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
 use crate::kernels::Kernels;
 use crate::memory::{DeviceBuffer, PointerInfo};
@@ -233,6 +233,28 @@ impl Communicator {
         let len = buffer.len();
         let (ptr, _write) = buffer.device_ptr_mut(stream);
         self.enqueue(stream, T::DTYPE, ptr, ptr, len, options)
+    }
+
+    /// Sums `count` elements of `dtype` at device address `input` over all
+    /// ranks into `output` (the same address for in place), on `stream`:
+    /// [`all_reduce_on`](Self::all_reduce_on) for bindings that hold raw
+    /// pointers (PyTorch's `data_ptr()`, DLPack).
+    ///
+    /// # Safety
+    /// `input` and `output` must each address `count` elements of `dtype`
+    /// on this rank's device, readable (`input`) and writable (`output`)
+    /// until the call has run on `stream`, and either be the same or not
+    /// overlap (partial overlap is refused, other misuse is not detected).
+    pub unsafe fn all_reduce_raw(
+        &mut self,
+        stream: &Arc<CudaStream>,
+        dtype: DType,
+        input: u64,
+        output: u64,
+        count: usize,
+        options: CallOptions,
+    ) -> Result<()> {
+        self.enqueue(stream, dtype, input, output, count, options)
     }
 
     /// Entries of this rank's buffer table in use (the staging buffer's
