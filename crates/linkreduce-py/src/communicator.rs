@@ -1,0 +1,399 @@
+//! The `Communicator` class: one rank's linkreduce communicator, driven
+//! from Python with raw device addresses and stream handles.
+//!
+//! Every method detaches from the interpreter (releases the GIL) before it
+//! locks the communicator, and works detached: other Python threads run
+//! meanwhile, and a rendezvous callable that attaches again cannot
+//! deadlock against a thread waiting for the lock.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use cudarc::driver::sys::CUstream;
+use linkreduce::memory::device_count;
+use linkreduce::rendezvous::{TcpRendezvous, TcpRendezvousConfig};
+use linkreduce::{Communicator, Config, Error};
+use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::prelude::*;
+
+use crate::args::{self, Call};
+use crate::errors::{to_py, Failure};
+use crate::rendezvous::CallableRendezvous;
+
+/// One rank of a group that all-reduces across the GPUs of one node.
+///
+/// Build it on every rank at once (set-up is collective) with
+/// `Communicator.from_env()` (the variables torchrun sets; ranks meet over
+/// TCP) or `Communicator.with_all_gather(...)` (ranks meet through a
+/// callable, such as one over a torch.distributed group). All methods
+/// release the GIL while they work. `close()` (or leaving a `with` block)
+/// ends it; it is collective too.
+#[pyclass(frozen, name = "Communicator", module = "linkreduce")]
+pub struct PyCommunicator {
+    inner: Mutex<Option<Communicator>>,
+    /// Set when ranks meet through a Python callable: its exceptions become
+    /// the causes of the errors raised here.
+    rendezvous: Option<Arc<CallableRendezvous>>,
+    rank: usize,
+    world_size: usize,
+    device: usize,
+}
+
+impl PyCommunicator {
+    fn wrap(
+        communicator: Communicator,
+        rendezvous: Option<Arc<CallableRendezvous>>,
+    ) -> PyCommunicator {
+        PyCommunicator {
+            rank: communicator.rank(),
+            world_size: communicator.world_size(),
+            device: communicator.device(),
+            inner: Mutex::new(Some(communicator)),
+            rendezvous,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Option<Communicator>> {
+        // A panic while locked cannot come from a caller's input; if one
+        // happened anyway, the communicator's own state (its poisoning on
+        // peer failures) still tells whether it can be used.
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Runs `f` on the communicator, detached from the interpreter.
+    fn with<T, F>(&self, py: Python<'_>, f: F) -> PyResult<T>
+    where
+        T: Send,
+        F: FnOnce(&mut Communicator) -> Result<T, Error> + Send,
+    {
+        let result = py.detach(|| match self.lock().as_mut() {
+            None => Err(Failure::Closed),
+            Some(communicator) => f(communicator).map_err(Failure::Library),
+        });
+        result.map_err(|failure| self.raise(py, failure))
+    }
+
+    fn raise(&self, py: Python<'_>, failure: Failure) -> PyErr {
+        let cause = self.rendezvous.as_ref().and_then(|r| r.take_error());
+        to_py(py, failure, Some(self.rank), cause)
+    }
+}
+
+#[pymethods]
+impl PyCommunicator {
+    /// from_env(device=None, *, port=None, timeout_s=None,
+    ///          rendezvous_timeout_s=None, staging_bytes=None,
+    ///          max_blocks=None) -> Communicator
+    ///
+    /// The communicator of a process started the torchrun way: RANK,
+    /// WORLD_SIZE, MASTER_ADDR and MASTER_PORT say where the ranks meet over
+    /// TCP (rank 0 listens on `port` when given, else on MASTER_PORT: under
+    /// torchrun, whose agent already listens on MASTER_PORT, pass another
+    /// free port, the same on every rank); LOCAL_RANK (or RANK) picks the
+    /// GPU, modulo the visible GPUs, unless `device` names one. Collective.
+    ///
+    /// Keywords (the same on every rank): `timeout_s`, how long a kernel
+    /// waits for a peer before the call fails naming it (default 5);
+    /// `rendezvous_timeout_s`, how long set-up waits for the other ranks
+    /// (default 60, or LINKREDUCE_RENDEZVOUS_TIMEOUT_S); `staging_bytes`,
+    /// the staging buffer (default 32 MiB); `max_blocks`, the largest grid.
+    ///
+    /// Raises LinkreduceError when the variables are missing or wrong, when
+    /// there is no usable GPU (checked before meeting the other ranks), or
+    /// when set-up fails on any rank.
+    #[staticmethod]
+    #[pyo3(signature = (device = None, *, port = None, timeout_s = None, rendezvous_timeout_s = None, staging_bytes = None, max_blocks = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn from_env(
+        py: Python<'_>,
+        device: Option<&Bound<'_, PyAny>>,
+        port: Option<&Bound<'_, PyAny>>,
+        timeout_s: Option<f64>,
+        rendezvous_timeout_s: Option<f64>,
+        staging_bytes: Option<&Bound<'_, PyAny>>,
+        max_blocks: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<PyCommunicator> {
+        let config = args::config(timeout_s, rendezvous_timeout_s, staging_bytes, max_blocks)?;
+        let device = device
+            .map(|d| args::non_negative(d, "device", "a CUDA device ordinal"))
+            .transpose()?;
+        let port = port
+            .map(|p| {
+                let port = args::non_negative(p, "port", "a TCP port")?;
+                u16::try_from(port)
+                    .ok()
+                    .filter(|&port| port != 0)
+                    .ok_or_else(|| {
+                        PyValueError::new_err(format!("port must be in 1..=65535, got {port}"))
+                    })
+            })
+            .transpose()?;
+        let built = py.detach(move || from_env(device.map(|d| d as usize), port, config));
+        built
+            .map(|communicator| PyCommunicator::wrap(communicator, None))
+            .map_err(|error| to_py(py, Failure::Library(error), None, None))
+    }
+
+    /// with_all_gather(rank, world_size, device, all_gather, *, timeout_s=None,
+    ///                 rendezvous_timeout_s=None, staging_bytes=None,
+    ///                 max_blocks=None) -> Communicator
+    ///
+    /// The communicator of rank `rank` of `world_size` on CUDA device
+    /// `device`, whose ranks meet through `all_gather`: a callable that takes
+    /// this rank's `bytes`, sends them to every rank, and returns a list of
+    /// every rank's `bytes` in rank order (this rank's own included). Every
+    /// rank calls it the same number of times, in the same order; it is
+    /// called during set-up, `register_graph_buffers`,
+    /// `release_graph_buffers` and `close`, with the GIL held and never
+    /// while a stream is being captured. An exception it raises fails the
+    /// step with a LinkreduceError whose `__cause__` is that exception.
+    /// Collective. Keywords as for `from_env`.
+    #[staticmethod]
+    #[pyo3(signature = (rank, world_size, device, all_gather, *, timeout_s = None, rendezvous_timeout_s = None, staging_bytes = None, max_blocks = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn with_all_gather(
+        py: Python<'_>,
+        rank: &Bound<'_, PyAny>,
+        world_size: &Bound<'_, PyAny>,
+        device: &Bound<'_, PyAny>,
+        all_gather: Bound<'_, PyAny>,
+        timeout_s: Option<f64>,
+        rendezvous_timeout_s: Option<f64>,
+        staging_bytes: Option<&Bound<'_, PyAny>>,
+        max_blocks: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<PyCommunicator> {
+        let config = args::config(timeout_s, rendezvous_timeout_s, staging_bytes, max_blocks)?;
+        let rank = args::non_negative(rank, "rank", "this process's rank")? as usize;
+        let world_size = args::non_negative(world_size, "world_size", "the number of ranks")?;
+        let world_size = world_size as usize;
+        let device = args::non_negative(device, "device", "a CUDA device ordinal")? as usize;
+        if rank >= world_size {
+            return Err(PyValueError::new_err(format!(
+                "rank {rank} is out of range for world_size {world_size}"
+            )));
+        }
+        if !all_gather.is_callable() {
+            return Err(PyTypeError::new_err(
+                "all_gather must be a callable: bytes -> list of bytes, one per rank",
+            ));
+        }
+        let rendezvous = Arc::new(CallableRendezvous::new(
+            rank,
+            world_size,
+            all_gather.unbind(),
+        ));
+        let shared = rendezvous.clone();
+        let built = py.detach(move || Communicator::new(shared, device, config));
+        match built {
+            Ok(communicator) => Ok(PyCommunicator::wrap(communicator, Some(rendezvous))),
+            Err(error) => Err(to_py(
+                py,
+                Failure::Library(error),
+                Some(rank),
+                rendezvous.take_error(),
+            )),
+        }
+    }
+
+    /// all_reduce(dtype, input_ptr, output_ptr, count, stream=None,
+    ///            algorithm="auto", zero_copy=False)
+    ///
+    /// Enqueues the sum over all ranks of `count` elements of `dtype` ("f32",
+    /// "f16", "bf16") at device address `input_ptr` into `output_ptr` (the
+    /// same address for in place) on `stream`: a raw CUstream handle as an
+    /// int (torch.cuda.current_stream().cuda_stream, cupy's stream.ptr; 0
+    /// is CUDA's legacy default stream), or None for this communicator's
+    /// own stream. Returns once enqueued; a peer that died or hangs makes a
+    /// later call or `synchronize()` raise LinkreduceError naming it.
+    /// Collective on the GPU: every rank makes the same calls with the same
+    /// counts, dtypes and algorithms, in the same order. `algorithm` is
+    /// "auto", "one-stage", "two-stage" or "push"; `zero_copy` refuses an
+    /// input peers cannot read in place instead of copying it to staging.
+    ///
+    /// The caller vouches (nothing checks it; breaking it is undefined
+    /// behaviour): both addresses lie on this communicator's device, the
+    /// input is readable and the output writable for `count` elements until
+    /// the call has run on `stream`, they are the same address or do not
+    /// overlap, and `stream` is a live stream of the device's primary
+    /// context that stays alive until the call, and any graph captured with
+    /// it, has run. Argument errors (validate_all_reduce's checks) raise
+    /// ValueError or TypeError before anything is enqueued.
+    #[pyo3(signature = (dtype, input_ptr, output_ptr, count, stream = None, algorithm = "auto", zero_copy = false))]
+    #[allow(clippy::too_many_arguments)]
+    fn all_reduce(
+        &self,
+        py: Python<'_>,
+        dtype: &str,
+        input_ptr: &Bound<'_, PyAny>,
+        output_ptr: &Bound<'_, PyAny>,
+        count: &Bound<'_, PyAny>,
+        stream: Option<&Bound<'_, PyAny>>,
+        algorithm: &str,
+        zero_copy: bool,
+    ) -> PyResult<()> {
+        let call = Call::parse(dtype, input_ptr, output_ptr, count, algorithm, zero_copy)?;
+        let stream = stream
+            .map(|s| args::non_negative(s, "stream", "a CUstream handle"))
+            .transpose()?;
+        self.with(py, move |communicator| {
+            let stream = match stream {
+                None => communicator.stream().clone(),
+                // SAFETY: the caller vouches that `stream` is a live stream
+                // of this device's primary context (the communicator's
+                // context) and stays alive while this call or a graph
+                // captured with it may run (all_reduce's docstring); 0 is
+                // CUDA's legacy default stream, valid in every context.
+                Some(raw) => unsafe { communicator.borrow_stream(raw as usize as CUstream) },
+            };
+            // SAFETY: the caller vouches that both addresses are on this
+            // communicator's device, readable (input) and writable (output)
+            // for `count` elements of `dtype` until the call has run on
+            // `stream`, and equal or disjoint (all_reduce's docstring).
+            // Call::parse checked that neither range wraps around the
+            // address space; the library refuses a partial overlap.
+            unsafe {
+                communicator.all_reduce_raw(
+                    &stream,
+                    call.dtype,
+                    call.input,
+                    call.output,
+                    call.count,
+                    call.options,
+                )
+            }
+        })
+    }
+
+    /// register_graph_buffers() -> int
+    ///
+    /// After capturing CUDA graphs with all_reduce calls, and before their
+    /// first replay: shares the input buffers the captured calls read, so
+    /// the replays read them in place. Collective. Returns how many this
+    /// rank had. A failure here leaves the communicator unusable.
+    fn register_graph_buffers(&self, py: Python<'_>) -> PyResult<usize> {
+        self.with(py, |communicator| communicator.register_graph_buffers())
+    }
+
+    /// release_graph_buffers()
+    ///
+    /// Once the graphs registered so far are destroyed: unmaps their peers'
+    /// buffers so that peers may free them. Collective. Those graphs must
+    /// not be replayed afterwards.
+    fn release_graph_buffers(&self, py: Python<'_>) -> PyResult<()> {
+        self.with(py, |communicator| communicator.release_graph_buffers())
+    }
+
+    /// synchronize()
+    ///
+    /// Waits until every call enqueued so far has run, and raises
+    /// LinkreduceError naming the peer when one timed out in them.
+    fn synchronize(&self, py: Python<'_>) -> PyResult<()> {
+        self.with(py, |communicator| communicator.synchronize())
+    }
+
+    /// algorithm_for(nbytes) -> str
+    ///
+    /// The algorithm an automatic call of `nbytes` bytes uses.
+    fn algorithm_for(&self, py: Python<'_>, nbytes: &Bound<'_, PyAny>) -> PyResult<&'static str> {
+        let bytes = args::non_negative(nbytes, "nbytes", "a message size in bytes")?;
+        let bytes = usize::try_from(bytes)
+            .map_err(|_| PyValueError::new_err("nbytes does not fit this machine's usize"))?;
+        self.with(py, move |communicator| {
+            Ok(communicator.algorithm_for(bytes).name())
+        })
+    }
+
+    /// close()
+    ///
+    /// Ends the communicator: waits for its calls, lets peers unmap its
+    /// memory, and frees it. Collective (every rank closes at the same
+    /// point); a peer that died does not make it wait. Further calls raise
+    /// LinkreduceError; closing again does nothing.
+    fn close(&self, py: Python<'_>) {
+        py.detach(|| {
+            let communicator = self.lock().take();
+            // Dropped unlocked: its closing barrier may call back into Python.
+            drop(communicator);
+        });
+    }
+
+    /// Whether `close()` ran.
+    #[getter]
+    fn closed(&self, py: Python<'_>) -> bool {
+        py.detach(|| self.lock().is_none())
+    }
+
+    #[getter]
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    #[getter]
+    fn world_size(&self) -> usize {
+        self.world_size
+    }
+
+    /// The CUDA device ordinal this rank runs on.
+    #[getter]
+    fn device(&self) -> usize {
+        self.device
+    }
+
+    fn __enter__(slf: Py<Self>) -> Py<Self> {
+        slf
+    }
+
+    #[pyo3(signature = (_kind = None, _value = None, _traceback = None))]
+    fn __exit__(
+        &self,
+        py: Python<'_>,
+        _kind: Option<&Bound<'_, PyAny>>,
+        _value: Option<&Bound<'_, PyAny>>,
+        _traceback: Option<&Bound<'_, PyAny>>,
+    ) -> bool {
+        self.close(py);
+        false
+    }
+
+    fn __repr__(&self, py: Python<'_>) -> String {
+        format!(
+            "Communicator(rank={}, world_size={}, device={}{})",
+            self.rank,
+            self.world_size,
+            self.device,
+            if self.closed(py) { ", closed" } else { "" }
+        )
+    }
+}
+
+/// `Communicator::from_env`, with the device and the port the caller may
+/// name. The GPU is checked before the ranks meet, so that a machine
+/// without one fails at once instead of after the other ranks' timeout.
+fn from_env(
+    device: Option<usize>,
+    port: Option<u16>,
+    config: Config,
+) -> Result<Communicator, Error> {
+    let lookup = |name: &str| match (name, port) {
+        ("MASTER_PORT", Some(port)) => Some(port.to_string()),
+        _ => std::env::var_os(name).map(|value| value.to_string_lossy().into_owned()),
+    };
+    let device = match device {
+        Some(device) => device,
+        None => TcpRendezvousConfig::local_rank_from_vars(lookup)? % device_count()?,
+    };
+    let count = device_count()?;
+    if device >= count {
+        return Err(Error::DeviceOutOfRange {
+            ordinal: device,
+            count,
+        });
+    }
+    let mut tcp = TcpRendezvousConfig::from_vars(lookup)?;
+    if std::env::var_os(TcpRendezvousConfig::TIMEOUT_VAR).is_none() {
+        tcp.timeout = config.rendezvous_timeout;
+    }
+    let rendezvous = TcpRendezvous::connect(tcp)?;
+    Communicator::new(Arc::new(rendezvous), device, config)
+}
