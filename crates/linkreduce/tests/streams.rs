@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use common::gpus;
 use cudarc::driver::sys::CUstreamCaptureMode;
-use cudarc::driver::{CudaStream, DevicePtr};
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
 use linkreduce::group::in_process;
 use linkreduce::verify::{on_every_rank, DeviceChecks, Expect};
 use linkreduce::{Algorithm, AlgorithmChoice, CallOptions, Communicator, Config, DType, Error};
@@ -38,6 +38,35 @@ fn options(algorithm: Algorithm) -> CallOptions {
     }
 }
 
+/// An input and an output of LEN elements on `stream`.
+fn buffers(
+    stream: &Arc<CudaStream>,
+) -> linkreduce::Result<(CudaSlice<half::bf16>, CudaSlice<half::bf16>)> {
+    let alloc = || {
+        stream
+            .alloc_zeros::<half::bf16>(LEN)
+            .map_err(Error::driver("cuMemAllocAsync"))
+    };
+    Ok((alloc()?, alloc()?))
+}
+
+/// A stream of the engine's own on `comm`'s context.
+fn new_stream(comm: &Communicator) -> linkreduce::Result<Arc<CudaStream>> {
+    comm.context()
+        .new_stream()
+        .map_err(Error::driver("cuStreamCreate"))
+}
+
+/// Every rank's wrong elements per step must be 0.
+fn assert_all_right(wrong: &[Vec<u64>]) {
+    for (rank, wrong) in wrong.iter().enumerate() {
+        assert!(
+            wrong.iter().all(|&w| w == 0),
+            "rank {rank}: wrong elements per step {wrong:?}"
+        );
+    }
+}
+
 /// Fills this rank's input for `seed`, all-reduces into `output` and checks
 /// it, all on `stream` (the fill and the check are the engine's compute
 /// kernels), then waits once. Returns the wrong elements.
@@ -50,12 +79,7 @@ fn engine_step(
 ) -> linkreduce::Result<u64> {
     let rank = comm.rank() as u32;
     let world = comm.world_size() as u32;
-    let input = stream
-        .alloc_zeros::<half::bf16>(LEN)
-        .map_err(Error::driver("cuMemAllocAsync"))?;
-    let mut output = stream
-        .alloc_zeros::<half::bf16>(LEN)
-        .map_err(Error::driver("cuMemAllocAsync"))?;
+    let (input, mut output) = buffers(stream)?;
     let (input_ptr, _) = input.device_ptr(stream);
     let (output_ptr, _) = output.device_ptr(stream);
     checks.reset()?;
@@ -77,10 +101,7 @@ fn an_engine_loop_on_its_own_stream_gets_right_sums() {
     let Some(gpus) = gpus() else { return };
     let mut comms = pair(gpus);
     let wrong = on_every_rank(&mut comms, |comm| {
-        let stream = comm
-            .context()
-            .new_stream()
-            .map_err(Error::driver("cuStreamCreate"))?;
+        let stream = new_stream(comm)?;
         let checks = DeviceChecks::new(&stream, 1)?;
         let mut wrong = Vec::new();
         for (step, algorithm) in Algorithm::ALL.iter().cycle().take(12).enumerate() {
@@ -95,12 +116,7 @@ fn an_engine_loop_on_its_own_stream_gets_right_sums() {
         Ok(wrong)
     })
     .unwrap();
-    for (rank, wrong) in wrong.iter().enumerate() {
-        assert!(
-            wrong.iter().all(|&w| w == 0),
-            "rank {rank}: wrong elements per step {wrong:?}"
-        );
-    }
+    assert_all_right(&wrong);
 }
 
 #[test]
@@ -108,15 +124,7 @@ fn calls_that_change_streams_stay_in_order() {
     let Some(gpus) = gpus() else { return };
     let mut comms = pair(gpus);
     let wrong = on_every_rank(&mut comms, |comm| {
-        let streams = [
-            comm.context()
-                .new_stream()
-                .map_err(Error::driver("cuStreamCreate"))?,
-            comm.context()
-                .new_stream()
-                .map_err(Error::driver("cuStreamCreate"))?,
-            comm.stream().clone(),
-        ];
+        let streams = [new_stream(comm)?, new_stream(comm)?, comm.stream().clone()];
         let mut wrong = Vec::new();
         for step in 0..12u64 {
             let stream = &streams[step as usize % streams.len()];
@@ -134,9 +142,7 @@ fn calls_that_change_streams_stay_in_order() {
         Ok(wrong)
     })
     .unwrap();
-    for (rank, wrong) in wrong.iter().enumerate() {
-        assert!(wrong.iter().all(|&w| w == 0), "rank {rank}: {wrong:?}");
-    }
+    assert_all_right(&wrong);
 }
 
 #[test]
@@ -144,19 +150,11 @@ fn a_graph_captured_on_the_callers_stream_replays_right() {
     let Some(gpus) = gpus() else { return };
     let mut comms = pair(gpus);
     let wrong = on_every_rank(&mut comms, |comm| {
-        let stream = comm
-            .context()
-            .new_stream()
-            .map_err(Error::driver("cuStreamCreate"))?;
+        let stream = new_stream(comm)?;
         let checks = DeviceChecks::new(&stream, 1)?;
         let rank = comm.rank() as u32;
         let world = comm.world_size() as u32;
-        let input = stream
-            .alloc_zeros::<half::bf16>(LEN)
-            .map_err(Error::driver("cuMemAllocAsync"))?;
-        let mut output = stream
-            .alloc_zeros::<half::bf16>(LEN)
-            .map_err(Error::driver("cuMemAllocAsync"))?;
+        let (input, mut output) = buffers(&stream)?;
         let (input_ptr, _) = input.device_ptr(&stream);
         let (output_ptr, _) = output.device_ptr(&stream);
         stream
@@ -202,9 +200,7 @@ fn a_graph_captured_on_the_callers_stream_replays_right() {
         Ok(wrong)
     })
     .unwrap();
-    for (rank, wrong) in wrong.iter().enumerate() {
-        assert!(wrong.iter().all(|&w| w == 0), "rank {rank}: {wrong:?}");
-    }
+    assert_all_right(&wrong);
 }
 
 #[test]
