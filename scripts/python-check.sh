@@ -6,6 +6,7 @@
 #
 # A debug build by default, which reuses what `cargo test` built;
 # LINKREDUCE_WHEEL_PROFILE=release builds the wheel `pip install .` builds.
+# LINKREDUCE_WHEEL_OUT=DIR keeps the tested wheel there (stage-gpu.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo="$PWD"
@@ -40,6 +41,11 @@ wheels=("$work"/dist/linkreduce-*-cp39-abi3-*.whl)
 if [ ! -f "${wheels[0]}" ]; then
   echo "python-check: no abi3 wheel for CPython 3.9+ in $work/dist: $(ls "$work/dist")" >&2
   exit 1
+fi
+
+if [ -n "${LINKREDUCE_WHEEL_OUT:-}" ]; then
+  mkdir -p "$LINKREDUCE_WHEEL_OUT"
+  cp "${wheels[0]}" "$LINKREDUCE_WHEEL_OUT/"
 fi
 
 echo "python-check: installing $(basename "${wheels[0]}") into a fresh environment" >&2

@@ -23,6 +23,9 @@ for line in sys.stdin:
         kind = msg["target"]["kind"][0]
         shutil.copy(exe, os.path.join("stage/tests", f"{kind}-{name}"))
 '
+# The Python wheel (release, tested here without a GPU), for
+# `pip install stage/wheels/*.whl` there: it has Python and torch, no Rust.
+LINKREDUCE_WHEEL_PROFILE=release LINKREDUCE_WHEEL_OUT="$PWD/stage/wheels" bash scripts/python-check.sh
 git rev-parse HEAD > stage/COMMIT 2>/dev/null || echo unknown > stage/COMMIT
 git status --porcelain | grep -q . && echo "+uncommitted changes" >> stage/COMMIT || true
 ls -la stage stage/tests
