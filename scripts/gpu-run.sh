@@ -5,7 +5,8 @@
 # processes. Logs go to $OUT (or ./gpu-logs).
 #
 # Usage: bash scripts/gpu-run.sh [info tests check check-processes soak soak-processes
-#          sanitize bench bench-processes tune ...]   (default: all but sanitize and tune)
+#          sanitize bench bench-processes tune python ...]
+#          (default: all but sanitize, tune and python)
 # Environment: TEST_TIMEOUT, CHECK_TIMEOUT, BENCH_TIMEOUT, SOAK_TIMEOUT,
 #   SANITIZE_TIMEOUT (seconds per step),
 #   SOAK_CASES (random cases per world size; default 20000), SOAK_WORLDS
@@ -73,6 +74,15 @@ for step in "${steps[@]}"; do
         cat "$out/sanitize-$tool.txt" >> "$out/sanitize.txt"
         rm "$out/sanitize-$tool.txt"
       done ;;
+    python)
+      # The staged wheel in a virtual environment that sees the machine's
+      # PyTorch, then the torchrun tests (correctness, graphs, fallbacks;
+      # then a killed rank) and the PyTorch benchmark.
+      python3 -m venv --system-site-packages /tmp/linkreduce-venv &&
+        /tmp/linkreduce-venv/bin/pip install --quiet --no-index --force-reinstall stage/wheels/linkreduce-*.whl
+      run python-tests "${TEST_TIMEOUT:-600}" /tmp/linkreduce-venv/bin/torchrun --nproc-per-node 2 python/tests/test_torch_gpu.py
+      run python-kill 120 /tmp/linkreduce-venv/bin/torchrun --nproc-per-node 2 python/tests/test_torch_gpu.py --kill
+      run python-bench "${BENCH_TIMEOUT:-900}" /tmp/linkreduce-venv/bin/torchrun --nproc-per-node 2 -m linkreduce.bench ;;
     tune) run tune "${BENCH_TIMEOUT:-900}" stage/linkreduce tune --tune-out "$out/tuning.json" --sizes "$sizes" ${BENCH_ARGS:-} ;;
     *) echo "unknown step $step"; status=2 ;;
   esac

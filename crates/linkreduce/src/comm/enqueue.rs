@@ -136,13 +136,16 @@ impl Communicator {
         self.leave_stream(stream, capturing)
     }
 
-    /// Makes `stream` the one this call goes on, ordered after the previous
-    /// call wherever that went (calls share staging, signal counters and
-    /// push slots, so they must not overlap). Returns whether `stream` is
-    /// being captured: a captured call is ordered by where its graph is
-    /// launched, so no event ties it to eager calls (docs/design.md,
-    /// "Streams").
-    fn enter_stream(&mut self, stream: &Arc<CudaStream>) -> Result<bool> {
+    /// Orders this call after the previous one wherever that went: calls
+    /// share staging, signal counters and push slots, so they must not
+    /// overlap. This rank's own stream is ordered after every call (see
+    /// `leave_stream`), so a call on another stream waits for it. (Skipping
+    /// that wait when the previous call used the same stream would need to
+    /// recognise the stream, and a caller's stream handle may be reused by
+    /// a new stream once destroyed.) Returns whether `stream` is being
+    /// captured: a captured call is ordered by where its graph is launched,
+    /// and no event can tie it to eager calls (docs/design.md, "Streams").
+    fn enter_stream(&self, stream: &Arc<CudaStream>) -> Result<bool> {
         if stream.context().cu_ctx() != self.gpu.ctx.cu_ctx() {
             return Err(Error::InvalidConfig(format!(
                 "the stream belongs to another CUDA context than rank {}'s (device {}); \
@@ -152,19 +155,18 @@ impl Communicator {
             )));
         }
         let capturing = capturing(stream)?;
-        let last = &self.gpu.last_call;
-        if last.cu_stream() != stream.cu_stream() && !capturing && !super::capturing(last)? {
+        if stream.cu_stream() != self.gpu.stream.cu_stream() && !capturing {
             stream
-                .join(last)
+                .join(&self.gpu.stream)
                 .map_err(Error::driver("cuStreamWaitEvent"))?;
         }
-        self.gpu.last_call = stream.clone();
         Ok(capturing)
     }
 
-    /// After a call on another stream than this rank's own, orders the own
-    /// stream after it, so that what goes there next (frees of
-    /// [`Communicator::alloc`]'s buffers, downloads) waits for the call.
+    /// After an eager call on another stream than this rank's own, orders
+    /// the own stream after it: the next call elsewhere waits for it
+    /// through the own stream, and what goes there next (frees of
+    /// [`Communicator::alloc`]'s buffers, downloads) comes after it.
     fn leave_stream(&self, stream: &Arc<CudaStream>, capturing: bool) -> Result<()> {
         if capturing || stream.cu_stream() == self.gpu.stream.cu_stream() {
             return Ok(());

@@ -39,9 +39,6 @@ use setup::Regions;
 struct Gpu {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
-    /// The stream the latest call went on (this rank's own stream, or a
-    /// caller's): the next call on another stream is ordered after it.
-    last_call: Arc<CudaStream>,
     kernels: Arc<Kernels>,
     /// Blocks per launch at most: the same on every rank.
     max_blocks: u32,
@@ -271,16 +268,14 @@ impl Communicator {
         self.check_usable()
     }
 
-    /// Waits on the host until every call enqueued so far has finished: on
-    /// the stream of the latest call (which waited for the calls before
-    /// it) and on this rank's own.
+    /// Waits on the host until every call enqueued so far has finished:
+    /// this rank's own stream is ordered after each of them (calls on a
+    /// caller's stream included; docs/design.md, "Streams").
     fn wait_for_calls(&self) -> Result<()> {
-        for stream in [&self.gpu.last_call, &self.gpu.stream] {
-            stream
-                .synchronize()
-                .map_err(Error::driver("cuStreamSynchronize"))?;
-        }
-        Ok(())
+        self.gpu
+            .stream
+            .synchronize()
+            .map_err(Error::driver("cuStreamSynchronize"))
     }
 
     /// Fails when the communicator was poisoned or a kernel reported a
@@ -314,7 +309,7 @@ impl Communicator {
     /// Fails when a stream calls go on is being captured: `what`
     /// synchronises it, which would invalidate the capture.
     fn not_capturing(&self, what: &str) -> Result<()> {
-        if capturing(&self.gpu.stream)? || capturing(&self.gpu.last_call)? {
+        if capturing(&self.gpu.stream)? {
             return Err(Error::InvalidConfig(format!(
                 "{what} cannot run while the stream is being captured; call it before or after capture"
             )));

@@ -155,7 +155,6 @@ impl Communicator {
             world_size,
             gpu: Gpu {
                 ctx: local.ctx,
-                last_call: local.stream.clone(),
                 stream: local.stream,
                 kernels: local.kernels,
                 max_blocks,
