@@ -469,41 +469,39 @@ fn check_typed<T: Element>(comm: &mut Communicator, case: Case, seed: u64) -> Re
     if case.placement.registered() {
         comm.register(&input)?;
     }
-    let findings = if case.placement.in_place() {
-        comm.all_reduce_in_place(&mut input, options)
-            .and_then(|()| comm.synchronize())
-            .and_then(|()| {
-                let examined = Examined {
-                    dtype,
-                    output: input.device_address(),
-                    len: case.len,
-                    sum,
-                    untouched: Vec::new(),
-                };
-                // SAFETY: the buffer holds `len` elements.
-                unsafe { examined.findings(&checks) }
-            })
-    } else {
-        let mut output: DeviceBuffer<T> = comm.alloc::<T>(case.len)?;
-        poison(comm, output.device_address(), output.num_bytes())?;
-        comm.all_reduce_with(&input, &mut output, options)
-            .and_then(|()| comm.synchronize())
-            .and_then(|()| {
-                let examined = Examined {
-                    dtype,
-                    output: output.device_address(),
-                    len: case.len,
-                    sum,
-                    untouched: vec![(
-                        input.device_address(),
-                        case.len,
-                        Expect::Input { seed, rank },
-                    )],
-                };
-                // SAFETY: both buffers hold `len` elements.
-                unsafe { examined.findings(&checks) }
-            })
+    let mut output: Option<DeviceBuffer<T>> = None;
+    if !case.placement.in_place() {
+        let buffer = comm.alloc::<T>(case.len)?;
+        poison(comm, buffer.device_address(), buffer.num_bytes())?;
+        output = Some(buffer);
+    }
+    let called = match &mut output {
+        None => comm.all_reduce_in_place(&mut input, options),
+        Some(output) => comm.all_reduce_with(&input, output, options),
     };
+    let findings = called.and_then(|()| comm.synchronize()).and_then(|()| {
+        // Out of place, the input must still hold what was filled in.
+        let (result, untouched) = match &output {
+            None => (input.device_address(), Vec::new()),
+            Some(output) => (
+                output.device_address(),
+                vec![(
+                    input.device_address(),
+                    case.len,
+                    Expect::Input { seed, rank },
+                )],
+            ),
+        };
+        let examined = Examined {
+            dtype,
+            output: result,
+            len: case.len,
+            sum,
+            untouched,
+        };
+        // SAFETY: every buffer named holds `len` elements.
+        unsafe { examined.findings(&checks) }
+    });
     if case.placement.registered() {
         comm.deregister(&input)?;
     }
