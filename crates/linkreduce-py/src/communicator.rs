@@ -9,9 +9,7 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use cudarc::driver::sys::CUstream;
-use linkreduce::memory::device_count;
-use linkreduce::rendezvous::{TcpRendezvous, TcpRendezvousConfig};
-use linkreduce::{Communicator, Config, Error};
+use linkreduce::{Communicator, Error};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 
@@ -129,7 +127,8 @@ impl PyCommunicator {
                     })
             })
             .transpose()?;
-        let built = py.detach(move || from_env(device.map(|d| d as usize), port, config));
+        let built =
+            py.detach(move || Communicator::from_env_on(device.map(|d| d as usize), port, config));
         built
             .map(|communicator| PyCommunicator::wrap(communicator, None))
             .map_err(|error| to_py(py, Failure::Library(error), None, None))
@@ -365,35 +364,4 @@ impl PyCommunicator {
             if self.closed(py) { ", closed" } else { "" }
         )
     }
-}
-
-/// `Communicator::from_env`, with the device and the port the caller may
-/// name. The GPU is checked before the ranks meet, so that a machine
-/// without one fails at once instead of after the other ranks' timeout.
-fn from_env(
-    device: Option<usize>,
-    port: Option<u16>,
-    config: Config,
-) -> Result<Communicator, Error> {
-    let lookup = |name: &str| match (name, port) {
-        ("MASTER_PORT", Some(port)) => Some(port.to_string()),
-        _ => std::env::var_os(name).map(|value| value.to_string_lossy().into_owned()),
-    };
-    let device = match device {
-        Some(device) => device,
-        None => TcpRendezvousConfig::local_rank_from_vars(lookup)? % device_count()?,
-    };
-    let count = device_count()?;
-    if device >= count {
-        return Err(Error::DeviceOutOfRange {
-            ordinal: device,
-            count,
-        });
-    }
-    let mut tcp = TcpRendezvousConfig::from_vars(lookup)?;
-    if std::env::var_os(TcpRendezvousConfig::TIMEOUT_VAR).is_none() {
-        tcp.timeout = config.rendezvous_timeout;
-    }
-    let rendezvous = TcpRendezvous::connect(tcp)?;
-    Communicator::new(Arc::new(rendezvous), device, config)
 }

@@ -192,10 +192,33 @@ impl Communicator {
     /// MASTER_PORT say where to meet, and LOCAL_RANK picks the GPU
     /// (modulo the visible GPUs, so that several ranks may share one).
     pub fn from_env(config: Config) -> Result<Self> {
-        let local_rank = TcpRendezvousConfig::local_rank_from_env()?;
-        let device = local_rank % device_count()?;
-        let mut tcp = TcpRendezvousConfig::from_env()?;
-        if std::env::var_os(TcpRendezvousConfig::TIMEOUT_VAR).is_none() {
+        Self::from_env_on(None, None, config)
+    }
+
+    /// Like [`from_env`](Self::from_env), on GPU `device` instead of
+    /// LOCAL_RANK's when given, and meeting on `port` instead of MASTER_PORT
+    /// when given (for bindings whose launcher already listens there).
+    /// Device problems are reported before meeting the other ranks.
+    pub fn from_env_on(device: Option<usize>, port: Option<u16>, config: Config) -> Result<Self> {
+        let lookup = |name: &str| match (name, port) {
+            ("MASTER_PORT", Some(port)) => Some(port.to_string()),
+            _ => std::env::var_os(name).map(|value| value.to_string_lossy().into_owned()),
+        };
+        // Missing variables are named before a missing driver.
+        let local_rank = match device {
+            Some(_) => 0,
+            None => TcpRendezvousConfig::local_rank_from_vars(lookup)?,
+        };
+        let count = device_count()?;
+        let device = device.unwrap_or(local_rank % count);
+        if device >= count {
+            return Err(Error::DeviceOutOfRange {
+                ordinal: device,
+                count,
+            });
+        }
+        let mut tcp = TcpRendezvousConfig::from_vars(lookup)?;
+        if lookup(TcpRendezvousConfig::TIMEOUT_VAR).is_none() {
             tcp.timeout = config.rendezvous_timeout;
         }
         let rendezvous = TcpRendezvous::connect(tcp)?;
