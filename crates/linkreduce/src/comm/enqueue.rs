@@ -83,7 +83,14 @@ impl Communicator {
             options.algorithm,
             self.tuning.as_ref(),
         );
-        let source = self.locate_input(algorithm, input, output, bytes, options, capturing)?;
+        let source = self.locate_input(
+            algorithm,
+            input,
+            output,
+            bytes,
+            options.zero_copy,
+            capturing,
+        )?;
         // A misaligned output is written whole packets at a time into the
         // bounce buffer, then copied into place: this rank's concern alone.
         let bounce = (output % PACKET != 0).then(|| self.regions.bounce.ptr());
@@ -186,10 +193,9 @@ impl Communicator {
         input: u64,
         output: u64,
         bytes: usize,
-        options: CallOptions,
+        zero_copy: bool,
         capturing: bool,
     ) -> Result<Source> {
-        let zero_copy = options.zero_copy;
         let aligned = input % PACKET == 0;
         if algorithm == Algorithm::Push {
             // Only this rank reads its input, each packet before writing
