@@ -57,6 +57,11 @@ pub struct Args {
     /// resident).
     #[arg(long)]
     max_blocks: Option<u32>,
+    /// Staging buffer size: calls longer than it are cut into several
+    /// launches, which the checks must cover, hence a default (2M) below
+    /// the library's.
+    #[arg(long, default_value = "2M", value_parser = crate::sizes::parse_size)]
+    staging_bytes: usize,
     /// Where the ranks live.
     #[arg(long, value_enum, default_value_t = Mode::Threads)]
     mode: Mode,
@@ -69,6 +74,7 @@ pub fn run(mut args: Args) -> Result<ExitCode> {
     }
     let mut config = Config {
         timeout: Duration::from_millis(args.timeout_ms.max(1)),
+        staging_bytes: args.staging_bytes,
         ..Config::default()
     };
     if let Some(blocks) = args.max_blocks {
@@ -169,11 +175,12 @@ fn soak_world(comm: &mut Communicator, args: &Args, gpus: &[usize], cases: u64) 
     if let Some((case, why)) = &report.failure {
         let devices: Vec<String> = gpus.iter().map(usize::to_string).collect();
         let common = format!(
-            "--seed {} --worlds {world} --devices {} --mode {} --max-len {}",
+            "--seed {} --worlds {world} --devices {} --mode {} --max-len {} --staging-bytes {}",
             options.seed,
             devices.join(","),
             args.mode.name(),
-            options.max_len
+            options.max_len,
+            args.staging_bytes
         );
         println!("MISMATCH world {world} {case}: {why}");
         println!(

@@ -62,6 +62,9 @@ pub fn run(args: Args) -> crate::error::Result<ExitCode> {
         println!("GPU {ordinal}: {name}, sm_{major}{minor}, {sms} SMs, {memory} GiB");
         contexts.push(ctx);
     }
+    if let (Some(ctx), 2..=8) = (contexts.first(), devices.len()) {
+        print_kernel_resources(ctx, devices.len())?;
+    }
     let topology = Topology::query();
     if topology.is_none() {
         println!("links: unknown (nvidia-smi topo -m did not answer)");
@@ -135,4 +138,22 @@ pub fn run(args: Args) -> crate::error::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// What each all-reduce kernel takes from an SM: registers, shared and
+/// local memory decide how many blocks run at once.
+fn print_kernel_resources(ctx: &std::sync::Arc<CudaContext>, world: usize) -> Result<()> {
+    println!("kernels for {world} ranks on GPU {} (per thread: registers, local bytes; per block: static shared bytes; blocks per SM):", ctx.ordinal());
+    for k in linkreduce::kernels::kernel_resources(ctx, world)? {
+        println!(
+            "  {:>9} {:>4}: {} registers, {} B local, {} B shared, {} blocks/SM",
+            k.algorithm.to_string(),
+            k.dtype.to_string(),
+            k.registers,
+            k.local_bytes,
+            k.static_shared_bytes,
+            k.blocks_per_sm
+        );
+    }
+    Ok(())
 }

@@ -93,7 +93,6 @@ fn describe(error: &Error) -> (&'static str, Option<usize>, Option<usize>) {
         Error::PartialOverlap { .. } => ("PartialOverlap", None, None),
         Error::Misaligned { .. } => ("Misaligned", None, None),
         Error::NotRegistered { .. } => ("NotRegistered", None, None),
-        Error::InputTooLarge { .. } => ("InputTooLarge", None, None),
         Error::RecordTableFull { .. } => ("RecordTableFull", None, None),
         Error::NotShareable { .. } => ("NotShareable", None, None),
         Error::RankMismatch { .. } => ("RankMismatch", None, None),

@@ -52,8 +52,6 @@ pub enum Error {
     Misaligned { ptr: u64, alignment: u64 },
     #[error("input at {ptr:#x} is not registered and the call asked for zero-copy; register the buffer with Communicator::register first, or allow the staging copy")]
     NotRegistered { ptr: u64 },
-    #[error("input of {bytes} bytes is larger than the staging buffer ({capacity} bytes); register the input buffer, or raise Config::staging_bytes")]
-    InputTooLarge { bytes: usize, capacity: usize },
     #[error("the buffer record table is full ({capacity} records); raise Config::max_records")]
     RecordTableFull { capacity: usize },
     #[error("pointer {ptr:#x} cannot be shared with peers: {reason}")]

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use cudarc::driver::sys::{CUfunction_attribute, CUshared_carveout};
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule};
 
-use super::{compile_cubin, kernel_name, Arch, CheckKernel, Program};
+use super::{compile_cubin, kernel_name, Arch, CheckKernel, Program, THREADS_PER_BLOCK};
 use crate::algorithm::Algorithm;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
@@ -59,6 +59,53 @@ pub(crate) fn load_kernels(ctx: &Arc<CudaContext>, world_size: usize) -> Result<
         .entry(key)
         .or_insert(Arc::new(kernels))
         .clone())
+}
+
+/// What one compiled kernel needs from an SM, as the driver reports it.
+#[derive(Debug, Clone)]
+pub struct KernelResources {
+    pub algorithm: Algorithm,
+    pub dtype: DType,
+    pub registers: i32,
+    pub static_shared_bytes: i32,
+    /// Local memory (spills, arrays indexed at run time), per thread.
+    pub local_bytes: i32,
+    /// Blocks of [`THREADS_PER_BLOCK`] threads one SM holds at once.
+    pub blocks_per_sm: u32,
+}
+
+/// Resources of this world size's all-reduce kernels on `ctx`'s device:
+/// what decides how many blocks run at once, for `linkreduce info`.
+pub fn kernel_resources(ctx: &Arc<CudaContext>, world_size: usize) -> Result<Vec<KernelResources>> {
+    let kernels = load_kernels(ctx, world_size)?;
+    let attribute = |function: &CudaFunction, attribute| {
+        function
+            .get_attribute(attribute)
+            .map_err(Error::driver("cuFuncGetAttribute"))
+    };
+    let mut report = kernels
+        .iter()
+        .map(|(&(algorithm, dtype), function)| {
+            Ok(KernelResources {
+                algorithm,
+                dtype,
+                registers: attribute(function, CUfunction_attribute::CU_FUNC_ATTRIBUTE_NUM_REGS)?,
+                static_shared_bytes: attribute(
+                    function,
+                    CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES,
+                )?,
+                local_bytes: attribute(
+                    function,
+                    CUfunction_attribute::CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES,
+                )?,
+                blocks_per_sm: function
+                    .occupancy_max_active_blocks_per_multiprocessor(THREADS_PER_BLOCK, 0, None)
+                    .map_err(Error::driver("cuOccupancyMaxActiveBlocksPerMultiprocessor"))?,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    report.sort_by_key(|k| (k.algorithm as u8, k.dtype as u8));
+    Ok(report)
 }
 
 /// The check kernels in `ctx`, loaded once per process and device.

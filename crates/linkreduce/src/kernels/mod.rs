@@ -13,6 +13,7 @@ use crate::algorithm::Algorithm;
 use crate::dtype::DType;
 
 pub use compile::{compile_cubin, nvrtc_version, Arch};
+pub use load::{kernel_resources, KernelResources};
 pub(crate) use load::{load_check_kernels, load_kernels, CheckKernels, Kernels};
 
 /// The all-reduce program's files in compile order: the shared layer, the
