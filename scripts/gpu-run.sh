@@ -80,9 +80,11 @@ for step in "${steps[@]}"; do
       # then a killed rank) and the PyTorch benchmark.
       python3 -m venv --system-site-packages /tmp/linkreduce-venv &&
         /tmp/linkreduce-venv/bin/pip install --quiet --no-index --force-reinstall stage/wheels/linkreduce-*.whl
-      run python-tests "${TEST_TIMEOUT:-600}" /tmp/linkreduce-venv/bin/torchrun --nproc-per-node 2 python/tests/test_torch_gpu.py
-      run python-kill 120 /tmp/linkreduce-venv/bin/torchrun --nproc-per-node 2 python/tests/test_torch_gpu.py --kill
-      run python-bench "${BENCH_TIMEOUT:-900}" /tmp/linkreduce-venv/bin/torchrun --nproc-per-node 2 -m linkreduce.bench ;;
+      # torchrun as a module: a venv over system packages has no torchrun script.
+      torchrun=(/tmp/linkreduce-venv/bin/python -m torch.distributed.run --nproc-per-node 2)
+      run python-tests "${TEST_TIMEOUT:-600}" "${torchrun[@]}" python/tests/test_torch_gpu.py
+      run python-kill 120 "${torchrun[@]}" python/tests/test_torch_gpu.py --kill
+      run python-bench "${BENCH_TIMEOUT:-900}" "${torchrun[@]}" -m linkreduce.bench ;;
     tune) run tune "${BENCH_TIMEOUT:-900}" stage/linkreduce tune --tune-out "$out/tuning.json" --sizes "$sizes" ${BENCH_ARGS:-} ;;
     *) echo "unknown step $step"; status=2 ;;
   esac

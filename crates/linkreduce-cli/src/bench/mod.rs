@@ -50,6 +50,10 @@ pub struct Args {
     /// Where the ranks live.
     #[arg(long, value_enum, default_value_t = RankMode::Threads)]
     mode: RankMode,
+    /// Most blocks per launch (default: what keeps every rank's grid
+    /// resident), to measure how the grid changes each algorithm's speed.
+    #[arg(long)]
+    max_blocks: Option<u32>,
     /// Also write a tuning table here: per size, the fastest linkreduce
     /// algorithm among those timed (CUDA-graph times, right results only).
     #[arg(long)]
@@ -166,7 +170,11 @@ pub fn run(args: Args) -> Result<ExitCode> {
     // The default configuration, as users get it: launches are cut at the
     // staging size on every rank (docs/design.md, "Chunks"), so a smaller
     // staging buffer would time extra launches, not the kernels.
-    let passed = on_ranks(args.mode, &devices, world, Config::default(), |comm| {
+    let mut config = Config::default();
+    if let Some(blocks) = args.max_blocks {
+        config.max_blocks = blocks;
+    }
+    let passed = on_ranks(args.mode, &devices, world, config, |comm| {
         bench_rank(comm, &args, &sizes)
     })?;
     Ok(exit_code(passed != Some(false)))

@@ -163,11 +163,14 @@ static __device__ __forceinline__ void lr_two_stage(const AllReduceArgs& a) {
   lr_finish_epochs(a.bar, epoch + 3);
 }
 
+// `__grid_constant__`: threads read the argument where the launch put it.
+// Without it, indexing `peers.rank[t]` made each thread copy the whole
+// argument (128 bytes) to local memory first.
 #define LR_KERNELS(NAME, D, W)                                                                  \
   extern "C" __global__ void __launch_bounds__(LR_THREADS)                                     \
-      linkreduce_one_stage_##NAME##_w##W(AllReduceArgs a) { lr_one_stage<D, W>(a); }           \
+      linkreduce_one_stage_##NAME##_w##W(const __grid_constant__ AllReduceArgs a) { lr_one_stage<D, W>(a); }           \
   extern "C" __global__ void __launch_bounds__(LR_THREADS)                                     \
-      linkreduce_two_stage_##NAME##_w##W(AllReduceArgs a) { lr_two_stage<D, W>(a); }
+      linkreduce_two_stage_##NAME##_w##W(const __grid_constant__ AllReduceArgs a) { lr_two_stage<D, W>(a); }
 
 LR_FOR_WORLDS(LR_KERNELS, f32, F32)
 LR_FOR_WORLDS(LR_KERNELS, f16, F16)

@@ -197,9 +197,10 @@ static __device__ __forceinline__ void lr_push(const PushArgs& a) {
   }
 }
 
+// `__grid_constant__`: as for the kernels of allreduce.cu.
 #define LR_PUSH_KERNELS(NAME, D, W)                                                             \
   extern "C" __global__ void __launch_bounds__(LR_THREADS)                                     \
-      linkreduce_push_##NAME##_w##W(PushArgs a) { lr_push<D, W>(a); }
+      linkreduce_push_##NAME##_w##W(const __grid_constant__ PushArgs a) { lr_push<D, W>(a); }
 
 LR_FOR_WORLDS(LR_PUSH_KERNELS, f32, F32)
 LR_FOR_WORLDS(LR_PUSH_KERNELS, f16, F16)
