@@ -75,13 +75,13 @@ for step in "${steps[@]}"; do
         rm "$out/sanitize-$tool.txt"
       done ;;
     python)
-      # The staged wheel in a virtual environment that sees the machine's
-      # PyTorch, then the torchrun tests (correctness, graphs, fallbacks;
-      # then a killed rank) and the PyTorch benchmark.
-      python3 -m venv --system-site-packages /tmp/linkreduce-venv &&
-        /tmp/linkreduce-venv/bin/pip install --quiet --no-index --force-reinstall stage/wheels/linkreduce-*.whl
-      # torchrun as a module: a venv over system packages has no torchrun script.
-      torchrun=(/tmp/linkreduce-venv/bin/python -m torch.distributed.run --nproc-per-node 2)
+      # The staged wheel installed beside the machine's PyTorch (python3 is
+      # the interpreter that has torch: a venv of its own would not see it),
+      # then the torchrun tests (correctness, graphs, fallbacks; then a
+      # killed rank) and the PyTorch benchmark.
+      rm -rf /tmp/linkreduce-py &&
+        python3 -m pip install --quiet --no-index --no-deps --target /tmp/linkreduce-py stage/wheels/linkreduce-*.whl
+      torchrun=(env PYTHONPATH=/tmp/linkreduce-py python3 -m torch.distributed.run --nproc-per-node 2)
       run python-tests "${TEST_TIMEOUT:-600}" "${torchrun[@]}" python/tests/test_torch_gpu.py
       run python-kill 120 "${torchrun[@]}" python/tests/test_torch_gpu.py --kill
       run python-bench "${BENCH_TIMEOUT:-900}" "${torchrun[@]}" -m linkreduce.bench ;;

@@ -120,15 +120,31 @@ pub fn run(args: Args) -> crate::error::Result<ExitCode> {
              or the links are unknown); NCCL is the path"
         );
     } else {
-        let tuning = linkreduce::Tuning::from_env()?;
+        // As set-up chooses (without a caller's Config::tuning).
+        let env = linkreduce::Tuning::from_env()?;
+        let from_env = env.is_some();
+        let tuning = env.or_else(|| {
+            let name = contexts.first()?.name().ok()?;
+            linkreduce::Tuning::builtin(&name, world)
+        });
         println!(
             "algorithm choice: {}",
-            match &tuning {
-                Some(t) => format!("tuning table ({})", t.measured_on),
-                None => "reference rule (no LINKREDUCE_TUNING)".into(),
+            match (&tuning, from_env) {
+                (Some(t), true) => format!("LINKREDUCE_TUNING's table ({})", t.measured_on),
+                (Some(t), false) => format!("the table shipped for these GPUs ({})", t.measured_on),
+                (None, _) =>
+                    "reference rule (no LINKREDUCE_TUNING, no table shipped for these GPUs)".into(),
             }
         );
-        for bytes in [1 << 10, 256 << 10, 512 << 10, 1 << 20, 256 << 20] {
+        for bytes in [
+            1 << 10,
+            64 << 10,
+            128 << 10,
+            256 << 10,
+            512 << 10,
+            1 << 20,
+            256 << 20,
+        ] {
             let choice =
                 algorithm::choose_tuned(world, bytes, AlgorithmChoice::Auto, tuning.as_ref());
             println!(

@@ -114,6 +114,14 @@ pub fn choose_tuned(
     }
 }
 
+/// Tables measured on machines we had: (device name as CUDA reports it,
+/// world size, table). Each must parse (a unit test checks).
+const BUILTIN_TABLES: [(&str, usize, &str); 1] = [(
+    "NVIDIA H200",
+    2,
+    include_str!("../tuning/nvidia-h200-2-ranks.json"),
+)];
+
 /// A measured choice of algorithm by world size and message size, written
 /// by `linkreduce tune` and read through `LINKREDUCE_TUNING` or
 /// [`crate::Config::tuning`].
@@ -171,6 +179,16 @@ impl Tuning {
         entries
     }
 
+    /// The table shipped for `world_size` ranks on GPUs named `device_name`
+    /// (one rank per GPU, all alike), measured with `linkreduce tune`; None
+    /// where none was measured, and the reference rule decides.
+    pub fn builtin(device_name: &str, world_size: usize) -> Option<Tuning> {
+        BUILTIN_TABLES
+            .iter()
+            .find(|(name, world, _)| *name == device_name && *world == world_size)
+            .and_then(|(_, _, json)| serde_json::from_str(json).ok())
+    }
+
     /// The table `LINKREDUCE_TUNING` names, or None when it is not set.
     pub fn from_env() -> crate::Result<Option<Tuning>> {
         let Some(path) = std::env::var_os(Self::PATH_VAR) else {
@@ -212,6 +230,22 @@ pub fn blocks_for(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_builtin_table_parses_and_covers_its_world_size() {
+        for (name, world, json) in BUILTIN_TABLES {
+            let table: Tuning = serde_json::from_str(json).expect("a builtin table parses");
+            assert!(table.entries.iter().all(|e| e.world_size == world));
+            assert!(table.pick(world, usize::MAX).is_some(), "{name}: unbounded");
+            assert_eq!(Tuning::builtin(name, world), Some(table));
+        }
+        assert_eq!(Tuning::builtin("NVIDIA H200", 3), None);
+        assert_eq!(Tuning::builtin("NVIDIA H200 NVL", 2), None);
+        let h200 = Tuning::builtin("NVIDIA H200", 2).expect("shipped");
+        assert_eq!(h200.pick(2, 1024), Some(Algorithm::Push));
+        assert_eq!(h200.pick(2, 65536), Some(Algorithm::Push));
+        assert_eq!(h200.pick(2, 65537), Some(Algorithm::OneStage));
+    }
 
     #[test]
     fn grids_grow_with_the_work_up_to_the_limit() {

@@ -258,14 +258,6 @@ impl LocalSetup {
                 "the rendezvous says rank {rank} of {world_size}"
             )));
         }
-        let tuning = match &config.tuning {
-            Some(tuning) => Some(tuning.clone()),
-            None => Tuning::from_env()?,
-        };
-        // The entries decide; `measured_on` is a comment.
-        let tuning_json = serde_json::to_vec(&tuning.as_ref().map(|t| &t.entries))
-            .map_err(|e| Error::InvalidConfig(format!("cannot encode the tuning table: {e}")))?;
-        let tuning_digest = u64_at(&Sha256::digest(&tuning_json));
         let count = device_count()?;
         if device >= count {
             return Err(Error::DeviceOutOfRange {
@@ -274,6 +266,19 @@ impl LocalSetup {
             });
         }
         let ctx = CudaContext::new(device).map_err(Error::driver("cuDevicePrimaryCtxRetain"))?;
+        // Precedence: the caller's table, LINKREDUCE_TUNING, the table
+        // shipped for this GPU and world size, the reference rule.
+        let tuning = match &config.tuning {
+            Some(tuning) => Some(tuning.clone()),
+            None => Tuning::from_env()?.or_else(|| {
+                let name = ctx.name().ok()?;
+                Tuning::builtin(&name, world_size)
+            }),
+        };
+        // The entries decide; `measured_on` is a comment.
+        let tuning_json = serde_json::to_vec(&tuning.as_ref().map(|t| &t.entries))
+            .map_err(|e| Error::InvalidConfig(format!("cannot encode the tuning table: {e}")))?;
+        let tuning_digest = u64_at(&Sha256::digest(&tuning_json));
         ctx.bind_to_thread()
             .map_err(Error::driver("cuCtxSetCurrent"))?;
         let stream = ctx.new_stream().map_err(Error::driver("cuStreamCreate"))?;
