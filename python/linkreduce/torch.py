@@ -171,6 +171,7 @@ class CustomAllreduce:
         self._torch = torch
         self._comm = None
         self._capturing = False
+        self._nccl_sizes = {}
         self.disabled = True
         self.max_size = int(max_size)
         if self.max_size < 0:
@@ -211,17 +212,31 @@ class CustomAllreduce:
         self.disabled = False
 
     def should_custom_ar(self, tensor):
-        """Whether ``all_reduce(tensor)`` takes linkreduce's kernels (else
+        """Whether ``all_reduce(tensor)`` goes through linkreduce (else
         torch.distributed): an open communicator, f32 / f16 / bf16, on this
         rank's GPU, contiguous (any storage offset, any length), at most
-        ``max_size`` bytes."""
+        ``max_size`` bytes, and, with a group to fall back to, a size that
+        takes linkreduce's kernels (``path_for``): sizes that its automatic
+        choice sends to NCCL go to the group's NCCL instead."""
+        nbytes = tensor.numel() * tensor.element_size()
         return (
             self._comm is not None
             and tensor.dtype in self._names
             and tensor.device == self.device
             and tensor.is_contiguous()
-            and tensor.numel() * tensor.element_size() <= self.max_size
+            and nbytes <= self.max_size
+            and not (self.group is not None and self._takes_nccl(nbytes))
         )
+
+    def _takes_nccl(self, nbytes):
+        """Whether an automatic call of ``nbytes`` takes linkreduce's NCCL
+        path (the same on every rank; remembered per size)."""
+        if self.algorithm != "auto":
+            return False
+        known = self._nccl_sizes.get(nbytes)
+        if known is None:
+            known = self._nccl_sizes[nbytes] = self._comm.algorithm_for(nbytes) == "nccl"
+        return known
 
     def all_reduce(self, tensor, out=None):
         """The sum of ``tensor`` over the group's ranks, into ``out`` (a new
@@ -326,8 +341,9 @@ class CustomAllreduce:
             self._comm.synchronize()
 
     def algorithm_for(self, nbytes):
-        """The algorithm an automatic call of ``nbytes`` bytes uses (None
-        when the custom path is off)."""
+        """The path an automatic call of ``nbytes`` bytes takes in
+        linkreduce: a kernel's algorithm or "nccl" (None when linkreduce is
+        off)."""
         return None if self._comm is None else self._comm.algorithm_for(nbytes)
 
     def close(self):

@@ -162,7 +162,7 @@ fn soak_world(comm: &mut Communicator, args: &Args, gpus: &[usize], cases: u64) 
         options.seed,
         options.first_case,
         options.first_case + cases,
-        comm.max_blocks(),
+        comm.max_blocks().unwrap_or_default(),
         report.passed,
         report.passed as f64 / seconds.max(1e-9)
     );

@@ -6,8 +6,9 @@ use cudarc::driver::sys::{self, CUdevice_P2PAttribute};
 use cudarc::driver::CudaContext;
 use linkreduce::driver;
 use linkreduce::kernels::nvrtc_version;
-use linkreduce::memory::can_access_peer;
-use linkreduce::{algorithm, AlgorithmChoice, Error, Result};
+use linkreduce::memory::{can_access_peer, gpu_uuid};
+use linkreduce::path::{Plan, RankFacts, Reach};
+use linkreduce::{Error, Result};
 
 use crate::topology::{self, Topology};
 
@@ -73,8 +74,8 @@ pub fn run(args: Args) -> crate::error::Result<ExitCode> {
         .iter()
         .map(|ctx| pci_bus_id(ctx))
         .collect::<Result<Vec<_>>>()?;
-    let mut all_linked = true;
     let mut all_nvlink = true;
+    let mut reach = vec![vec![Reach::Direct; contexts.len()]; contexts.len()];
     for (i, from) in contexts.iter().enumerate() {
         for (j, to) in contexts.iter().enumerate() {
             if i == j {
@@ -91,7 +92,9 @@ pub fn run(args: Args) -> crate::error::Result<ExitCode> {
                 to,
                 CUdevice_P2PAttribute::CU_DEVICE_P2P_ATTRIBUTE_NATIVE_ATOMIC_SUPPORTED,
             )?;
-            all_linked &= access;
+            if !access {
+                reach[i][j] = Reach::NoPeerAccess;
+            }
             let link = topology.as_ref().and_then(|t| t.link(&buses[i], &buses[j]));
             let nvlinks = link.and_then(topology::nvlinks);
             all_nvlink &= nvlinks.is_some() || devices[i] == devices[j];
@@ -109,49 +112,13 @@ pub fn run(args: Args) -> crate::error::Result<ExitCode> {
             );
         }
     }
+    print_paths(&contexts, &reach)?;
     let world = devices.len();
-    if !(2..=8).contains(&world) {
-        println!("linkreduce kernels: not used for {world} rank(s) (they cover 2 to 8); NCCL is the path");
-    } else if !all_linked {
-        println!("linkreduce kernels: not used (some pair lacks peer access); NCCL is the path");
-    } else if world > 2 && !all_nvlink {
+    if world > 2 && !all_nvlink {
         println!(
-            "linkreduce kernels: not recommended (some pair of the {world} GPUs is not NVLink-connected, \
-             or the links are unknown); NCCL is the path"
+            "note: some pair of the {world} GPUs is not NVLink-connected, or the links are \
+             unknown: the kernels are slow there; tune (`linkreduce tune`) to send sizes to NCCL"
         );
-    } else {
-        // As set-up chooses (without a caller's Config::tuning).
-        let env = linkreduce::Tuning::from_env()?;
-        let from_env = env.is_some();
-        let tuning = env.or_else(|| {
-            let name = contexts.first()?.name().ok()?;
-            linkreduce::Tuning::builtin(&name, world)
-        });
-        println!(
-            "algorithm choice: {}",
-            match (&tuning, from_env) {
-                (Some(t), true) => format!("LINKREDUCE_TUNING's table ({})", t.measured_on),
-                (Some(t), false) => format!("the table shipped for these GPUs ({})", t.measured_on),
-                (None, _) =>
-                    "reference rule (no LINKREDUCE_TUNING, no table shipped for these GPUs)".into(),
-            }
-        );
-        for bytes in [
-            1 << 10,
-            64 << 10,
-            128 << 10,
-            256 << 10,
-            512 << 10,
-            1 << 20,
-            256 << 20,
-        ] {
-            let choice =
-                algorithm::choose_tuned(world, bytes, AlgorithmChoice::Auto, tuning.as_ref());
-            println!(
-                "{world} ranks, {}: {choice}",
-                crate::sizes::format_size(bytes)
-            );
-        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -170,6 +137,58 @@ fn print_kernel_resources(ctx: &std::sync::Arc<CudaContext>, world: usize) -> Re
             k.static_shared_bytes,
             k.blocks_per_sm
         );
+    }
+    Ok(())
+}
+
+/// The path an automatic call of each size takes with one rank per listed
+/// GPU on this host, and why: what `Communicator::path_for` says for such a
+/// group (ranks on several hosts take NCCL).
+fn print_paths(contexts: &[std::sync::Arc<CudaContext>], reach: &[Vec<Reach>]) -> Result<()> {
+    let world = contexts.len();
+    let ranks = contexts
+        .iter()
+        .map(|ctx| {
+            Ok(RankFacts {
+                host: 0,
+                gpu: gpu_uuid(ctx)?,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let plan = match Plan::decide(&ranks, Some(reach)) {
+        Ok(plan) => plan,
+        Err(error) => {
+            println!("paths for {world} rank(s), one per GPU listed: none ({error})");
+            return Ok(());
+        }
+    };
+    // As set-up chooses (without a caller's Config::tuning).
+    let env = linkreduce::Tuning::from_env()?;
+    let from_env = env.is_some();
+    let tuning = env.or_else(|| {
+        let name = contexts.first()?.name().ok()?;
+        linkreduce::Tuning::builtin(&name, world)
+    });
+    println!(
+        "paths for {world} rank(s), one per GPU listed ({}):",
+        match (&tuning, from_env) {
+            (Some(t), true) => format!("LINKREDUCE_TUNING's table: {}", t.measured_on),
+            (Some(t), false) => format!("the table shipped for these GPUs: {}", t.measured_on),
+            (None, _) =>
+                "reference rule: no LINKREDUCE_TUNING, no table shipped for these GPUs".into(),
+        }
+    );
+    for bytes in [
+        1 << 10,
+        64 << 10,
+        128 << 10,
+        256 << 10,
+        512 << 10,
+        1 << 20,
+        256 << 20,
+    ] {
+        let path = plan.auto_path(world, bytes, tuning.as_ref());
+        println!("  {:>9}: {path}", crate::sizes::format_size(bytes));
     }
     Ok(())
 }

@@ -87,15 +87,17 @@ fn unknown_dtype(text: &str) -> PyErr {
     ))
 }
 
-/// `auto`, or one of the library's algorithm names.
+/// `auto`, `nccl`, or one of the library's algorithm names.
 pub fn parse_algorithm(text: &str) -> PyResult<AlgorithmChoice> {
-    if text.trim().eq_ignore_ascii_case("auto") {
-        return Ok(AlgorithmChoice::Auto);
+    match text.trim().to_ascii_lowercase().as_str() {
+        "auto" => return Ok(AlgorithmChoice::Auto),
+        "nccl" => return Ok(AlgorithmChoice::Nccl),
+        _ => {}
     }
     text.trim()
         .parse::<Algorithm>()
         .map(AlgorithmChoice::Force)
-        .map_err(|message| PyValueError::new_err(format!("{message} (or auto)")))
+        .map_err(|message| PyValueError::new_err(format!("{message} (or auto, nccl)")))
 }
 
 /// A Python int in `0..=u64::MAX`: an address, a count, a stream handle.

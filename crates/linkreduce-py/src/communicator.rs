@@ -207,8 +207,10 @@ impl PyCommunicator {
     /// later call or `synchronize()` raise LinkreduceError naming it.
     /// Collective on the GPU: every rank makes the same calls with the same
     /// counts, dtypes and algorithms, in the same order. `algorithm` is
-    /// "auto", "one-stage", "two-stage" or "push"; `zero_copy` refuses an
-    /// input peers cannot read in place instead of copying it to staging.
+    /// "auto" (linkreduce's kernels where they serve the group, NCCL
+    /// elsewhere: `path_for` says which), "one-stage", "two-stage", "push"
+    /// or "nccl"; `zero_copy` refuses an input peers cannot read in place
+    /// instead of copying it to staging.
     ///
     /// The caller vouches (nothing checks it; breaking it is undefined
     /// behaviour): both addresses lie on this communicator's device, the
@@ -293,14 +295,34 @@ impl PyCommunicator {
 
     /// algorithm_for(nbytes) -> str
     ///
-    /// The algorithm an automatic call of `nbytes` bytes uses.
+    /// The path an automatic call of `nbytes` bytes takes: the algorithm of
+    /// linkreduce's kernels ("one-stage", "two-stage", "push"), or "nccl".
     fn algorithm_for(&self, py: Python<'_>, nbytes: &Bound<'_, PyAny>) -> PyResult<&'static str> {
-        let bytes = args::non_negative(nbytes, "nbytes", "a message size in bytes")?;
-        let bytes = usize::try_from(bytes)
-            .map_err(|_| PyValueError::new_err("nbytes does not fit this machine's usize"))?;
+        let bytes = message_bytes(nbytes)?;
         self.with(py, move |communicator| {
-            Ok(communicator.algorithm_for(bytes).name())
+            Ok(communicator.path_for(bytes).name())
         })
+    }
+
+    /// path_for(nbytes) -> str
+    ///
+    /// Like `algorithm_for`, with the reason where the call takes NCCL
+    /// ("nccl: 9 ranks (the kernels cover 2 to 8)").
+    fn path_for(&self, py: Python<'_>, nbytes: &Bound<'_, PyAny>) -> PyResult<String> {
+        let bytes = message_bytes(nbytes)?;
+        self.with(py, move |communicator| {
+            Ok(communicator.path_for(bytes).to_string())
+        })
+    }
+
+    /// prepare_nccl()
+    ///
+    /// Sets up NCCL for the calls that take it, if not yet (set-up did
+    /// where every call takes it). Collective. Call it before capturing
+    /// CUDA graphs whose calls may take NCCL: NCCL cannot be set up during
+    /// a capture.
+    fn prepare_nccl(&self, py: Python<'_>) -> PyResult<()> {
+        self.with(py, |communicator| communicator.prepare_nccl())
     }
 
     /// close()
@@ -364,4 +386,11 @@ impl PyCommunicator {
             if self.closed(py) { ", closed" } else { "" }
         )
     }
+}
+
+/// A message size in bytes from Python.
+fn message_bytes(nbytes: &Bound<'_, PyAny>) -> PyResult<usize> {
+    let bytes = args::non_negative(nbytes, "nbytes", "a message size in bytes")?;
+    usize::try_from(bytes)
+        .map_err(|_| PyValueError::new_err("nbytes does not fit this machine's usize"))
 }

@@ -86,6 +86,7 @@ fn _linkreduce(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("DTYPES", pyo3::types::PyTuple::new(py, dtypes)?)?;
     let algorithms: Vec<&str> = std::iter::once("auto")
         .chain(linkreduce::Algorithm::ALL.iter().map(|a| a.name()))
+        .chain(["nccl"])
         .collect();
     m.add("ALGORITHMS", pyo3::types::PyTuple::new(py, algorithms)?)?;
     Ok(())

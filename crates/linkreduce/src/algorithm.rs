@@ -64,12 +64,14 @@ impl FromStr for Algorithm {
     }
 }
 
-/// The caller's wish: let linkreduce decide, or force one algorithm.
+/// The caller's wish: let linkreduce decide, force one of the kernels'
+/// algorithms, or force NCCL (docs/design.md, "Path choice").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub enum AlgorithmChoice {
     #[default]
     Auto,
     Force(Algorithm),
+    Nccl,
 }
 
 impl fmt::Display for AlgorithmChoice {
@@ -77,31 +79,15 @@ impl fmt::Display for AlgorithmChoice {
         match self {
             AlgorithmChoice::Auto => f.write_str("auto"),
             AlgorithmChoice::Force(algorithm) => algorithm.fmt(f),
+            AlgorithmChoice::Nccl => f.write_str("nccl"),
         }
     }
 }
 
-/// The reference rule of SPEC.md: two GPUs always one-stage; up to four
-/// ranks below 512 KiB and up to eight below 256 KiB one-stage; otherwise
-/// two-stage.
-pub fn choose(world_size: usize, message_bytes: usize, choice: AlgorithmChoice) -> Algorithm {
-    choose_tuned(world_size, message_bytes, choice, None)
-}
-
-/// Like [`choose`], but an automatic choice follows `tuning` where it
-/// covers this world size.
-pub fn choose_tuned(
-    world_size: usize,
-    message_bytes: usize,
-    choice: AlgorithmChoice,
-    tuning: Option<&Tuning>,
-) -> Algorithm {
-    if let AlgorithmChoice::Force(algorithm) = choice {
-        return algorithm;
-    }
-    if let Some(algorithm) = tuning.and_then(|t| t.pick(world_size, message_bytes)) {
-        return algorithm;
-    }
+/// The reference rule of SPEC.md for the kernels: two GPUs always
+/// one-stage; up to four ranks below 512 KiB and up to eight below 256 KiB
+/// one-stage; otherwise two-stage.
+pub fn reference_rule(world_size: usize, message_bytes: usize) -> Algorithm {
     let one_stage = match world_size {
         0..=2 => true,
         3..=4 => message_bytes < 512 * 1024,
@@ -122,7 +108,53 @@ const BUILTIN_TABLES: [(&str, usize, &str); 1] = [(
     include_str!("../tuning/nvidia-h200-2-ranks.json"),
 )];
 
-/// A measured choice of algorithm by world size and message size, written
+/// What a tuning entry names: one of the kernels' algorithms, or NCCL
+/// (past a measured crossover). Written as the algorithm's name or `nccl`,
+/// so tables written before NCCL entries existed still load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum TunedPath {
+    Custom(Algorithm),
+    Nccl,
+}
+
+impl fmt::Display for TunedPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TunedPath::Custom(algorithm) => algorithm.fmt(f),
+            TunedPath::Nccl => f.write_str("nccl"),
+        }
+    }
+}
+
+impl FromStr for TunedPath {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.eq_ignore_ascii_case("nccl") {
+            return Ok(TunedPath::Nccl);
+        }
+        s.parse()
+            .map(TunedPath::Custom)
+            .map_err(|message| format!("{message} (or nccl)"))
+    }
+}
+
+impl TryFrom<String> for TunedPath {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Self, Self::Error> {
+        text.parse()
+    }
+}
+
+impl From<TunedPath> for String {
+    fn from(path: TunedPath) -> String {
+        path.to_string()
+    }
+}
+
+/// A measured choice of path by world size and message size, written
 /// by `linkreduce tune` and read through `LINKREDUCE_TUNING` or
 /// [`crate::Config::tuning`].
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -134,21 +166,21 @@ pub struct Tuning {
 }
 
 /// Messages of `world_size` ranks up to `up_to_bytes` (inclusive; `None`:
-/// any larger size) use `algorithm`, unless an entry with a smaller bound
-/// covers them first.
+/// any larger size) take `algorithm` (a kernel's, or NCCL), unless an entry
+/// with a smaller bound covers them first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TuningEntry {
     pub world_size: usize,
     pub up_to_bytes: Option<usize>,
-    pub algorithm: Algorithm,
+    pub algorithm: TunedPath,
 }
 
 impl Tuning {
     /// The variable naming a tuning file.
     pub const PATH_VAR: &'static str = "LINKREDUCE_TUNING";
 
-    /// The algorithm for `bytes` on `world_size` ranks, if the table says.
-    pub fn pick(&self, world_size: usize, bytes: usize) -> Option<Algorithm> {
+    /// The path for `bytes` on `world_size` ranks, if the table says.
+    pub fn pick(&self, world_size: usize, bytes: usize) -> Option<TunedPath> {
         self.entries
             .iter()
             .filter(|e| e.world_size == world_size && e.up_to_bytes.is_none_or(|up| bytes <= up))
@@ -156,10 +188,10 @@ impl Tuning {
             .map(|e| e.algorithm)
     }
 
-    /// The table for one world size from the fastest algorithm measured at
-    /// each size: runs of sizes with the same winner become one entry, the
-    /// last bounded by the largest size measured.
-    pub fn from_fastest(world_size: usize, fastest: &[(usize, Algorithm)]) -> Vec<TuningEntry> {
+    /// The table for one world size from the fastest path measured at each
+    /// size: runs of sizes with the same winner become one entry, the last
+    /// bounded by the largest size measured.
+    pub fn from_fastest(world_size: usize, fastest: &[(usize, TunedPath)]) -> Vec<TuningEntry> {
         let mut sorted = fastest.to_vec();
         sorted.sort_by_key(|&(bytes, _)| bytes);
         let mut entries: Vec<TuningEntry> = Vec::new();
@@ -242,9 +274,15 @@ mod tests {
         assert_eq!(Tuning::builtin("NVIDIA H200", 3), None);
         assert_eq!(Tuning::builtin("NVIDIA H200 NVL", 2), None);
         let h200 = Tuning::builtin("NVIDIA H200", 2).expect("shipped");
-        assert_eq!(h200.pick(2, 1024), Some(Algorithm::Push));
-        assert_eq!(h200.pick(2, 65536), Some(Algorithm::Push));
-        assert_eq!(h200.pick(2, 65537), Some(Algorithm::OneStage));
+        assert_eq!(h200.pick(2, 1024), Some(TunedPath::Custom(Algorithm::Push)));
+        assert_eq!(
+            h200.pick(2, 65536),
+            Some(TunedPath::Custom(Algorithm::Push))
+        );
+        assert_eq!(
+            h200.pick(2, 65537),
+            Some(TunedPath::Custom(Algorithm::OneStage))
+        );
     }
 
     #[test]
@@ -261,61 +299,65 @@ mod tests {
     #[test]
     fn two_ranks_always_use_one_stage() {
         for bytes in [0, 1 << 10, 1 << 20, 1 << 30] {
-            assert_eq!(choose(2, bytes, AlgorithmChoice::Auto), Algorithm::OneStage);
+            assert_eq!(reference_rule(2, bytes), Algorithm::OneStage);
         }
     }
 
     #[test]
     fn thresholds_follow_the_reference_rule() {
-        let auto = AlgorithmChoice::Auto;
-        assert_eq!(choose(4, 512 * 1024 - 1, auto), Algorithm::OneStage);
-        assert_eq!(choose(4, 512 * 1024, auto), Algorithm::TwoStage);
-        assert_eq!(choose(3, 256 * 1024, auto), Algorithm::OneStage);
-        assert_eq!(choose(8, 256 * 1024 - 1, auto), Algorithm::OneStage);
-        assert_eq!(choose(8, 256 * 1024, auto), Algorithm::TwoStage);
-        assert_eq!(choose(6, 300 * 1024, auto), Algorithm::TwoStage);
+        assert_eq!(reference_rule(4, 512 * 1024 - 1), Algorithm::OneStage);
+        assert_eq!(reference_rule(4, 512 * 1024), Algorithm::TwoStage);
+        assert_eq!(reference_rule(3, 256 * 1024), Algorithm::OneStage);
+        assert_eq!(reference_rule(8, 256 * 1024 - 1), Algorithm::OneStage);
+        assert_eq!(reference_rule(8, 256 * 1024), Algorithm::TwoStage);
+        assert_eq!(reference_rule(6, 300 * 1024), Algorithm::TwoStage);
     }
 
     #[test]
-    fn a_forced_algorithm_wins() {
-        let forced = AlgorithmChoice::Force(Algorithm::TwoStage);
-        assert_eq!(choose(2, 16, forced), Algorithm::TwoStage);
-        let forced = AlgorithmChoice::Force(Algorithm::OneStage);
-        assert_eq!(choose(8, 1 << 30, forced), Algorithm::OneStage);
-    }
-
-    #[test]
-    fn a_tuning_table_overrides_the_reference_rule_where_it_covers() {
+    fn a_tuning_table_picks_by_the_smallest_bound_that_covers() {
+        let custom = TunedPath::Custom;
         let fastest = [
-            (1 << 10, Algorithm::Push),
-            (64 << 10, Algorithm::Push),
-            (1 << 20, Algorithm::OneStage),
-            (16 << 20, Algorithm::TwoStage),
-            (256 << 20, Algorithm::TwoStage),
+            (1 << 10, custom(Algorithm::Push)),
+            (64 << 10, custom(Algorithm::Push)),
+            (1 << 20, custom(Algorithm::OneStage)),
+            (16 << 20, custom(Algorithm::TwoStage)),
+            (256 << 20, TunedPath::Nccl),
         ];
         let tuning = Tuning {
             measured_on: "test".into(),
             entries: Tuning::from_fastest(2, &fastest),
         };
-        assert_eq!(tuning.entries.len(), 3);
-        let auto = AlgorithmChoice::Auto;
-        let pick = |world, bytes| choose_tuned(world, bytes, auto, Some(&tuning));
-        assert_eq!(pick(2, 100), Algorithm::Push);
-        assert_eq!(pick(2, 64 << 10), Algorithm::Push);
-        assert_eq!(pick(2, (64 << 10) + 1), Algorithm::OneStage);
-        assert_eq!(pick(2, 1 << 20), Algorithm::OneStage);
-        assert_eq!(pick(2, 256 << 20), Algorithm::TwoStage);
-        // Past the largest size measured the reference rule decides.
-        assert_eq!(pick(2, 1 << 30), Algorithm::OneStage);
-        // Other world sizes keep the reference rule; forcing still wins.
-        assert_eq!(pick(4, 100), Algorithm::OneStage);
-        let forced = AlgorithmChoice::Force(Algorithm::OneStage);
+        assert_eq!(tuning.entries.len(), 4);
+        assert_eq!(tuning.pick(2, 100), Some(custom(Algorithm::Push)));
+        assert_eq!(tuning.pick(2, 64 << 10), Some(custom(Algorithm::Push)));
         assert_eq!(
-            choose_tuned(2, 100, forced, Some(&tuning)),
-            Algorithm::OneStage
+            tuning.pick(2, (64 << 10) + 1),
+            Some(custom(Algorithm::OneStage))
         );
+        assert_eq!(tuning.pick(2, 16 << 20), Some(custom(Algorithm::TwoStage)));
+        assert_eq!(tuning.pick(2, 256 << 20), Some(TunedPath::Nccl));
+        // Past the largest size measured, and for other world sizes, the
+        // table says nothing.
+        assert_eq!(tuning.pick(2, 1 << 30), None);
+        assert_eq!(tuning.pick(4, 100), None);
         let text = serde_json::to_string(&tuning).unwrap();
+        assert!(text.contains(r#""algorithm":"nccl""#), "{text}");
         assert_eq!(serde_json::from_str::<Tuning>(&text).unwrap(), tuning);
+    }
+
+    #[test]
+    fn tables_written_before_nccl_entries_still_load() {
+        let text = r#"{"measured_on": "2 x H200", "entries": [
+            {"world_size": 2, "up_to_bytes": 65536, "algorithm": "push"},
+            {"world_size": 2, "up_to_bytes": null, "algorithm": "one-stage"}]}"#;
+        let tuning: Tuning = serde_json::from_str(text).unwrap();
+        assert_eq!(
+            tuning.pick(2, 1 << 30),
+            Some(TunedPath::Custom(Algorithm::OneStage))
+        );
+        let bad = text.replace("push", "three-stage");
+        let error = serde_json::from_str::<Tuning>(&bad).unwrap_err();
+        assert!(error.to_string().contains("or nccl"), "{error}");
     }
 
     #[test]
@@ -324,5 +366,6 @@ mod tests {
             assert_eq!(algorithm.name().parse::<Algorithm>().unwrap(), algorithm);
         }
         assert!("three-stage".parse::<Algorithm>().is_err());
+        assert_eq!("NCCL".parse::<TunedPath>(), Ok(TunedPath::Nccl));
     }
 }

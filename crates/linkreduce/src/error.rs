@@ -32,12 +32,25 @@ pub enum Error {
     },
     #[error("NCCL call {call} failed: {reason}")]
     Nccl { call: &'static str, reason: String },
-    #[error("unsupported world size {0}: linkreduce's kernels cover 2 to 8 ranks (use NCCL for larger groups)")]
+    #[error("unsupported world size {0}: a group needs 1 to {max} ranks", max = i32::MAX)]
     UnsupportedWorldSize(usize),
-    #[error(
-        "GPU {from} cannot access GPU {to} directly (no peer access); use NCCL for this topology"
-    )]
+    #[error("GPU {from} cannot access GPU {to} directly (no peer access); such groups take NCCL")]
     NoPeerAccess { from: usize, to: usize },
+    #[error("{algorithm} was forced, but the custom kernels cannot serve this communicator: {reason}; use AlgorithmChoice::Auto, which takes NCCL here")]
+    CustomUnavailable {
+        algorithm: crate::Algorithm,
+        reason: crate::path::NcclReason,
+    },
+    #[error("NCCL cannot serve this communicator: ranks {first} and {second} use the same GPU, which NCCL refuses; give every rank its own GPU, or use the custom kernels")]
+    NcclSharedGpu { first: usize, second: usize },
+    #[error("no path can serve this group: the custom kernels cannot ({reason}), and NCCL refuses ranks {first} and {second} on the same GPU; give every rank its own GPU")]
+    NoPath {
+        reason: crate::path::NcclReason,
+        first: usize,
+        second: usize,
+    },
+    #[error("this call goes through NCCL, which is not set up yet and cannot be set up while the stream is being captured; make one eager call of this size first, or call Communicator::prepare_nccl() (collective) before capturing")]
+    NcclDuringCapture,
     #[error(
         "input has {input} elements but output has {output}; an all-reduce needs equal lengths"
     )]

@@ -5,19 +5,20 @@ use std::sync::Arc;
 
 use crate::comm::{Communicator, Config};
 use crate::error::{Error, Result};
-use crate::kernels::WORLD_SIZES;
 use crate::memory::device_count;
 use crate::rendezvous::{Rendezvous, ThreadRendezvous};
 
 /// Creates one communicator per entry of `devices` (rank i runs on
 /// `devices[i]`). A device may appear several times: its ranks then share
-/// it, which is how world sizes above the GPU count are tested.
+/// it, which is how world sizes above the GPU count are tested (the
+/// kernels' path only: NCCL refuses ranks sharing a GPU).
 ///
-/// Peer access between every pair of distinct devices is checked and
-/// enabled while the communicators are built.
+/// Where the kernels serve the group, peer access between every pair of
+/// distinct devices is enabled while the communicators are built; where
+/// they cannot, the communicators take NCCL (docs/design.md, "Path choice").
 pub fn in_process(devices: &[usize], config: Config) -> Result<Vec<Communicator>> {
-    if !WORLD_SIZES.contains(&devices.len()) {
-        return Err(Error::UnsupportedWorldSize(devices.len()));
+    if devices.is_empty() {
+        return Err(Error::UnsupportedWorldSize(0));
     }
     config.validate()?;
     let count = device_count()?;

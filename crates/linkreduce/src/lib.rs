@@ -10,6 +10,7 @@
 //! - [`registry`]: which record of the device table a buffer uses;
 //! - [`rendezvous`]: how ranks exchange bytes at set-up;
 //! - [`algorithm`]: which algorithm and grid a call uses;
+//! - [`path`]: whether a call takes the kernels or NCCL, and why;
 //! - [`comm`]: the communicator and its enqueue path; [`group`] builds one
 //!   per rank inside a process, [`Communicator::from_env`] one per process.
 
@@ -23,13 +24,15 @@ pub mod ipc;
 pub mod kernels;
 pub mod memory;
 pub mod nccl;
+pub mod path;
 mod registry;
 pub mod rendezvous;
 mod transport;
 pub mod verify;
 
-pub use algorithm::{Algorithm, AlgorithmChoice, Tuning, TuningEntry};
+pub use algorithm::{Algorithm, AlgorithmChoice, TunedPath, Tuning, TuningEntry};
 pub use comm::{CallOptions, Communicator, Config};
 pub use dtype::{DType, Element};
 pub use error::{Error, Result};
 pub use memory::DeviceBuffer;
+pub use path::{CallPath, NcclReason};

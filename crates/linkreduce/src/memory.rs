@@ -18,6 +18,8 @@ use cudarc::driver::{CudaContext, CudaStream, DevicePtr, DevicePtrMut, DeviceSli
 
 use crate::driver;
 use crate::error::{Error, Result};
+use crate::path::Reach;
+use crate::rendezvous::u64_at;
 
 /// Loads libcuda and initialises it; the first thing every entry point does,
 /// so that a missing driver is an error rather than a panic inside cudarc.
@@ -418,6 +420,40 @@ pub fn can_access_peer(from: &CudaContext, to: &CudaContext) -> Result<bool> {
     }
     driver::can_access_peer(from.cu_device(), to.cu_device())
         .map_err(Error::driver("cuDeviceCanAccessPeer"))
+}
+
+/// A GPU's uuid as two words: how ranks tell GPUs apart.
+pub(crate) fn uuid_words(uuid: &sys::CUuuid) -> [u64; 2] {
+    let bytes: Vec<u8> = uuid.bytes.iter().map(|&b| b as u8).collect();
+    [u64_at(&bytes), u64_at(&bytes[8..])]
+}
+
+/// The uuid of `ctx`'s GPU as two words.
+pub fn gpu_uuid(ctx: &CudaContext) -> Result<[u64; 2]> {
+    let uuid = ctx.uuid().map_err(Error::driver("cuDeviceGetUuid"))?;
+    Ok(uuid_words(&uuid))
+}
+
+/// Whether `ctx`'s GPU reaches the GPU whose uuid is `peer` directly: the
+/// same GPU, or a visible one with peer access.
+pub(crate) fn reach(ctx: &CudaContext, peer: [u64; 2]) -> Result<Reach> {
+    if gpu_uuid(ctx)? == peer {
+        return Ok(Reach::Direct);
+    }
+    for ordinal in 0..device_count()? {
+        let device = cuda::device::get(ordinal as i32).map_err(Error::driver("cuDeviceGet"))?;
+        let uuid = cuda::device::get_uuid(device).map_err(Error::driver("cuDeviceGetUuid"))?;
+        if uuid_words(&uuid) == peer {
+            let access = driver::can_access_peer(ctx.cu_device(), device)
+                .map_err(Error::driver("cuDeviceCanAccessPeer"))?;
+            return Ok(if access {
+                Reach::Direct
+            } else {
+                Reach::NoPeerAccess
+            });
+        }
+    }
+    Ok(Reach::NotVisible)
 }
 
 /// Lets `from` map `to`'s memory (legacy allocations and the default pool).

@@ -188,6 +188,26 @@ impl NcclComm {
         recv: u64,
         count: usize,
     ) -> Result<()> {
+        let stream = self.stream.clone();
+        // SAFETY: the caller vouches for the addresses; the stream is this
+        // communicator's own.
+        unsafe { self.all_reduce_raw_on(&stream, dtype, send, recv, count) }
+    }
+
+    /// Like [`all_reduce_raw`](Self::all_reduce_raw), enqueued on `stream`
+    /// instead of this communicator's stream.
+    ///
+    /// # Safety
+    /// As for `all_reduce_raw`, and `stream` must be a live stream of this
+    /// communicator's context.
+    pub unsafe fn all_reduce_raw_on(
+        &mut self,
+        stream: &CudaStream,
+        dtype: DType,
+        send: u64,
+        recv: u64,
+        count: usize,
+    ) -> Result<()> {
         nccl::all_reduce(
             send as *const _,
             recv as *mut _,
@@ -195,7 +215,7 @@ impl NcclComm {
             nccl_dtype(dtype),
             nccl_sys::ncclRedOp_t::ncclSum,
             self.comm.0,
-            self.stream.cu_stream() as _,
+            stream.cu_stream() as _,
         )
         .map(|_| ())
         .map_err(nccl_error("ncclAllReduce"))

@@ -8,9 +8,11 @@
 //! missing GPU fails.
 
 mod common;
+#[macro_use]
+#[path = "common/workers.rs"]
+mod workers;
 
-use std::net::TcpListener;
-use std::process::{Child, Command, ExitCode, Stdio};
+use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,7 +20,6 @@ use linkreduce::rendezvous::{TcpRendezvous, TcpRendezvousConfig};
 use linkreduce::verify::{check_case_on_rank, check_graph_on_rank, sweep_cases};
 use linkreduce::{AlgorithmChoice, Communicator, Config, DType, Error};
 
-const WORKER_VAR: &str = "LINKREDUCE_TEST_WORKER";
 /// 73740 leaves an odd number of packets in every dtype (the last two-stage
 /// slice then holds an extra packet) and a scalar tail in bf16 and f16.
 const LENGTHS: [usize; 8] = [1, 7, 8, 4097, 65536, 73740, (1 << 20) + 3, 32 << 20];
@@ -27,126 +28,31 @@ const READY_DIR_VAR: &str = "LINKREDUCE_TEST_READY_DIR";
 /// Exit status of a worker whose check found a wrong result.
 const MISMATCH: u8 = 3;
 
-/// Writes one line to stderr in a single write, so that lines of workers
-/// sharing the parent's stderr do not interleave.
-macro_rules! say {
-    ($($arg:tt)*) => {{
-        let line = format!("{}\n", format_args!($($arg)*));
-        drop(std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes()));
-    }};
-}
-
-/// A parent-side test: Err says what went wrong.
-type Scenario = fn() -> Result<(), String>;
-
 fn main() -> ExitCode {
-    if let Ok(scenario) = std::env::var(WORKER_VAR) {
-        return match worker(&scenario) {
-            Ok(code) => code,
-            Err(error) => {
-                say!("rank error in {scenario}: {error}");
-                ExitCode::from(1)
-            }
-        };
-    }
-    if common::gpus().is_none() {
-        return ExitCode::SUCCESS;
-    }
-    let tests: [(&str, Scenario); 3] = [
-        ("two_processes_sweep_and_graph_replays", sweep),
-        (
-            "killing_a_rank_makes_the_other_fail_within_the_deadline",
-            kill,
-        ),
-        ("a_thousand_create_destroy_cycles_leak_nothing", cycles),
-    ];
-    let mut failed = 0;
-    for (name, test) in tests {
-        let started = Instant::now();
-        let result = test();
-        let seconds = started.elapsed().as_secs_f64();
-        match result {
-            Ok(()) => println!("test {name} ... ok ({seconds:.1} s)"),
-            Err(why) => {
-                failed += 1;
-                println!("test {name} ... FAILED ({seconds:.1} s)\n{why}");
-            }
-        }
-    }
-    println!(
-        "test result: {}. {} passed; {failed} failed",
-        if failed == 0 { "ok" } else { "FAILED" },
-        tests.len() - failed
-    );
-    if failed == 0 {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    }
+    workers::main_of(
+        worker,
+        &[
+            ("two_processes_sweep_and_graph_replays", sweep),
+            (
+                "killing_a_rank_makes_the_other_fail_within_the_deadline",
+                kill,
+            ),
+            ("a_thousand_create_destroy_cycles_leak_nothing", cycles),
+        ],
+    )
 }
 
-/// Starts `world` workers of `scenario`, torchrun-style.
-fn spawn(scenario: &str, world: usize) -> Result<Vec<Child>, String> {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map_err(|e| format!("no free port: {e}"))?
-        .port();
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    (0..world)
-        .map(|rank| {
-            Command::new(&exe)
-                .env(WORKER_VAR, scenario)
-                .env("RANK", rank.to_string())
-                .env("LOCAL_RANK", rank.to_string())
-                .env("WORLD_SIZE", world.to_string())
-                .env("MASTER_ADDR", "127.0.0.1")
-                .env("MASTER_PORT", port.to_string())
-                .stdin(Stdio::null())
-                .spawn()
-                .map_err(|e| format!("cannot start a worker: {e}"))
-        })
-        .collect()
-}
-
-/// Waits for every worker, at most `limit`; kills the rest after that.
-fn wait_all(children: &mut [Child], limit: Duration) -> Result<Vec<i32>, String> {
-    let deadline = Instant::now() + limit;
-    let mut codes = vec![None; children.len()];
-    while codes.iter().any(Option::is_none) {
-        for (code, child) in codes.iter_mut().zip(children.iter_mut()) {
-            if code.is_none() {
-                if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
-                    *code = Some(status.code().unwrap_or(-1));
-                }
-            }
-        }
-        if Instant::now() > deadline {
-            children.iter_mut().for_each(|c| drop(c.kill()));
-            return Err(format!("workers still running after {limit:?}: {codes:?}"));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Ok(codes.into_iter().flatten().collect())
-}
-
-fn expect_success(scenario: &str, world: usize, limit: Duration) -> Result<(), String> {
-    let mut children = spawn(scenario, world)?;
-    let codes = wait_all(&mut children, limit)?;
-    if codes.iter().all(|&c| c == 0) {
-        Ok(())
-    } else {
-        Err(format!(
-            "worker exit codes {codes:?} (see their output above)"
-        ))
-    }
+/// No variables besides torchrun's.
+fn no_env(_rank: usize) -> Vec<(&'static str, String)> {
+    Vec::new()
 }
 
 fn sweep() -> Result<(), String> {
-    expect_success("sweep", 2, Duration::from_secs(540))
+    workers::expect_success("sweep", 2, Duration::from_secs(540), &no_env)
 }
 
 fn cycles() -> Result<(), String> {
-    expect_success("cycles", 2, Duration::from_secs(540))
+    workers::expect_success("cycles", 2, Duration::from_secs(540), &no_env)
 }
 
 /// Rank 1 is killed with SIGKILL while both loop over all-reduces; rank 0
@@ -155,7 +61,7 @@ fn kill() -> Result<(), String> {
     let ready = std::env::temp_dir().join(format!("linkreduce-kill-{}", std::process::id()));
     std::fs::create_dir_all(&ready).map_err(|e| e.to_string())?;
     std::env::set_var(READY_DIR_VAR, &ready);
-    let mut children = spawn("loop", 2)?;
+    let mut children = workers::spawn("loop", 2, &no_env)?;
     let both_ready = || (0..2).all(|rank| ready.join(format!("ready-{rank}")).exists());
     let waiting = Instant::now();
     while !both_ready() {
@@ -167,7 +73,7 @@ fn kill() -> Result<(), String> {
     }
     children[1].kill().map_err(|e| e.to_string())?;
     let killed = Instant::now();
-    let codes = wait_all(&mut children[..1], Duration::from_secs(20));
+    let codes = workers::wait_all(&mut children[..1], Duration::from_secs(20));
     drop(children[1].wait());
     drop(std::fs::remove_dir_all(&ready));
     let took = killed.elapsed();

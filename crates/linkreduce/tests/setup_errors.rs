@@ -4,15 +4,33 @@ use linkreduce::group::in_process;
 use linkreduce::{Config, Error};
 
 #[test]
-fn world_sizes_outside_2_to_8_are_refused_before_touching_a_gpu() {
-    for devices in [vec![], vec![0], vec![0; 9]] {
+fn an_empty_group_is_refused_before_touching_a_gpu() {
+    match in_process(&[], Config::default()) {
+        Err(Error::UnsupportedWorldSize(0)) => {}
+        Err(other) => panic!("expected UnsupportedWorldSize, got {other}"),
+        Ok(_) => panic!("a group of no ranks was created"),
+    }
+}
+
+/// One rank, or more than the kernels cover, take NCCL instead of being
+/// refused (docs/design.md, "Path choice"); without a GPU set-up then fails
+/// for the GPU.
+#[test]
+fn world_sizes_outside_the_kernels_are_not_refused_for_their_size() {
+    for devices in [vec![0], vec![0; 9]] {
+        let world = devices.len();
         match in_process(&devices, Config::default()) {
-            Err(Error::UnsupportedWorldSize(n)) => assert_eq!(n, devices.len()),
-            Err(other) => panic!(
-                "{} ranks: expected UnsupportedWorldSize, got {other}",
-                devices.len()
-            ),
-            Ok(_) => panic!("{} ranks: a group was created", devices.len()),
+            Ok(comms) => {
+                assert_eq!(comms.len(), world);
+                assert!(comms.iter().all(|comm| comm.nccl_only()));
+            }
+            Err(Error::DriverNotFound | Error::NoDevice | Error::NcclNotFound) => {}
+            // Nine ranks on one GPU: the kernels cover 8 and NCCL refuses
+            // ranks sharing a GPU.
+            Err(Error::NoPath { first, second, .. }) if world == 9 => {
+                assert_eq!((first, second), (0, 1))
+            }
+            Err(other) => panic!("{world} ranks: unexpected error {other}"),
         }
     }
 }

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 
 use indicatif::{ProgressBar, ProgressStyle};
 use linkreduce::rendezvous::Rendezvous;
-use linkreduce::{Algorithm, AlgorithmChoice, Communicator, Config, DType};
+use linkreduce::{Algorithm, AlgorithmChoice, Communicator, Config, DType, TunedPath};
 use serde::Serialize;
 
 use crate::error::{CliError, Result};
@@ -60,9 +60,10 @@ pub struct Args {
     tune_out: Option<std::path::PathBuf>,
 }
 
-/// `linkreduce tune`: the benchmark of every linkreduce algorithm, written
-/// as the tuning table that automatic calls then follow
-/// (LINKREDUCE_TUNING=FILE or Config::tuning).
+/// `linkreduce tune`: the benchmark of every linkreduce algorithm and of
+/// NCCL, written as the tuning table that automatic calls then follow
+/// (LINKREDUCE_TUNING=FILE or Config::tuning): sizes where NCCL was fastest
+/// take NCCL.
 pub fn tune(mut args: Args) -> Result<ExitCode> {
     args.implementations = Algorithm::ALL
         .iter()
@@ -71,6 +72,7 @@ pub fn tune(mut args: Args) -> Result<ExitCode> {
             Algorithm::TwoStage => Implementation::TwoStage,
             Algorithm::Push => Implementation::Push,
         })
+        .chain([Implementation::Nccl])
         .collect();
     args.tune_out
         .get_or_insert_with(|| "linkreduce-tuning.json".into());
@@ -111,6 +113,16 @@ impl Implementation {
             Implementation::Nccl | Implementation::NcclSymmetric => None,
         }
     }
+
+    /// What a tuning table entry names when this implementation is the
+    /// fastest (NCCL as the library's NCCL path calls it: plain buffers).
+    fn tuned_path(self) -> Option<TunedPath> {
+        match self.algorithm() {
+            Some(AlgorithmChoice::Force(algorithm)) => Some(TunedPath::Custom(algorithm)),
+            _ if self == Implementation::Nccl => Some(TunedPath::Nccl),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -126,6 +138,10 @@ struct Row {
     count: usize,
     dtype: DType,
     implementation: Implementation,
+    /// For linkreduce's implementations, the path its calls took
+    /// (`one-stage`, `two-stage`, `push` or `nccl`): automatic calls show
+    /// the choice at each size.
+    path: Option<String>,
     mode: Mode,
     /// Median over repetitions of the slowest rank's time per call.
     time_us: f64,
@@ -150,7 +166,8 @@ struct Report {
     driver: String,
     nccl: String,
     world_size: usize,
-    max_blocks: u32,
+    /// The largest grid of the kernels; None where every call took NCCL.
+    max_blocks: Option<u32>,
     rows: Vec<Row>,
 }
 
@@ -240,6 +257,11 @@ fn bench_rank(comm: &mut Communicator, args: &Args, sizes: &[usize]) -> Result<b
                 }
             }?;
             let measured = slowest_rank(rendezvous.as_ref(), &mine)?;
+            let path = match implementation.algorithm() {
+                Some(AlgorithmChoice::Auto) => Some(rank.comm.path_for(bytes).name().to_string()),
+                Some(choice) => Some(choice.to_string()),
+                None => None,
+            };
             for (mode, time_us) in [
                 (Mode::Eager, measured.eager_us),
                 (Mode::Graph, measured.graph_us),
@@ -250,6 +272,7 @@ fn bench_rank(comm: &mut Communicator, args: &Args, sizes: &[usize]) -> Result<b
                     count,
                     dtype: args.dtype,
                     implementation,
+                    path: path.clone(),
                     mode,
                     time_us,
                     algbw_gbps: algbw,
@@ -305,9 +328,9 @@ fn write_tuning(report: &Report, path: &std::path::Path) -> Result<()> {
              tune with one rank per GPU",
         ));
     }
-    let mut fastest: Vec<(usize, Algorithm, f64)> = Vec::new();
+    let mut fastest: Vec<(usize, TunedPath, f64)> = Vec::new();
     for row in &report.rows {
-        let Some(AlgorithmChoice::Force(algorithm)) = row.implementation.algorithm() else {
+        let Some(algorithm) = row.implementation.tuned_path() else {
             continue;
         };
         if row.wrong > 0 || !matches!(row.mode, Mode::Graph) {
@@ -325,7 +348,7 @@ fn write_tuning(report: &Report, path: &std::path::Path) -> Result<()> {
              results",
         ));
     }
-    let winners: Vec<(usize, Algorithm)> = fastest.iter().map(|f| (f.0, f.1)).collect();
+    let winners: Vec<(usize, TunedPath)> = fastest.iter().map(|f| (f.0, f.1)).collect();
     let tuning = linkreduce::Tuning {
         measured_on: format!(
             "{} x {}, {} ranks as {}, commit {}",
@@ -450,9 +473,18 @@ fn speedup_vs_nccl(rows: &[Row], row: &Row) -> Option<f64> {
         .map(|nccl| nccl.time_us / row.time_us)
 }
 
+/// The implementation as the table prints it: automatic calls with the
+/// path they took, as in `linkreduce(one-stage)`.
+fn label(row: &Row) -> String {
+    match (row.implementation, &row.path) {
+        (Implementation::Auto, Some(path)) => format!("{}({path})", row.implementation),
+        _ => row.implementation.to_string(),
+    }
+}
+
 fn print_header() {
     println!(
-        "{:>9} {:>11} {:>5} {:>13} {:>6} {:>10} {:>9} {:>9} {:>6} {:>8}",
+        "{:>9} {:>11} {:>5} {:>21} {:>6} {:>10} {:>9} {:>9} {:>6} {:>8}",
         "size", "count", "type", "impl", "mode", "time(us)", "algbw", "busbw", "wrong", "vs nccl"
     );
 }
@@ -463,11 +495,11 @@ fn print_row(row: &Row) {
         .map(|r| format!("{r:.2}x"))
         .unwrap_or_else(|| "-".into());
     println!(
-        "{:>9} {:>11} {:>5} {:>13} {:>6} {:>10.2} {:>9.2} {:>9.2} {:>6} {:>8}",
+        "{:>9} {:>11} {:>5} {:>21} {:>6} {:>10.2} {:>9.2} {:>9.2} {:>6} {:>8}",
         format_size(row.bytes),
         row.count,
         row.dtype.name(),
-        row.implementation.to_string(),
+        label(row),
         format!("{:?}", row.mode).to_lowercase(),
         row.time_us,
         row.algbw_gbps,
@@ -487,6 +519,7 @@ mod tests {
             count: bytes / 2,
             dtype: DType::BF16,
             implementation,
+            path: None,
             mode,
             time_us,
             algbw_gbps: 0.0,
@@ -497,8 +530,8 @@ mod tests {
     }
 
     #[test]
-    fn tuning_keeps_the_fastest_right_algorithm_per_size_in_graph_mode() {
-        use Implementation::{Nccl, OneStage, Push, TwoStage};
+    fn tuning_keeps_the_fastest_right_path_per_size_in_graph_mode() {
+        use Implementation::{Nccl, NcclSymmetric, OneStage, Push, TwoStage};
         let mut wrong = row(1024, Push, Mode::Graph, 0.5);
         wrong.wrong = 3;
         let rows = vec![
@@ -508,6 +541,9 @@ mod tests {
             row(1024, OneStage, Mode::Eager, 1.0),
             row(1 << 20, OneStage, Mode::Graph, 8.0),
             row(1 << 20, Push, Mode::Graph, 9.0),
+            // The library's NCCL path uses plain buffers: symmetric
+            // memory's times do not count.
+            row(1 << 20, NcclSymmetric, Mode::Graph, 0.1),
             row(1 << 28, OneStage, Mode::Graph, 900.0),
             row(1 << 28, TwoStage, Mode::Graph, 800.0),
             wrong,
@@ -521,7 +557,7 @@ mod tests {
             driver: String::new(),
             nccl: String::new(),
             world_size: 2,
-            max_blocks: 1,
+            max_blocks: Some(1),
             rows,
         };
         let dir = std::env::temp_dir().join(format!("linkreduce-tune-{}", std::process::id()));
@@ -531,9 +567,10 @@ mod tests {
         let tuning: linkreduce::Tuning =
             serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
-        assert_eq!(tuning.pick(2, 1024), Some(Algorithm::Push));
-        assert_eq!(tuning.pick(2, 1 << 20), Some(Algorithm::OneStage));
-        assert_eq!(tuning.pick(2, 1 << 28), Some(Algorithm::TwoStage));
+        let custom = TunedPath::Custom;
+        assert_eq!(tuning.pick(2, 1024), Some(TunedPath::Nccl));
+        assert_eq!(tuning.pick(2, 1 << 20), Some(custom(Algorithm::OneStage)));
+        assert_eq!(tuning.pick(2, 1 << 28), Some(custom(Algorithm::TwoStage)));
         assert_eq!(tuning.pick(4, 1024), None);
         let shared = Report {
             gpus: vec!["GPU".into()],

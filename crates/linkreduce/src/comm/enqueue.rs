@@ -1,7 +1,9 @@
-//! The enqueue path: where this rank's input is read from (in place, a
+//! The enqueue path: which path a call takes (the plan's choice), and on
+//! the kernels' path where this rank's input is read from (in place, a
 //! staging copy, or a buffer captured in a graph), where the output is
 //! written (in place, or a bounce buffer then a copy), how a call is cut
-//! into launches, and the launches themselves.
+//! into launches, and the launches themselves. Both paths follow the
+//! caller's stream alike (`enter_stream`, `leave_stream`).
 //!
 //! Every decision from this rank's own pointers stays local: each rank
 //! publishes its input's table entry at the start barrier, so peers that
@@ -16,8 +18,9 @@ use std::sync::Arc;
 
 use cudarc::driver::CudaStream;
 
+use super::custom::CustomPath;
 use super::{capturing, Communicator};
-use crate::algorithm::{blocks_for, choose_tuned, Algorithm};
+use crate::algorithm::{blocks_for, Algorithm};
 use crate::comm::CallOptions;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
@@ -25,6 +28,7 @@ use crate::kernels::{
     source_word, AllReduceArgs, BarrierArgs, PushArgs, PACKET_BYTES, SCRATCH_TAIL_BYTES,
     THREADS_PER_BLOCK,
 };
+use crate::path::CallPath;
 use crate::registry::{Located, STAGING_INDEX};
 
 /// Where a call reads this rank's input from.
@@ -48,6 +52,16 @@ enum LaunchInput {
 }
 
 const PACKET: u64 = PACKET_BYTES as u64;
+
+/// What a call reduces: `count` elements of `dtype` from `input` into
+/// `output` (device addresses of this rank).
+#[derive(Debug, Clone, Copy)]
+struct Call {
+    dtype: DType,
+    input: u64,
+    output: u64,
+    count: usize,
+}
 
 impl Communicator {
     pub(super) fn enqueue(
@@ -76,25 +90,68 @@ impl Communicator {
             .ctx
             .bind_to_thread()
             .map_err(Error::driver("cuCtxSetCurrent"))?;
-        let capturing = self.enter_stream(stream)?;
-        let algorithm = choose_tuned(
-            self.world_size,
-            bytes,
-            options.algorithm,
-            self.tuning.as_ref(),
-        );
-        let source = self.locate_input(
-            algorithm,
+        let path = self.call_path(bytes, options.algorithm)?;
+        let call = Call {
+            dtype,
             input,
             output,
-            bytes,
-            options.zero_copy,
-            capturing,
-        )?;
+            count,
+        };
+        let capturing = self.enter_stream(stream)?;
+        match path {
+            CallPath::Custom(algorithm) => {
+                self.enqueue_custom(stream, algorithm, call, options.zero_copy, capturing)?
+            }
+            CallPath::Nccl(_) => self.enqueue_nccl(stream, call, capturing)?,
+        }
+        self.leave_stream(stream, capturing)
+    }
+
+    /// The call on NCCL, set up first if this is the first call that needs
+    /// it (never during a capture: NCCL cannot be set up then).
+    fn enqueue_nccl(
+        &mut self,
+        stream: &Arc<CudaStream>,
+        call: Call,
+        capturing: bool,
+    ) -> Result<()> {
+        if self.nccl.is_none() {
+            if capturing {
+                return Err(Error::NcclDuringCapture);
+            }
+            self.prepare_nccl()?;
+        }
+        let nccl = self.nccl.as_mut().ok_or(Error::NcclDuringCapture)?;
+        // SAFETY: the caller vouches that both addresses hold `count`
+        // elements of `dtype` on this rank's device until the call has run
+        // on `stream` (all_reduce_raw), or they come from device slices of
+        // that length; `stream` belongs to this rank's context
+        // (enter_stream checked).
+        unsafe { nccl.all_reduce_raw_on(stream, call.dtype, call.input, call.output, call.count) }
+    }
+
+    /// The call on the kernels: its source, destination and launches.
+    fn enqueue_custom(
+        &mut self,
+        stream: &Arc<CudaStream>,
+        algorithm: Algorithm,
+        call: Call,
+        zero_copy: bool,
+        capturing: bool,
+    ) -> Result<()> {
+        let Call {
+            dtype,
+            input,
+            output,
+            count,
+        } = call;
+        let bytes = count * dtype.size();
+        let source = self.locate_input(algorithm, input, output, bytes, zero_copy, capturing)?;
+        let custom = self.custom()?;
         // A misaligned output is written whole packets at a time into the
         // bounce buffer, then copied into place: this rank's concern alone.
-        let bounce = (output % PACKET != 0).then(|| self.regions.bounce.ptr());
-        let chunk = self.chunk_elements(algorithm, dtype);
+        let bounce = (output % PACKET != 0).then(|| custom.regions.bounce.ptr());
+        let chunk = self.chunk_elements(custom, algorithm, dtype);
         tracing::trace!(
             rank = self.rank,
             %algorithm,
@@ -122,25 +179,25 @@ impl Communicator {
                     // peer has finished reading staging.
                     copy(
                         stream,
-                        self.regions.staging.ptr(),
+                        custom.regions.staging.ptr(),
                         input + offset,
                         n * dtype.size(),
                     )?;
                     if algorithm == Algorithm::Push {
-                        LaunchInput::Address(self.regions.staging.ptr())
+                        LaunchInput::Address(custom.regions.staging.ptr())
                     } else {
                         LaunchInput::Table(STAGING_INDEX as u64)
                     }
                 }
             };
             let target = bounce.unwrap_or(output + offset);
-            self.launch(stream, algorithm, dtype, launch_input, target, n)?;
+            self.launch(custom, stream, algorithm, dtype, launch_input, target, n)?;
             if let Some(bounce) = bounce {
                 copy(stream, output + offset, bounce, n * dtype.size())?;
             }
             done += n;
         }
-        self.leave_stream(stream, capturing)
+        Ok(())
     }
 
     /// Orders this call after the previous one wherever that went: calls
@@ -212,7 +269,7 @@ impl Communicator {
         }
         // One-stage writes the output while peers may still read the input.
         let hazard = algorithm == Algorithm::OneStage && input == output;
-        let registered = self.buffers.registry.lookup(input, bytes as u64);
+        let registered = self.custom()?.buffers.registry.lookup(input, bytes as u64);
         // Every launch's offset must fit a source word: check the last.
         let addressable = |located: Located| {
             let last = located.offset + (bytes as u64).saturating_sub(1) / PACKET * PACKET;
@@ -227,8 +284,8 @@ impl Communicator {
         if registered.is_none() && aligned && !hazard && capturing {
             // Memory peers cannot map (a pool's, across processes) is staged
             // instead, inside the graph.
-            if self.shareable(input, bytes).is_ok() {
-                let index = self.buffers.registry.reserve_pending(input)?;
+            if self.shareable(self.custom()?, input, bytes).is_ok() {
+                let index = self.custom_mut()?.buffers.registry.reserve_pending(input)?;
                 return Ok(Source::Table(Located { index, offset: 0 }));
             }
         }
@@ -242,11 +299,11 @@ impl Communicator {
     /// buffer hold, and for two-stage what scratch holds, for push a push
     /// segment. The same on every rank, whatever its pointers, so that all
     /// ranks launch alike. A multiple of the packet, so chunks stay aligned.
-    fn chunk_elements(&self, algorithm: Algorithm, dtype: DType) -> usize {
-        let staging = self.regions.staging.bytes() / PACKET_BYTES * PACKET_BYTES;
+    fn chunk_elements(&self, custom: &CustomPath, algorithm: Algorithm, dtype: DType) -> usize {
+        let staging = custom.regions.staging.bytes() / PACKET_BYTES * PACKET_BYTES;
         let bytes = match algorithm {
             Algorithm::OneStage => staging,
-            Algorithm::Push => self.regions.push_segment.min(staging),
+            Algorithm::Push => custom.regions.push_segment.min(staging),
             Algorithm::TwoStage => {
                 let slice_packets = (self.config.scratch_bytes - SCRATCH_TAIL_BYTES) / PACKET_BYTES;
                 // The last slice may hold up to W-1 packets more than the rest.
@@ -257,8 +314,10 @@ impl Communicator {
         bytes / dtype.size()
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn launch(
         &self,
+        custom: &CustomPath,
         stream: &Arc<CudaStream>,
         algorithm: Algorithm,
         dtype: DType,
@@ -277,15 +336,15 @@ impl Communicator {
             self.world_size,
             packets,
             THREADS_PER_BLOCK,
-            self.gpu.max_blocks,
+            custom.max_blocks,
         );
         let barrier = BarrierArgs {
-            peers: self.regions.signal_peers,
-            fault: self.regions.fault.device_ptr(),
+            peers: custom.regions.signal_peers,
+            fault: custom.regions.fault.device_ptr(),
             timeout_ns: self.config.timeout.as_nanos().min(u64::MAX as u128) as u64,
             rank: self.rank as u32,
         };
-        let function = self.gpu.kernels.get(&(algorithm, dtype)).ok_or_else(|| {
+        let function = custom.kernels.get(&(algorithm, dtype)).ok_or_else(|| {
             Error::InvalidConfig(format!("no {algorithm} kernel for {dtype} was loaded"))
         })?;
         let config = LaunchConfig {
@@ -300,22 +359,22 @@ impl Communicator {
             LaunchInput::Table(source) => {
                 table_args = AllReduceArgs {
                     barrier,
-                    table: self.regions.table.ptr(),
+                    table: custom.regions.table.ptr(),
                     source,
                     output,
                     count: count as u64,
-                    capacity: self.regions.table_capacity as u32,
+                    capacity: custom.regions.table_capacity as u32,
                 };
                 launch.arg(&table_args);
             }
             LaunchInput::Address(input) => {
                 push_args = PushArgs {
                     barrier,
-                    push: self.regions.push_peers,
+                    push: custom.regions.push_peers,
                     input,
                     output,
                     count: count as u64,
-                    segment_bytes: self.regions.push_segment as u64,
+                    segment_bytes: custom.regions.push_segment as u64,
                 };
                 launch.arg(&push_args);
             }

@@ -6,14 +6,22 @@
 //! GPU: every rank must make the same calls, with the same lengths, in the
 //! same order; each rank passes its own buffers, which need not be alike.
 //!
+//! Every call takes one of two paths, the same on every rank: the custom
+//! kernels where they serve the group, NCCL elsewhere (docs/design.md,
+//! "Path choice"); [`Communicator::path_for`] says which and why.
+//!
 //! The concerns live apart, as NCCL keeps init, enqueue and registration
-//! apart: [`config`] (what callers tune), `setup` (building a rank and its
-//! shared memory), `register` (the buffer table: registered buffers and
-//! buffers of captured graphs) and `enqueue` (turning a call into staging
-//! copies and launches). See docs/design.md for the protocols.
+//! apart: [`config`] (what callers tune), `setup` (building a rank),
+//! `facts` (what ranks learn about each other to choose a path), `custom`
+//! (the kernels' memory), `register` (the buffer table: registered buffers
+//! and buffers of captured graphs) and `enqueue` (turning a call into
+//! staging copies and launches, or an NCCL call). See docs/design.md for
+//! the protocols.
 
 mod config;
+mod custom;
 mod enqueue;
+mod facts;
 mod register;
 mod setup;
 
@@ -23,25 +31,22 @@ use cudarc::driver::sys::CUstreamCaptureStatus;
 use cudarc::driver::{CudaContext, CudaStream, DevicePtr, DevicePtrMut};
 
 pub use config::{CallOptions, Config};
+pub use facts::HOST_ID_VAR;
 
-use crate::algorithm::{choose_tuned, Algorithm, AlgorithmChoice, Tuning};
+use crate::algorithm::AlgorithmChoice;
 use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
-use crate::kernels::Kernels;
 use crate::memory::{DeviceBuffer, PointerInfo};
 use crate::nccl::NcclComm;
+use crate::path::{CallPath, Plan};
 use crate::rendezvous::Rendezvous;
 
-use register::Buffers;
-use setup::Regions;
+use custom::CustomPath;
 
 /// The device side of a rank.
 struct Gpu {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
-    kernels: Arc<Kernels>,
-    /// Blocks per launch at most: the same on every rank.
-    max_blocks: u32,
 }
 
 /// One rank of a group that all-reduces across GPUs.
@@ -49,10 +54,13 @@ pub struct Communicator {
     rank: usize,
     world_size: usize,
     gpu: Gpu,
-    regions: Regions,
-    buffers: Buffers,
+    /// Which path calls take; the same on every rank.
+    plan: Plan,
+    /// The kernels' side; None where they cannot serve the group.
+    custom: Option<CustomPath>,
+    /// NCCL over the same ranks, once a call needed it.
+    nccl: Option<NcclComm>,
     config: Config,
-    tuning: Option<Tuning>,
     rendezvous: Arc<dyn Rendezvous>,
     /// Why the communicator cannot be used any more, once it cannot.
     poisoned: Option<String>,
@@ -102,29 +110,45 @@ impl Communicator {
         &self.rendezvous
     }
 
-    /// An NCCL communicator over the same ranks and devices, on this
-    /// communicator's stream. Collective.
+    /// A separate NCCL communicator over the same ranks and devices, on
+    /// this communicator's stream, for callers that time or use NCCL
+    /// directly (calls on the NCCL path use one of their own). Collective.
     pub fn nccl(&self) -> Result<NcclComm> {
         NcclComm::from_rendezvous(self.rendezvous.as_ref(), &self.gpu.stream)
     }
 
-    /// The largest grid a launch uses (same on every rank).
-    pub fn max_blocks(&self) -> u32 {
-        self.gpu.max_blocks
+    /// The largest grid a launch uses (same on every rank); None where
+    /// every call takes NCCL.
+    pub fn max_blocks(&self) -> Option<u32> {
+        self.custom.as_ref().map(|custom| custom.max_blocks)
     }
 
     pub fn config(&self) -> &Config {
         &self.config
     }
 
-    /// The algorithm an automatic call of `bytes` uses.
-    pub fn algorithm_for(&self, bytes: usize) -> Algorithm {
-        choose_tuned(
-            self.world_size,
-            bytes,
-            AlgorithmChoice::Auto,
-            self.tuning.as_ref(),
-        )
+    /// The path an automatic call of `bytes` takes, and why (its Display
+    /// says so): the same on every rank (docs/design.md, "Path choice").
+    pub fn path_for(&self, bytes: usize) -> CallPath {
+        self.plan.auto_path(self.world_size, bytes, self.tuning())
+    }
+
+    /// Whether every call takes NCCL (the kernels cannot serve the group).
+    pub fn nccl_only(&self) -> bool {
+        self.plan.nccl_only()
+    }
+
+    /// The path a call of `bytes` with `choice` takes, or why it has none.
+    fn call_path(&self, bytes: usize, choice: AlgorithmChoice) -> Result<CallPath> {
+        self.plan
+            .path(self.world_size, bytes, choice, self.tuning())
+    }
+
+    /// The tuning table automatic calls follow (the kernels' set-up loads it).
+    fn tuning(&self) -> Option<&crate::algorithm::Tuning> {
+        self.custom
+            .as_ref()
+            .and_then(|custom| custom.tuning.as_ref())
     }
 
     /// Allocates a zeroed buffer that peers can read, on this rank's stream.
@@ -132,7 +156,11 @@ impl Communicator {
     /// stream-ordered pool and is freed in this stream's order; otherwise
     /// from `cuMemAlloc`, which CUDA IPC can export.
     pub fn alloc<T: Element>(&self, len: usize) -> Result<DeviceBuffer<T>> {
-        if self.buffers.crosses_processes() {
+        let mapped_by_peers = self
+            .custom
+            .as_ref()
+            .is_some_and(|custom| custom.buffers.crosses_processes());
+        if mapped_by_peers {
             DeviceBuffer::zeroed(&self.gpu.stream, len)
         } else {
             DeviceBuffer::zeroed_in_pool(&self.gpu.stream, len)
@@ -257,7 +285,9 @@ impl Communicator {
     /// Entries of this rank's buffer table in use (the staging buffer's
     /// included).
     pub fn records_used(&self) -> usize {
-        self.buffers.registry.in_use()
+        self.custom
+            .as_ref()
+            .map_or(0, |custom| custom.buffers.registry.in_use())
     }
 
     /// Waits for this rank's enqueued work and reports a peer timeout that
@@ -284,7 +314,10 @@ impl Communicator {
         if let Some(reason) = &self.poisoned {
             return Err(Error::Poisoned(reason.clone()));
         }
-        let fault = self.regions.fault.read();
+        let Some(custom) = &self.custom else {
+            return Ok(());
+        };
+        let fault = custom.regions.fault.read();
         if fault.code == 0 {
             return Ok(());
         }
@@ -301,9 +334,9 @@ impl Communicator {
     }
 
     /// Checks that peers can read `bytes` at `ptr` where it is.
-    fn shareable(&self, ptr: u64, bytes: usize) -> Result<()> {
+    fn shareable(&self, custom: &CustomPath, ptr: u64, bytes: usize) -> Result<()> {
         let info = PointerInfo::shareable(ptr, bytes, self.device())?;
-        self.buffers.transport.check_shareable(ptr, &info)
+        custom.buffers.transport.check_shareable(ptr, &info)
     }
 
     /// Fails when a stream calls go on is being captured: `what`

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 
 use cudarc::driver::DevicePtr;
 
+use super::custom::CustomPath;
 use super::Communicator;
 use crate::dtype::Element;
 use crate::error::{Error, Result};
@@ -72,25 +73,37 @@ impl Communicator {
     /// copying it into staging. Collective: every rank registers one buffer
     /// (of any size) in the same step. Calls may then pass it, or any part
     /// of it at a 16-byte aligned address, on any rank. Not while the stream
-    /// is captured.
+    /// is captured. Where every call takes NCCL, which reads buffers where
+    /// they are, there is nothing to do.
     pub fn register<T: Element>(&mut self, buffer: &impl DevicePtr<T>) -> Result<()> {
         self.check_usable()?;
+        if self.custom.is_none() {
+            return Ok(());
+        }
         let stream = self.gpu.stream.clone();
         let (ptr, _read) = buffer.device_ptr(&stream);
         let bytes = buffer.num_bytes() as u64;
         let local = self
             .not_capturing("register")
-            .and_then(|()| self.shareable(ptr, bytes as usize))
-            .and_then(|()| self.buffers.registry.reserve());
+            .and_then(|()| self.shareable(self.custom()?, ptr, bytes as usize))
+            .and_then(|()| self.custom_mut()?.buffers.registry.reserve());
         let agreed = exchange(
             self.rendezvous.as_ref(),
             "registration",
             local.as_ref().map(|_| &[][..]),
         );
         let index = local?;
+        let Communicator {
+            gpu,
+            world_size,
+            custom,
+            rendezvous,
+            ..
+        } = self;
+        let custom = custom.as_mut().ok_or_else(no_kernels)?;
         let shared = agreed.and_then(|_| {
-            self.buffers.transport.share(
-                self.rendezvous.as_ref(),
+            custom.buffers.transport.share(
+                rendezvous.as_ref(),
                 "registration",
                 &[(index as u64, ptr)],
             )
@@ -98,18 +111,18 @@ impl Communicator {
         let shared = match shared {
             Ok(shared) => shared,
             Err(error) => {
-                self.buffers.registry.release(index);
+                custom.buffers.registry.release(index);
                 return Err(error);
             }
         };
         let (entries, mapped) = entries_of(shared);
-        self.buffers.mapped.insert(index, mapped);
-        self.write_table(&entries)?;
+        custom.buffers.mapped.insert(index, mapped);
+        custom.regions.write_table(gpu, *world_size, &entries)?;
         // Registering a start address again replaces the earlier index,
         // whose peer mappings this rank no longer needs.
-        if let Some(replaced) = self.buffers.registry.insert(ptr, bytes, index) {
-            self.buffers.release_mapped(replaced);
-            self.buffers.registry.release(replaced);
+        if let Some(replaced) = custom.buffers.registry.insert(ptr, bytes, index) {
+            custom.buffers.release_mapped(replaced);
+            custom.buffers.registry.release(replaced);
         }
         Ok(())
     }
@@ -121,6 +134,9 @@ impl Communicator {
     /// captured with the buffer must not be replayed afterwards.
     pub fn deregister<T: Element>(&mut self, buffer: &impl DevicePtr<T>) -> Result<()> {
         self.check_usable()?;
+        if self.custom.is_none() {
+            return Ok(());
+        }
         let stream = self.gpu.stream.clone();
         let (ptr, _read) = buffer.device_ptr(&stream);
         // Every rank first finishes the work that reads through the
@@ -128,15 +144,17 @@ impl Communicator {
         let removable = self
             .not_capturing("deregister")
             .and_then(|()| {
-                self.buffers
+                self.custom()?
+                    .buffers
                     .registry
                     .index_of(ptr)
                     .ok_or(Error::NotRegistered { ptr })
             })
             .and_then(|index| self.wait_for_calls().map(|()| index));
         let index = agree(self.rendezvous.as_ref(), "deregistration", removable)?;
-        self.buffers.registry.remove(ptr);
-        self.buffers.release_mapped(index);
+        let buffers = &mut self.custom_mut()?.buffers;
+        buffers.registry.remove(ptr);
+        buffers.release_mapped(index);
         // Nobody frees before every peer has unmapped.
         agree(self.rendezvous.as_ref(), "deregistration", Ok(()))
     }
@@ -145,42 +163,51 @@ impl Communicator {
     /// being captured, so that the captured graph reads every peer's
     /// buffers. Collective; call it after capture ends and before the first
     /// replay. Ranks may have captured different numbers of such buffers.
-    /// Returns how many this rank had. Peers' buffers stay mapped until
+    /// Returns how many this rank had (none where every call takes NCCL).
+    /// Peers' buffers stay mapped until
     /// [`release_graph_buffers`](Self::release_graph_buffers) or drop.
     pub fn register_graph_buffers(&mut self) -> Result<usize> {
         self.check_usable()?;
+        if self.custom.is_none() {
+            return Ok(0);
+        }
         let captured = self.not_capturing("register_graph_buffers");
         agree(
             self.rendezvous.as_ref(),
             "graph buffer registration",
             captured,
         )?;
-        let pending: Vec<(u64, u64)> = self
+        let Communicator {
+            gpu,
+            world_size,
+            custom,
+            rendezvous,
+            poisoned,
+            ..
+        } = self;
+        let custom = custom.as_mut().ok_or_else(no_kernels)?;
+        let pending: Vec<(u64, u64)> = custom
             .buffers
             .registry
             .pending()
             .iter()
             .map(|&(index, ptr)| (index as u64, ptr))
             .collect();
-        let filled = self
+        let filled = custom
             .buffers
             .transport
-            .share(
-                self.rendezvous.as_ref(),
-                "graph buffer registration",
-                &pending,
-            )
+            .share(rendezvous.as_ref(), "graph buffer registration", &pending)
             .and_then(|shared| {
                 let (entries, mapped) = entries_of(shared);
-                self.buffers.graph_mapped.extend(mapped);
-                self.buffers.registry.adopt_pending();
-                self.write_table(&entries)?;
+                custom.buffers.graph_mapped.extend(mapped);
+                custom.buffers.registry.adopt_pending();
+                custom.regions.write_table(gpu, *world_size, &entries)?;
                 Ok(pending.len())
             });
         // Entries left empty would make a replay read null pointers: a
         // communicator that failed here is not used again.
         if let Err(error) = &filled {
-            self.poisoned = Some(error.to_string());
+            *poisoned = Some(error.to_string());
         }
         filled
     }
@@ -191,51 +218,32 @@ impl Communicator {
     /// point at the unmapped buffers.
     pub fn release_graph_buffers(&mut self) -> Result<()> {
         self.check_usable()?;
+        if self.custom.is_none() {
+            return Ok(());
+        }
         let idle = self
             .not_capturing("release_graph_buffers")
             .and_then(|()| self.wait_for_calls());
         agree(self.rendezvous.as_ref(), "graph buffer release", idle)?;
-        let mapped = std::mem::take(&mut self.buffers.graph_mapped);
-        self.buffers.transport.release(&mapped);
-        self.buffers.registry.release_graphs();
+        let buffers = &mut self.custom_mut()?.buffers;
+        let mapped = std::mem::take(&mut buffers.graph_mapped);
+        buffers.transport.release(&mapped);
+        buffers.registry.release_graphs();
         // Nobody frees before every peer has unmapped.
         agree(self.rendezvous.as_ref(), "graph buffer release", Ok(()))
     }
 
-    /// Writes table entries (owner, index, address) in this rank's stream
-    /// order, so that later launches see them, and waits for the copies.
-    pub(super) fn write_table(&self, entries: &[(usize, usize, u64)]) -> Result<()> {
-        let capacity = self.regions.table_capacity;
-        let stream = &self.gpu.stream;
-        self.gpu
-            .ctx
-            .bind_to_thread()
-            .map_err(Error::driver("cuCtxSetCurrent"))?;
-        for (owner, index, address) in entries {
-            if *owner >= self.world_size || *index >= capacity {
-                return Err(Error::RankMismatch {
-                    what: "registration",
-                    detail: format!(
-                        "rank {owner} named buffer-table index {index}; the table holds \
-                         {capacity} per rank (every rank needs the same max_records)"
-                    ),
-                });
-            }
-            let at = self.regions.table.ptr() + ((owner * capacity + index) * 8) as u64;
-            // SAFETY: `at` lies inside the table (owner < world size and
-            // index < capacity, checked above); `address` lives until the
-            // copy is done (the stream is synchronised below).
-            unsafe {
-                cudarc::driver::result::memcpy_htod_async(
-                    at,
-                    std::slice::from_ref(address),
-                    stream.cu_stream(),
-                )
-            }
-            .map_err(Error::driver("cuMemcpyHtoDAsync"))?;
-        }
-        stream
-            .synchronize()
-            .map_err(Error::driver("cuStreamSynchronize"))
+    /// The kernels' side, which a call on their path has (the plan chose
+    /// them only where set-up built it).
+    pub(super) fn custom(&self) -> Result<&CustomPath> {
+        self.custom.as_ref().ok_or_else(no_kernels)
     }
+
+    pub(super) fn custom_mut(&mut self) -> Result<&mut CustomPath> {
+        self.custom.as_mut().ok_or_else(no_kernels)
+    }
+}
+
+fn no_kernels() -> Error {
+    Error::InvalidConfig("the custom kernels are not set up on this communicator".into())
 }

@@ -1,189 +1,58 @@
-//! Building a rank: what it sets up alone (context, stream, kernels, its
-//! memory), what it agrees with its peers (settings, grid size), and the
-//! memory every peer reaches (signal regions, staging buffers, push areas).
-//! Also the orderly end of a rank.
+//! Building a rank: its GPU and stream, the plan every rank shares (which
+//! path calls take), the kernels' side where they serve the group
+//! (`custom`), NCCL where calls need it. Also the orderly end of a rank.
 
 use std::sync::Arc;
 
-use cudarc::driver::sys;
-use cudarc::driver::{CudaContext, CudaStream};
-use sha2::{Digest, Sha256};
-
-use super::register::Buffers;
+use super::custom::CustomPath;
+use super::facts::gather_plan;
 use super::{Communicator, Config, Gpu};
-use crate::algorithm::Tuning;
 use crate::error::{Error, Result};
-use crate::kernels::{
-    load_kernels, Fault, Kernels, MAX_RANKS, PACKET_BYTES, PUSH_EMPTY, PUSH_HEADER, PUSH_SLOTS,
-    SCRATCH_OFFSET, THREADS_PER_BLOCK, WORLD_SIZES,
-};
-use crate::memory::{device_count, DeviceMemory, HostMapped};
-use crate::registry::{Registry, STAGING_INDEX};
-use crate::rendezvous::{
-    agree, all_gather_u64s, u64_at, Rendezvous, TcpRendezvous, TcpRendezvousConfig,
-};
-use crate::transport::Transport;
-
-/// A rank's memory that kernels use besides the caller's buffers.
-pub(super) struct Regions {
-    /// Every rank's signal region (counters, then scratch), as this rank
-    /// reaches it.
-    pub signal_peers: [u64; MAX_RANKS],
-    /// Every rank's push area, as this rank reaches it.
-    pub push_peers: [u64; MAX_RANKS],
-    /// Bytes of one rank's segment of a push slot (a multiple of the packet).
-    pub push_segment: usize,
-    /// This rank's buffer table: `world size x capacity` addresses.
-    pub table: DeviceMemory,
-    pub table_capacity: usize,
-    /// Inputs copied here are read by peers through table index 0.
-    pub staging: DeviceMemory,
-    /// Where kernels write an output that is not 16-byte aligned, before a
-    /// copy into place (staging's size: calls are cut no larger); only this
-    /// rank uses it. Allocated at set-up: allocating inside a capture is
-    /// refused in the capture mode frameworks use.
-    pub bounce: DeviceMemory,
-    pub fault: HostMapped<Fault>,
-    /// Owned here, used through `signal_peers` (by this rank and its peers).
-    _signal: DeviceMemory,
-    /// Owned here, used through `push_peers`.
-    _push: DeviceMemory,
-}
-
-/// Tags of the set-up addresses every rank shares.
-const SIGNAL_TAG: u64 = 0;
-const STAGING_TAG: u64 = 1;
-const PUSH_TAG: u64 = 2;
+use crate::memory::device_count;
+use crate::nccl::NcclComm;
+use crate::rendezvous::{agree, Rendezvous, TcpRendezvous, TcpRendezvousConfig};
 
 impl Communicator {
     /// Builds this rank's communicator on GPU `device`; collective over
     /// `rendezvous`, whose ranks may be threads of this process, other
-    /// processes, or both. Peers in this process get peer access to this
-    /// rank's device; peers in other processes map its memory through CUDA
-    /// IPC.
+    /// processes, or both. Ranks first learn which host and GPU each is on
+    /// and whether the kernels can reach every peer's GPU; where they can,
+    /// peers in this process get peer access to this rank's device and
+    /// peers in other processes map its memory through CUDA IPC. Where they
+    /// cannot (one rank, more than 8, several hosts, a pair without peer
+    /// access), no custom memory is set up and every call takes NCCL, which
+    /// is set up here (docs/design.md, "Path choice").
     pub fn new(rendezvous: Arc<dyn Rendezvous>, device: usize, config: Config) -> Result<Self> {
         let rank = rendezvous.rank();
         let world_size = rendezvous.world_size();
         // What each rank sets up alone comes first; `agree` then fails every
         // rank if one failed, instead of leaving its peers to time out.
-        let local = LocalSetup::new(rank, world_size, device, &config);
-        let local = agree(rendezvous.as_ref(), "set-up", local)?;
-        let mut transport = Transport::connect(rendezvous.as_ref(), &local.ctx)?;
-
-        // What every rank must share: sizes that decide how calls are cut
-        // and where peers write, the deadline, and the tuning table.
-        let shared_settings = [
-            config.staging_bytes as u64,
-            config.scratch_bytes as u64,
-            local.push_segment as u64,
-            config.max_records as u64,
-            config.timeout.as_nanos() as u64,
-            local.tuning_digest,
-        ];
-        let mut mine = local.uuid.to_vec();
-        mine.extend([local.capacity.resident as u64, local.capacity.sms as u64]);
-        mine.extend(shared_settings);
-        let peers = all_gather_u64s(rendezvous.as_ref(), "set-up", &mine)?;
-        if let Some(bad) = peers.iter().position(|p| p[4..] != shared_settings) {
-            return Err(Error::RankMismatch {
-                what: "set-up",
-                detail: format!(
-                    "rank {bad} has another Config (staging, scratch, push, records, timeout or \
-                     tuning table) than this rank; give every rank the same"
-                ),
-            });
-        }
-        // Ranks that share a GPU spin on each other, so all their blocks
-        // must be resident at once, and the work each queues before its
-        // kernel must still find room beside its co-tenants' spinning
-        // blocks: sharing ranks together touch at most half the SMs
-        // (docs/design.md, "Ranks sharing a GPU").
-        let max_blocks = peers
-            .iter()
-            .map(|p| {
-                let sharing = peers.iter().filter(|q| q[..2] == p[..2]).count() as u64;
-                let (resident, sms) = (p[2], p[3]);
-                if sharing == 1 {
-                    resident
-                } else {
-                    (resident / sharing).min(sms / (2 * sharing))
-                }
-            })
-            .min()
-            .unwrap_or(0)
-            .min(config.max_blocks as u64) as u32;
-        if max_blocks == 0 {
-            return Err(Error::InvalidConfig(
-                "a GPU cannot keep one block of every rank on it resident; use fewer ranks per GPU"
-                    .into(),
-            ));
-        }
-
-        let shared = transport.share(
-            rendezvous.as_ref(),
-            "set-up",
-            &[
-                (SIGNAL_TAG, local.signal.ptr()),
-                (STAGING_TAG, local.staging.ptr()),
-                (PUSH_TAG, local.push.ptr()),
-            ],
-        )?;
-        let mut reached = [[0u64; MAX_RANKS]; 3];
-        for (owner, addresses) in shared.iter().enumerate() {
-            if addresses.len() != reached.len() {
-                return Err(Error::RankMismatch {
-                    what: "set-up",
-                    detail: format!("rank {owner} shared {} set-up buffers", addresses.len()),
-                });
-            }
-            for address in addresses {
-                let slot = reached
-                    .get_mut(address.tag as usize)
-                    .ok_or(Error::RankMismatch {
-                        what: "set-up",
-                        detail: format!("rank {owner} shared an unknown buffer {}", address.tag),
-                    })?;
-                slot[owner] = address.address;
-            }
-        }
-        let [signal_peers, staging_peers, push_peers] = reached;
-        let mut registry = Registry::new(config.max_records);
-        let staging_index = registry.reserve()?;
-        debug_assert_eq!(staging_index, STAGING_INDEX);
-        let communicator = Communicator {
+        let gpu = Gpu::open(rank, world_size, device, &config);
+        let gpu = agree(rendezvous.as_ref(), "set-up", gpu)?;
+        let plan = gather_plan(rendezvous.as_ref(), &gpu.ctx)?;
+        let custom = match plan.custom_blocked {
+            None => Some(CustomPath::new(
+                rendezvous.as_ref(),
+                &gpu,
+                world_size,
+                &config,
+            )?),
+            Some(_) => None,
+        };
+        let mut communicator = Communicator {
             rank,
             world_size,
-            gpu: Gpu {
-                ctx: local.ctx,
-                stream: local.stream,
-                kernels: local.kernels,
-                max_blocks,
-            },
-            regions: Regions {
-                signal_peers,
-                push_peers,
-                push_segment: local.push_segment,
-                table: local.table,
-                table_capacity: config.max_records,
-                staging: local.staging,
-                bounce: local.bounce,
-                fault: local.fault,
-                _signal: local.signal,
-                _push: local.push,
-            },
-            buffers: Buffers::new(registry, transport),
-            tuning: local.tuning,
+            gpu,
+            plan,
+            custom,
+            nccl: None,
             config,
             rendezvous,
             poisoned: None,
         };
-        // Nobody launches before every signal region is zeroed, every table
-        // knows every staging buffer, and every rank is ready.
-        let staging_entries: Vec<(usize, usize, u64)> = (0..world_size)
-            .map(|owner| (owner, STAGING_INDEX, staging_peers[owner]))
-            .collect();
-        let written = communicator.write_table(&staging_entries);
-        agree(communicator.rendezvous.as_ref(), "set-up", written)?;
+        if communicator.plan.nccl_only() {
+            communicator.prepare_nccl()?;
+        }
         Ok(communicator)
     }
 
@@ -226,31 +95,37 @@ impl Communicator {
     }
 }
 
-/// What one rank builds alone before meeting its peers.
-struct LocalSetup {
-    ctx: Arc<CudaContext>,
-    stream: Arc<CudaStream>,
-    kernels: Arc<Kernels>,
-    /// How many blocks the GPU holds at once.
-    capacity: Capacity,
-    /// The GPU's uuid as two words: ranks with equal ones share a GPU.
-    uuid: [u64; 2],
-    signal: DeviceMemory,
-    staging: DeviceMemory,
-    bounce: DeviceMemory,
-    push: DeviceMemory,
-    push_segment: usize,
-    tuning: Option<Tuning>,
-    /// A hash of `tuning`, to check that every rank chooses alike.
-    tuning_digest: u64,
-    table: DeviceMemory,
-    fault: HostMapped<Fault>,
+impl Communicator {
+    /// Sets up the NCCL communicator that calls on the NCCL path use, on
+    /// the same ranks (nothing when it exists). Collective. Set-up already
+    /// did it where every call takes NCCL; elsewhere the first call on the
+    /// NCCL path does it, which cannot happen during a CUDA-graph capture:
+    /// call this before capturing calls that may take NCCL
+    /// ([`path_for`](Self::path_for) says which do).
+    pub fn prepare_nccl(&mut self) -> Result<()> {
+        self.check_usable()?;
+        if self.nccl.is_some() {
+            return Ok(());
+        }
+        let ready = match self.plan.shared_gpu {
+            Some((first, second)) => Err(Error::NcclSharedGpu { first, second }),
+            None => self.not_capturing("prepare_nccl"),
+        };
+        agree(self.rendezvous.as_ref(), "NCCL set-up", ready)?;
+        self.nccl = Some(NcclComm::from_rendezvous(
+            self.rendezvous.as_ref(),
+            &self.gpu.stream,
+        )?);
+        Ok(())
+    }
 }
 
-impl LocalSetup {
-    fn new(rank: usize, world_size: usize, device: usize, config: &Config) -> Result<Self> {
+impl Gpu {
+    /// This rank's context and stream on GPU `device`, after the checks
+    /// that need no GPU.
+    fn open(rank: usize, world_size: usize, device: usize, config: &Config) -> Result<Gpu> {
         config.validate()?;
-        if !WORLD_SIZES.contains(&world_size) {
+        if world_size == 0 || i32::try_from(world_size).is_err() {
             return Err(Error::UnsupportedWorldSize(world_size));
         }
         if rank >= world_size {
@@ -265,59 +140,12 @@ impl LocalSetup {
                 count,
             });
         }
-        let ctx = CudaContext::new(device).map_err(Error::driver("cuDevicePrimaryCtxRetain"))?;
-        // Precedence: the caller's table, LINKREDUCE_TUNING, the table
-        // shipped for this GPU and world size, the reference rule.
-        let tuning = match &config.tuning {
-            Some(tuning) => Some(tuning.clone()),
-            None => Tuning::from_env()?.or_else(|| {
-                let name = ctx.name().ok()?;
-                Tuning::builtin(&name, world_size)
-            }),
-        };
-        // The entries decide; `measured_on` is a comment.
-        let tuning_json = serde_json::to_vec(&tuning.as_ref().map(|t| &t.entries))
-            .map_err(|e| Error::InvalidConfig(format!("cannot encode the tuning table: {e}")))?;
-        let tuning_digest = u64_at(&Sha256::digest(&tuning_json));
+        let ctx = cudarc::driver::CudaContext::new(device)
+            .map_err(Error::driver("cuDevicePrimaryCtxRetain"))?;
         ctx.bind_to_thread()
             .map_err(Error::driver("cuCtxSetCurrent"))?;
         let stream = ctx.new_stream().map_err(Error::driver("cuStreamCreate"))?;
-        let kernels = load_kernels(&ctx, world_size)?;
-        let capacity = Capacity::of(&ctx, &kernels)?;
-        let uuid = ctx.uuid().map_err(Error::driver("cuDeviceGetUuid"))?;
-        let uuid_bytes: Vec<u8> = uuid.bytes.iter().map(|&b| b as u8).collect();
-        let signal = DeviceMemory::zeroed(&stream, SCRATCH_OFFSET + config.scratch_bytes)?;
-        let staging = DeviceMemory::zeroed(&stream, config.staging_bytes)?;
-        let bounce = DeviceMemory::zeroed(&stream, config.staging_bytes)?;
-        let push_segment = config.push_bytes.div_ceil(PACKET_BYTES) * PACKET_BYTES;
-        let push = DeviceMemory::zeroed(
-            &stream,
-            PUSH_HEADER + PUSH_SLOTS * world_size * push_segment,
-        )?;
-        // Slots start empty; the header (call counter) starts at zero.
-        push.fill_words(&stream, PUSH_HEADER, PUSH_EMPTY)?;
-        let table = DeviceMemory::zeroed(&stream, world_size * config.max_records * 8)?;
-        let fault = HostMapped::<Fault>::new(&ctx)?;
-        // Peers use the signal region as soon as they learn its address.
-        stream
-            .synchronize()
-            .map_err(Error::driver("cuStreamSynchronize"))?;
-        Ok(LocalSetup {
-            uuid: [u64_at(&uuid_bytes), u64_at(&uuid_bytes[8..])],
-            ctx,
-            stream,
-            kernels,
-            capacity,
-            signal,
-            staging,
-            bounce,
-            push,
-            push_segment,
-            tuning,
-            tuning_digest,
-            table,
-            fault,
-        })
+        Ok(Gpu { ctx, stream })
     }
 }
 
@@ -331,36 +159,13 @@ impl Drop for Communicator {
         // in CUDA). Attempted even after a failure, which may have struck
         // only some ranks; a dead peer ends the wait at once (its socket
         // closes), a live one that never comes after the rendezvous timeout.
-        if self.buffers.crosses_processes() {
-            self.buffers.close_peers();
+        if let Some(custom) = self
+            .custom
+            .as_mut()
+            .filter(|c| c.buffers.crosses_processes())
+        {
+            custom.buffers.close_peers();
             let _ = self.rendezvous.barrier();
         }
-    }
-}
-
-/// What one GPU holds at once.
-struct Capacity {
-    /// Blocks of the heaviest kernel, on the whole GPU.
-    resident: u32,
-    /// Streaming multiprocessors.
-    sms: u32,
-}
-
-impl Capacity {
-    fn of(ctx: &Arc<CudaContext>, kernels: &Kernels) -> Result<Capacity> {
-        let sms = ctx
-            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
-            .map_err(Error::driver("cuDeviceGetAttribute"))? as u32;
-        let mut per_sm = u32::MAX;
-        for function in kernels.values() {
-            let blocks = function
-                .occupancy_max_active_blocks_per_multiprocessor(THREADS_PER_BLOCK, 0, None)
-                .map_err(Error::driver("cuOccupancyMaxActiveBlocksPerMultiprocessor"))?;
-            per_sm = per_sm.min(blocks);
-        }
-        Ok(Capacity {
-            resident: per_sm.saturating_mul(sms),
-            sms,
-        })
     }
 }

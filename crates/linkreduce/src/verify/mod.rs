@@ -422,7 +422,8 @@ fn poison(comm: &Communicator, ptr: u64, bytes: usize) -> Result<()> {
 fn runs_push(comm: &Communicator, choice: AlgorithmChoice, bytes: usize) -> bool {
     match choice {
         AlgorithmChoice::Force(algorithm) => algorithm == Algorithm::Push,
-        AlgorithmChoice::Auto => comm.algorithm_for(bytes) == Algorithm::Push,
+        AlgorithmChoice::Auto => comm.path_for(bytes).algorithm() == Some(Algorithm::Push),
+        AlgorithmChoice::Nccl => false,
     }
 }
 

@@ -1,0 +1,329 @@
+//! The custom kernels' side of a communicator: what a rank builds alone
+//! (kernels, its memory), what it agrees with its peers (settings, grid
+//! size), and the memory every peer reaches (signal regions, staging
+//! buffers, push areas). Built only where the kernels can serve the group
+//! (docs/design.md, "Path choice").
+
+use std::sync::Arc;
+
+use cudarc::driver::sys;
+use cudarc::driver::CudaContext;
+use sha2::{Digest, Sha256};
+
+use super::register::Buffers;
+use super::{Config, Gpu};
+use crate::algorithm::Tuning;
+use crate::error::{Error, Result};
+use crate::kernels::{
+    load_kernels, Fault, Kernels, MAX_RANKS, PACKET_BYTES, PUSH_EMPTY, PUSH_HEADER, PUSH_SLOTS,
+    SCRATCH_OFFSET, THREADS_PER_BLOCK,
+};
+use crate::memory::{gpu_uuid, DeviceMemory, HostMapped};
+use crate::registry::{Registry, STAGING_INDEX};
+use crate::rendezvous::{agree, all_gather_u64s, u64_at, Rendezvous};
+use crate::transport::Transport;
+
+/// What the kernels need besides the caller's buffers.
+pub(super) struct CustomPath {
+    pub kernels: Arc<Kernels>,
+    /// Blocks per launch at most: the same on every rank.
+    pub max_blocks: u32,
+    pub regions: Regions,
+    pub buffers: Buffers,
+    /// Measured choices for automatic calls (the same on every rank).
+    pub tuning: Option<Tuning>,
+}
+
+/// A rank's memory that kernels use besides the caller's buffers.
+pub(super) struct Regions {
+    /// Every rank's signal region (counters, then scratch), as this rank
+    /// reaches it.
+    pub signal_peers: [u64; MAX_RANKS],
+    /// Every rank's push area, as this rank reaches it.
+    pub push_peers: [u64; MAX_RANKS],
+    /// Bytes of one rank's segment of a push slot (a multiple of the packet).
+    pub push_segment: usize,
+    /// This rank's buffer table: `world size x capacity` addresses.
+    pub table: DeviceMemory,
+    pub table_capacity: usize,
+    /// Inputs copied here are read by peers through table index 0.
+    pub staging: DeviceMemory,
+    /// Where kernels write an output that is not 16-byte aligned, before a
+    /// copy into place (staging's size: calls are cut no larger); only this
+    /// rank uses it. Allocated at set-up: allocating inside a capture is
+    /// refused in the capture mode frameworks use.
+    pub bounce: DeviceMemory,
+    pub fault: HostMapped<Fault>,
+    /// Owned here, used through `signal_peers` (by this rank and its peers).
+    _signal: DeviceMemory,
+    /// Owned here, used through `push_peers`.
+    _push: DeviceMemory,
+}
+
+impl Regions {
+    /// Writes table entries (owner, index, address) in this rank's stream
+    /// order, so that later launches see them, and waits for the copies.
+    pub fn write_table(
+        &self,
+        gpu: &Gpu,
+        world_size: usize,
+        entries: &[(usize, usize, u64)],
+    ) -> Result<()> {
+        let capacity = self.table_capacity;
+        let stream = &gpu.stream;
+        gpu.ctx
+            .bind_to_thread()
+            .map_err(Error::driver("cuCtxSetCurrent"))?;
+        for (owner, index, address) in entries {
+            if *owner >= world_size || *index >= capacity {
+                return Err(Error::RankMismatch {
+                    what: "registration",
+                    detail: format!(
+                        "rank {owner} named buffer-table index {index}; the table holds \
+                         {capacity} per rank (every rank needs the same max_records)"
+                    ),
+                });
+            }
+            let at = self.table.ptr() + ((owner * capacity + index) * 8) as u64;
+            // SAFETY: `at` lies inside the table (owner < world size and
+            // index < capacity, checked above); `address` lives until the
+            // copy is done (the stream is synchronised below).
+            unsafe {
+                cudarc::driver::result::memcpy_htod_async(
+                    at,
+                    std::slice::from_ref(address),
+                    stream.cu_stream(),
+                )
+            }
+            .map_err(Error::driver("cuMemcpyHtoDAsync"))?;
+        }
+        stream
+            .synchronize()
+            .map_err(Error::driver("cuStreamSynchronize"))
+    }
+}
+
+/// Tags of the set-up addresses every rank shares.
+const SIGNAL_TAG: u64 = 0;
+const STAGING_TAG: u64 = 1;
+const PUSH_TAG: u64 = 2;
+
+impl CustomPath {
+    /// Collective: builds this rank's side of the kernels on `gpu`.
+    pub fn new(
+        rendezvous: &dyn Rendezvous,
+        gpu: &Gpu,
+        world_size: usize,
+        config: &Config,
+    ) -> Result<Self> {
+        let local = LocalSetup::new(gpu, world_size, config);
+        let local = agree(rendezvous, "set-up", local)?;
+        let mut transport = Transport::connect(rendezvous, &gpu.ctx)?;
+
+        // What every rank must share: sizes that decide how calls are cut
+        // and where peers write, the deadline, and the tuning table.
+        let shared_settings = [
+            config.staging_bytes as u64,
+            config.scratch_bytes as u64,
+            local.push_segment as u64,
+            config.max_records as u64,
+            config.timeout.as_nanos() as u64,
+            local.tuning_digest,
+        ];
+        let mut mine = local.uuid.to_vec();
+        mine.extend([local.capacity.resident as u64, local.capacity.sms as u64]);
+        mine.extend(shared_settings);
+        let peers = all_gather_u64s(rendezvous, "set-up", &mine)?;
+        if let Some(bad) = peers.iter().position(|p| p[4..] != shared_settings) {
+            return Err(Error::RankMismatch {
+                what: "set-up",
+                detail: format!(
+                    "rank {bad} has another Config (staging, scratch, push, records, timeout or \
+                     tuning table) than this rank; give every rank the same"
+                ),
+            });
+        }
+        // Ranks that share a GPU spin on each other, so all their blocks
+        // must be resident at once, and the work each queues before its
+        // kernel must still find room beside its co-tenants' spinning
+        // blocks: sharing ranks together touch at most half the SMs
+        // (docs/design.md, "Ranks sharing a GPU").
+        let max_blocks = peers
+            .iter()
+            .map(|p| {
+                let sharing = peers.iter().filter(|q| q[..2] == p[..2]).count() as u64;
+                let (resident, sms) = (p[2], p[3]);
+                if sharing == 1 {
+                    resident
+                } else {
+                    (resident / sharing).min(sms / (2 * sharing))
+                }
+            })
+            .min()
+            .unwrap_or(0)
+            .min(config.max_blocks as u64) as u32;
+        if max_blocks == 0 {
+            return Err(Error::InvalidConfig(
+                "a GPU cannot keep one block of every rank on it resident; use fewer ranks per GPU"
+                    .into(),
+            ));
+        }
+
+        let shared = transport.share(
+            rendezvous,
+            "set-up",
+            &[
+                (SIGNAL_TAG, local.signal.ptr()),
+                (STAGING_TAG, local.staging.ptr()),
+                (PUSH_TAG, local.push.ptr()),
+            ],
+        )?;
+        let mut reached = [[0u64; MAX_RANKS]; 3];
+        for (owner, addresses) in shared.iter().enumerate() {
+            if addresses.len() != reached.len() {
+                return Err(Error::RankMismatch {
+                    what: "set-up",
+                    detail: format!("rank {owner} shared {} set-up buffers", addresses.len()),
+                });
+            }
+            for address in addresses {
+                let slot = reached
+                    .get_mut(address.tag as usize)
+                    .ok_or(Error::RankMismatch {
+                        what: "set-up",
+                        detail: format!("rank {owner} shared an unknown buffer {}", address.tag),
+                    })?;
+                slot[owner] = address.address;
+            }
+        }
+        let [signal_peers, staging_peers, push_peers] = reached;
+        let mut registry = Registry::new(config.max_records);
+        let staging_index = registry.reserve()?;
+        debug_assert_eq!(staging_index, STAGING_INDEX);
+        let custom = CustomPath {
+            kernels: local.kernels,
+            max_blocks,
+            regions: Regions {
+                signal_peers,
+                push_peers,
+                push_segment: local.push_segment,
+                table: local.table,
+                table_capacity: config.max_records,
+                staging: local.staging,
+                bounce: local.bounce,
+                fault: local.fault,
+                _signal: local.signal,
+                _push: local.push,
+            },
+            buffers: Buffers::new(registry, transport),
+            tuning: local.tuning,
+        };
+        // Nobody launches before every signal region is zeroed, every table
+        // knows every staging buffer, and every rank is ready.
+        let staging_entries: Vec<(usize, usize, u64)> = (0..world_size)
+            .map(|owner| (owner, STAGING_INDEX, staging_peers[owner]))
+            .collect();
+        let written = custom
+            .regions
+            .write_table(gpu, world_size, &staging_entries);
+        agree(rendezvous, "set-up", written)?;
+        Ok(custom)
+    }
+}
+
+/// What one rank builds alone before meeting its peers.
+struct LocalSetup {
+    kernels: Arc<Kernels>,
+    /// How many blocks the GPU holds at once.
+    capacity: Capacity,
+    /// The GPU's uuid as two words: ranks with equal ones share a GPU.
+    uuid: [u64; 2],
+    signal: DeviceMemory,
+    staging: DeviceMemory,
+    bounce: DeviceMemory,
+    push: DeviceMemory,
+    push_segment: usize,
+    tuning: Option<Tuning>,
+    /// A hash of `tuning`, to check that every rank chooses alike.
+    tuning_digest: u64,
+    table: DeviceMemory,
+    fault: HostMapped<Fault>,
+}
+
+impl LocalSetup {
+    fn new(gpu: &Gpu, world_size: usize, config: &Config) -> Result<Self> {
+        // Precedence: the caller's table, LINKREDUCE_TUNING, the table
+        // shipped for this GPU and world size, the reference rule.
+        let tuning = match &config.tuning {
+            Some(tuning) => Some(tuning.clone()),
+            None => Tuning::from_env()?.or_else(|| {
+                let name = gpu.ctx.name().ok()?;
+                Tuning::builtin(&name, world_size)
+            }),
+        };
+        // The entries decide; `measured_on` is a comment.
+        let tuning_json = serde_json::to_vec(&tuning.as_ref().map(|t| &t.entries))
+            .map_err(|e| Error::InvalidConfig(format!("cannot encode the tuning table: {e}")))?;
+        let tuning_digest = u64_at(&Sha256::digest(&tuning_json));
+        let (ctx, stream) = (&gpu.ctx, &gpu.stream);
+        ctx.bind_to_thread()
+            .map_err(Error::driver("cuCtxSetCurrent"))?;
+        let kernels = load_kernels(ctx, world_size)?;
+        let capacity = Capacity::of(ctx, &kernels)?;
+        let signal = DeviceMemory::zeroed(stream, SCRATCH_OFFSET + config.scratch_bytes)?;
+        let staging = DeviceMemory::zeroed(stream, config.staging_bytes)?;
+        let bounce = DeviceMemory::zeroed(stream, config.staging_bytes)?;
+        let push_segment = config.push_bytes.div_ceil(PACKET_BYTES) * PACKET_BYTES;
+        let push =
+            DeviceMemory::zeroed(stream, PUSH_HEADER + PUSH_SLOTS * world_size * push_segment)?;
+        // Slots start empty; the header (call counter) starts at zero.
+        push.fill_words(stream, PUSH_HEADER, PUSH_EMPTY)?;
+        let table = DeviceMemory::zeroed(stream, world_size * config.max_records * 8)?;
+        let fault = HostMapped::<Fault>::new(ctx)?;
+        // Peers use the signal region as soon as they learn its address.
+        stream
+            .synchronize()
+            .map_err(Error::driver("cuStreamSynchronize"))?;
+        Ok(LocalSetup {
+            uuid: gpu_uuid(ctx)?,
+            kernels,
+            capacity,
+            signal,
+            staging,
+            bounce,
+            push,
+            push_segment,
+            tuning,
+            tuning_digest,
+            table,
+            fault,
+        })
+    }
+}
+
+/// What one GPU holds at once.
+struct Capacity {
+    /// Blocks of the heaviest kernel, on the whole GPU.
+    resident: u32,
+    /// Streaming multiprocessors.
+    sms: u32,
+}
+
+impl Capacity {
+    fn of(ctx: &Arc<CudaContext>, kernels: &Kernels) -> Result<Capacity> {
+        let sms = ctx
+            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(Error::driver("cuDeviceGetAttribute"))? as u32;
+        let mut per_sm = u32::MAX;
+        for function in kernels.values() {
+            let blocks = function
+                .occupancy_max_active_blocks_per_multiprocessor(THREADS_PER_BLOCK, 0, None)
+                .map_err(Error::driver("cuOccupancyMaxActiveBlocksPerMultiprocessor"))?;
+            per_sm = per_sm.min(blocks);
+        }
+        Ok(Capacity {
+            resident: per_sm.saturating_mul(sms),
+            sms,
+        })
+    }
+}
