@@ -14,6 +14,7 @@
 
 mod config;
 mod enqueue;
+mod fused;
 mod register;
 mod setup;
 
@@ -23,6 +24,7 @@ use cudarc::driver::sys::CUstreamCaptureStatus;
 use cudarc::driver::{CudaContext, CudaStream, DevicePtr, DevicePtrMut};
 
 pub use config::{CallOptions, Config};
+pub use fused::RmsNorm;
 
 use crate::algorithm::{choose_tuned, Algorithm, AlgorithmChoice, Tuning};
 use crate::dtype::{DType, Element};
