@@ -285,11 +285,9 @@ fn check_world(comm: &mut Communicator, args: &Args) -> Result<bool> {
     let norm_cases = norm_cases(args);
     for (seed, &case) in norm_cases.iter().enumerate() {
         let outcome = check_norm_case_on_rank(comm, case, seed as u64)?;
-        if !outcome.passed() {
-            failures += 1;
-            if leader {
-                println!("MISMATCH world {world} {case}: {outcome}");
-            }
+        failures += usize::from(!outcome.passed());
+        if leader && !outcome.passed() {
+            println!("MISMATCH world {world} {case}: {outcome}");
         }
     }
     if leader {
