@@ -140,9 +140,13 @@ static __device__ __forceinline__ void lr_add_rms_norm_row(const NormArgs& a, u6
       return lr_add_rn(x, D::to_f32(lr_lane<D>(sum, i)));
     });
     lr_store_group<D>(a.residual, e, n, a.vector, added);
-    for (u64 i = 0; i < n; ++i) {
-      const float x = D::to_f32(lr_lane<D>(added, (int)i));
-      squares = lr_fma_rn(x, x, squares);
+    // Unrolled with constant lanes, so the packet stays in registers.
+#pragma unroll
+    for (int i = 0; i < D::PER_PACK; ++i) {
+      if ((u64)i < n) {
+        const float x = D::to_f32(lr_lane<D>(added, i));
+        squares = lr_fma_rn(x, x, squares);
+      }
     }
   }
   const float inv_rms = lr_inv_rms(lr_block_sum(squares, warp_sums), a.hidden, a.eps);
