@@ -4,6 +4,8 @@
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
+use linkreduce::kernels::NORM_DTYPES;
+use linkreduce::verify::fused::{check_norm_case_on_rank, norm_sweep_cases, NormCase};
 use linkreduce::verify::soak::{soak, SoakOptions};
 use linkreduce::verify::{check_case_on_rank, check_graph_on_rank, sweep_cases};
 use linkreduce::{Algorithm, AlgorithmChoice, Communicator, Config, DType};
@@ -65,6 +67,27 @@ pub struct Args {
     /// Where the ranks live.
     #[arg(long, value_enum, default_value_t = Mode::Threads)]
     mode: Mode,
+    /// Shapes (ROWSxHIDDEN) of the fused all-reduce + residual add +
+    /// RMSNorm checked after the sweep, in f16 and bf16 (those of
+    /// --dtypes; none for f32 alone); the first is also replayed in graphs.
+    /// 512x4096 takes two launches with the default --staging-bytes.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        value_parser = parse_shape,
+        default_value = "8x4096,1x8192,3x16384,5x16387,33x1000,512x4096"
+    )]
+    norm_shapes: Vec<(usize, usize)>,
+}
+
+/// ROWSxHIDDEN.
+fn parse_shape(text: &str) -> std::result::Result<(usize, usize), String> {
+    let bad = || format!("{text:?} is not ROWSxHIDDEN (e.g. 8x4096)");
+    let (rows, hidden) = text.split_once('x').ok_or_else(bad)?;
+    Ok((
+        rows.trim().parse().map_err(|_| bad())?,
+        hidden.trim().parse().map_err(|_| bad())?,
+    ))
 }
 
 pub fn run(mut args: Args) -> Result<ExitCode> {
@@ -196,6 +219,32 @@ fn soak_world(comm: &mut Communicator, args: &Args, gpus: &[usize], cases: u64) 
     Ok(report.failure.is_none())
 }
 
+/// The fused-norm cases: every dtype that has them, every algorithm and
+/// shape, then the first shape in graphs (fused and not).
+fn norm_cases(args: &Args) -> Vec<NormCase> {
+    let dtypes: Vec<DType> = args
+        .dtypes
+        .iter()
+        .copied()
+        .filter(|d| NORM_DTYPES.contains(d))
+        .collect();
+    let mut cases = norm_sweep_cases(&dtypes, &args.norm_shapes);
+    if let (Some(&(rows, hidden)), true) = (args.norm_shapes.first(), args.graph_replays > 0) {
+        for &dtype in &dtypes {
+            for algorithm in [Algorithm::OneStage, Algorithm::TwoStage] {
+                cases.push(NormCase {
+                    dtype,
+                    rows,
+                    hidden,
+                    algorithm: AlgorithmChoice::Force(algorithm),
+                    graph_replays: args.graph_replays,
+                });
+            }
+        }
+    }
+    cases
+}
+
 /// Every case of the sweep and the graph replays on this rank; rank 0 prints
 /// each mismatch (every rank reaches the same verdict) and the tally.
 fn check_world(comm: &mut Communicator, args: &Args) -> Result<bool> {
@@ -233,13 +282,35 @@ fn check_world(comm: &mut Communicator, args: &Args) -> Result<bool> {
             }
         }
     }
+    let norm_cases = norm_cases(args);
+    for (seed, &case) in norm_cases.iter().enumerate() {
+        let outcome = check_norm_case_on_rank(comm, case, seed as u64)?;
+        failures += usize::from(!outcome.passed());
+        if leader && !outcome.passed() {
+            println!("MISMATCH world {world} {case}: {outcome}");
+        }
+    }
     if leader {
         println!(
-            "world {world}: {} passed, {failures} failed ({} cases, {graphs} graphs x {} replays)",
-            cases.len() + graphs - failures,
+            "world {world}: {} passed, {failures} failed ({} cases, {graphs} graphs x {} replays, {} fused-norm cases)",
+            cases.len() + graphs + norm_cases.len() - failures,
             cases.len(),
-            args.graph_replays
+            args.graph_replays,
+            norm_cases.len()
         );
     }
     Ok(failures == 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_shape;
+
+    #[test]
+    fn shapes_parse_as_rows_by_hidden() {
+        assert_eq!(parse_shape("8x4096"), Ok((8, 4096)));
+        assert_eq!(parse_shape(" 5 x 16387"), Ok((5, 16387)));
+        assert!(parse_shape("4096").is_err());
+        assert!(parse_shape("8xabc").is_err());
+    }
 }

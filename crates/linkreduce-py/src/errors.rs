@@ -104,6 +104,12 @@ fn describe(error: &Error) -> (&'static str, Option<usize>, Option<usize>) {
         Error::Poisoned(_) => ("Poisoned", None, None),
         Error::PeerFailed { rank, .. } => ("PeerFailed", None, Some(*rank)),
         Error::InvalidConfig(_) => ("InvalidConfig", None, None),
+        Error::UnsupportedDType { .. } => ("UnsupportedDType", None, None),
+        Error::RowLength { .. } => ("RowLength", None, None),
+        Error::NormBufferLength { .. } => ("NormBufferLength", None, None),
+        Error::InvalidEps(_) => ("InvalidEps", None, None),
+        Error::BuffersOverlap { .. } => ("BuffersOverlap", None, None),
+        Error::RowTooLong { .. } => ("RowTooLong", None, None),
         Error::Rendezvous(error) => match error {
             RendezvousError::Timeout { rank, .. } => ("RendezvousTimeout", None, Some(*rank)),
             RendezvousError::PeerLost { rank, .. } => ("PeerLost", None, Some(*rank)),

@@ -1,6 +1,7 @@
 //! The one error type of the library. Every variant says what was wrong and,
 //! where there is one, what the caller can do about it.
 
+use crate::dtype::DType;
 use crate::rendezvous::RendezvousError;
 
 /// Result alias used throughout the crate.
@@ -97,6 +98,25 @@ pub enum Error {
     InvalidConfig(String),
     #[error(transparent)]
     Rendezvous(#[from] RendezvousError),
+    #[error("{op} supports f16 and bf16 activations, not {dtype}; convert the activations, or call all_reduce and normalise yourself")]
+    UnsupportedDType { op: &'static str, dtype: DType },
+    #[error("the weight has {hidden} elements, so rows are {hidden} long, but the input has {len} elements, not a whole number of rows; pass rows x hidden elements and a weight of hidden elements")]
+    RowLength { len: usize, hidden: usize },
+    #[error("the {what} has {len} elements but the input has {expected}; give it as many")]
+    NormBufferLength {
+        what: &'static str,
+        len: usize,
+        expected: usize,
+    },
+    #[error("eps is {0}; RMSNorm needs a finite, non-negative eps")]
+    InvalidEps(f32),
+    #[error("the {first} and the {second} overlap; they must be separate buffers")]
+    BuffersOverlap {
+        first: &'static str,
+        second: &'static str,
+    },
+    #[error("a row of {hidden} elements is longer than one launch takes ({most}); raise Config::staging_bytes")]
+    RowTooLong { hidden: usize, most: usize },
 }
 
 impl Error {

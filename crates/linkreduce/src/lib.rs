@@ -31,7 +31,7 @@ mod transport;
 pub mod verify;
 
 pub use algorithm::{Algorithm, AlgorithmChoice, TunedPath, Tuning, TuningEntry};
-pub use comm::{CallOptions, Communicator, Config};
+pub use comm::{CallOptions, Communicator, Config, RmsNorm};
 pub use dtype::{DType, Element};
 pub use error::{Error, Result};
 pub use memory::DeviceBuffer;

@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use cudarc::driver::sys;
-use cudarc::driver::CudaContext;
+use cudarc::driver::{CudaContext, CudaFunction};
 use sha2::{Digest, Sha256};
 
 use super::register::Buffers;
@@ -15,8 +15,8 @@ use super::{Config, Gpu};
 use crate::algorithm::Tuning;
 use crate::error::{Error, Result};
 use crate::kernels::{
-    load_kernels, Fault, Kernels, MAX_RANKS, PACKET_BYTES, PUSH_EMPTY, PUSH_HEADER, PUSH_SLOTS,
-    SCRATCH_OFFSET, THREADS_PER_BLOCK,
+    load_kernels, load_norm_kernels, Fault, Kernels, MAX_RANKS, PACKET_BYTES, PUSH_EMPTY,
+    PUSH_HEADER, PUSH_SLOTS, SCRATCH_OFFSET, THREADS_PER_BLOCK,
 };
 use crate::memory::{gpu_uuid, DeviceMemory, HostMapped};
 use crate::registry::{Registry, STAGING_INDEX};
@@ -269,7 +269,12 @@ impl LocalSetup {
         ctx.bind_to_thread()
             .map_err(Error::driver("cuCtxSetCurrent"))?;
         let kernels = load_kernels(ctx, world_size)?;
-        let capacity = Capacity::of(ctx, &kernels)?;
+        let norm_kernels = load_norm_kernels(ctx, world_size)?;
+        let meeting_norm_kernels = norm_kernels
+            .iter()
+            .filter(|((kind, _), _)| kind.meets_peers())
+            .map(|(_, function)| function);
+        let capacity = Capacity::of(ctx, kernels.values().chain(meeting_norm_kernels))?;
         let signal = DeviceMemory::zeroed(stream, SCRATCH_OFFSET + config.scratch_bytes)?;
         let staging = DeviceMemory::zeroed(stream, config.staging_bytes)?;
         let bounce = DeviceMemory::zeroed(stream, config.staging_bytes)?;
@@ -310,12 +315,16 @@ struct Capacity {
 }
 
 impl Capacity {
-    fn of(ctx: &Arc<CudaContext>, kernels: &Kernels) -> Result<Capacity> {
+    /// `kernels`: every kernel that meets peers at barriers.
+    fn of<'a>(
+        ctx: &Arc<CudaContext>,
+        kernels: impl Iterator<Item = &'a CudaFunction>,
+    ) -> Result<Capacity> {
         let sms = ctx
             .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(Error::driver("cuDeviceGetAttribute"))? as u32;
         let mut per_sm = u32::MAX;
-        for function in kernels.values() {
+        for function in kernels {
             let blocks = function
                 .occupancy_max_active_blocks_per_multiprocessor(THREADS_PER_BLOCK, 0, None)
                 .map_err(Error::driver("cuOccupancyMaxActiveBlocksPerMultiprocessor"))?;

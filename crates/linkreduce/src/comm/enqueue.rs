@@ -33,7 +33,7 @@ use crate::registry::{Located, STAGING_INDEX};
 
 /// Where a call reads this rank's input from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Source {
+pub(super) enum Source {
     /// Where it is, through its buffer-table entry (peers read it too).
     Table(Located),
     /// Where it is, read by this rank alone (push).
@@ -44,7 +44,7 @@ enum Source {
 
 /// The input as one launch names it.
 #[derive(Debug, Clone, Copy)]
-enum LaunchInput {
+pub(super) enum LaunchInput {
     /// A source word: table index and offset (peers read it too).
     Table(u64),
     /// This rank's address (push: only this rank reads it).
@@ -165,31 +165,8 @@ impl Communicator {
         while done < count {
             let n = chunk.min(count - done);
             let offset = (done * dtype.size()) as u64;
-            let launch_input = match source {
-                Source::Table(located) => {
-                    // locate_input checked that every chunk's offset fits.
-                    let word = source_word(located.index, located.offset + offset);
-                    LaunchInput::Table(word.ok_or(Error::InvalidConfig(
-                        "an input's offset outgrew its source word".into(),
-                    ))?)
-                }
-                Source::Local => LaunchInput::Address(input + offset),
-                Source::Staged => {
-                    // The previous launch ended on this stream, so every
-                    // peer has finished reading staging.
-                    copy(
-                        stream,
-                        custom.regions.staging.ptr(),
-                        input + offset,
-                        n * dtype.size(),
-                    )?;
-                    if algorithm == Algorithm::Push {
-                        LaunchInput::Address(custom.regions.staging.ptr())
-                    } else {
-                        LaunchInput::Table(STAGING_INDEX as u64)
-                    }
-                }
-            };
+            let launch_input =
+                custom.launch_input(stream, algorithm, source, input, offset, n * dtype.size())?;
             let target = bounce.unwrap_or(output + offset);
             self.launch(custom, stream, algorithm, dtype, launch_input, target, n)?;
             if let Some(bounce) = bounce {
@@ -209,7 +186,7 @@ impl Communicator {
     /// a new stream once destroyed.) Returns whether `stream` is being
     /// captured: a captured call is ordered by where its graph is launched,
     /// and no event can tie it to eager calls (docs/design.md, "Streams").
-    fn enter_stream(&self, stream: &Arc<CudaStream>) -> Result<bool> {
+    pub(super) fn enter_stream(&self, stream: &Arc<CudaStream>) -> Result<bool> {
         if stream.context().cu_ctx() != self.gpu.ctx.cu_ctx() {
             return Err(Error::InvalidConfig(format!(
                 "the stream belongs to another CUDA context than rank {}'s (device {}); \
@@ -231,7 +208,7 @@ impl Communicator {
     /// the own stream after it: the next call elsewhere waits for it
     /// through the own stream, and what goes there next (frees of
     /// [`Communicator::alloc`]'s buffers, downloads) comes after it.
-    fn leave_stream(&self, stream: &Arc<CudaStream>, capturing: bool) -> Result<()> {
+    pub(super) fn leave_stream(&self, stream: &Arc<CudaStream>, capturing: bool) -> Result<()> {
         if capturing || stream.cu_stream() == self.gpu.stream.cu_stream() {
             return Ok(());
         }
@@ -244,7 +221,7 @@ impl Communicator {
     /// Decides where the kernel reads this rank's input from: where it is
     /// (registered, or captured and registered after capture), or from a
     /// staging copy. Decided from this rank's pointers alone.
-    fn locate_input(
+    pub(super) fn locate_input(
         &mut self,
         algorithm: Algorithm,
         input: u64,
@@ -299,7 +276,12 @@ impl Communicator {
     /// buffer hold, and for two-stage what scratch holds, for push a push
     /// segment. The same on every rank, whatever its pointers, so that all
     /// ranks launch alike. A multiple of the packet, so chunks stay aligned.
-    fn chunk_elements(&self, custom: &CustomPath, algorithm: Algorithm, dtype: DType) -> usize {
+    pub(super) fn chunk_elements(
+        &self,
+        custom: &CustomPath,
+        algorithm: Algorithm,
+        dtype: DType,
+    ) -> usize {
         let staging = custom.regions.staging.bytes() / PACKET_BYTES * PACKET_BYTES;
         let bytes = match algorithm {
             Algorithm::OneStage => staging,
@@ -338,12 +320,7 @@ impl Communicator {
             THREADS_PER_BLOCK,
             custom.max_blocks,
         );
-        let barrier = BarrierArgs {
-            peers: custom.regions.signal_peers,
-            fault: custom.regions.fault.device_ptr(),
-            timeout_ns: self.config.timeout.as_nanos().min(u64::MAX as u128) as u64,
-            rank: self.rank as u32,
-        };
+        let barrier = self.barrier_args(custom);
         let function = custom.kernels.get(&(algorithm, dtype)).ok_or_else(|| {
             Error::InvalidConfig(format!("no {algorithm} kernel for {dtype} was loaded"))
         })?;
@@ -395,6 +372,18 @@ impl Communicator {
     }
 }
 
+impl Communicator {
+    /// What every kernel that meets peers needs for its barriers.
+    pub(super) fn barrier_args(&self, custom: &CustomPath) -> BarrierArgs {
+        BarrierArgs {
+            peers: custom.regions.signal_peers,
+            fault: custom.regions.fault.device_ptr(),
+            timeout_ns: self.config.timeout.as_nanos().min(u64::MAX as u128) as u64,
+            rank: self.rank as u32,
+        }
+    }
+}
+
 /// Copies `bytes` from `src` to `dst` in `stream`'s order.
 fn copy(stream: &CudaStream, dst: u64, src: u64, bytes: usize) -> Result<()> {
     // SAFETY: both ranges hold `bytes`: a caller's buffer holds the call's
@@ -402,4 +391,39 @@ fn copy(stream: &CudaStream, dst: u64, src: u64, bytes: usize) -> Result<()> {
     // bounce hold a whole chunk (chunk_elements).
     unsafe { cudarc::driver::result::memcpy_dtod_async(dst, src, bytes, stream.cu_stream()) }
         .map_err(Error::driver("cuMemcpyDtoDAsync"))
+}
+
+impl CustomPath {
+    /// How the launch of the `bytes` at `offset` into the input names it;
+    /// a staged input is copied into staging first.
+    pub(super) fn launch_input(
+        &self,
+        stream: &Arc<CudaStream>,
+        algorithm: Algorithm,
+        source: Source,
+        input: u64,
+        offset: u64,
+        bytes: usize,
+    ) -> Result<LaunchInput> {
+        Ok(match source {
+            Source::Table(located) => {
+                // locate_input checked that every chunk's offset fits.
+                let word = source_word(located.index, located.offset + offset);
+                LaunchInput::Table(word.ok_or(Error::InvalidConfig(
+                    "an input's offset outgrew its source word".into(),
+                ))?)
+            }
+            Source::Local => LaunchInput::Address(input + offset),
+            Source::Staged => {
+                // The previous launch ended on this stream, so every
+                // peer has finished reading staging.
+                copy(stream, self.regions.staging.ptr(), input + offset, bytes)?;
+                if algorithm == Algorithm::Push {
+                    LaunchInput::Address(self.regions.staging.ptr())
+                } else {
+                    LaunchInput::Table(STAGING_INDEX as u64)
+                }
+            }
+        })
+    }
 }

@@ -22,6 +22,7 @@ mod config;
 mod custom;
 mod enqueue;
 mod facts;
+mod fused;
 mod register;
 mod setup;
 
@@ -32,6 +33,7 @@ use cudarc::driver::{CudaContext, CudaStream, DevicePtr, DevicePtrMut};
 
 pub use config::{CallOptions, Config};
 pub use facts::HOST_ID_VAR;
+pub use fused::RmsNorm;
 
 use crate::algorithm::AlgorithmChoice;
 use crate::dtype::{DType, Element};

@@ -64,35 +64,45 @@ static __device__ __forceinline__ char* lr_scratch(const AllReduceArgs& a, int r
   return (char*)a.bar.peers.rank[rank] + LR_SCRATCH_OFFSET;
 }
 
-// One-stage: every rank reads all of every peer's input and writes the sum.
-// Must not run in place: a peer may still read the input being overwritten.
-template <typename D, int W>
-static __device__ __forceinline__ void lr_one_stage(const AllReduceArgs& a) {
+// The frame of a one-stage kernel: the start barrier, `body(src)` with
+// every rank's input readable at src[rank], the end barrier. The fused
+// kernels (fused.cu) put their own body in the same frame.
+template <int W, typename Body>
+static __device__ __forceinline__ void lr_one_stage_frame(const AllReduceArgs& a, Body body) {
   const u32 epoch = a.bar.peers.rank[a.bar.rank]->epoch[blockIdx.x];
   __shared__ const char* inputs[W];
   if (!lr_start<W>(a, epoch + 1, inputs)) return;
   const char* src[W];
 #pragma unroll
   for (int r = 0; r < W; ++r) src[r] = inputs[r];
-  const u64 packs = a.count / D::PER_PACK;
-  const u64 first = (u64)blockIdx.x * blockDim.x + threadIdx.x;
-  const u64 stride = (u64)gridDim.x * blockDim.x;
-  for (u64 i = first; i < packs; i += stride) {
-    Pack p[W];
-#pragma unroll
-    for (int r = 0; r < W; ++r) p[r] = ((const Pack*)src[r])[i];
-    ((Pack*)a.output)[i] = lr_reduce<D, W>(p);
-  }
-  const u64 tail = a.count - packs * D::PER_PACK;
-  if (first < tail) {
-    const u64 e = packs * D::PER_PACK + first;
-    ((typename D::Bits*)a.output)[e] = lr_reduce_one<D, W>(src, e);
-  }
+  body(src);
 
   // Keeps this rank from returning (and its caller from overwriting the
   // input) while peers still read it.
   if (!lr_barrier<W, false>(a.bar, epoch + 2, 1)) return;
   lr_finish_epochs(a.bar, epoch + 2);
+}
+
+// One-stage: every rank reads all of every peer's input and writes the sum.
+// Must not run in place: a peer may still read the input being overwritten.
+template <typename D, int W>
+static __device__ __forceinline__ void lr_one_stage(const AllReduceArgs& a) {
+  lr_one_stage_frame<W>(a, [&](const char* const (&src)[W]) {
+    const u64 packs = a.count / D::PER_PACK;
+    const u64 first = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    const u64 stride = (u64)gridDim.x * blockDim.x;
+    for (u64 i = first; i < packs; i += stride) {
+      Pack p[W];
+#pragma unroll
+      for (int r = 0; r < W; ++r) p[r] = ((const Pack*)src[r])[i];
+      ((Pack*)a.output)[i] = lr_reduce<D, W>(p);
+    }
+    const u64 tail = a.count - packs * D::PER_PACK;
+    if (first < tail) {
+      const u64 e = packs * D::PER_PACK + first;
+      ((typename D::Bits*)a.output)[e] = lr_reduce_one<D, W>(src, e);
+    }
+  });
 }
 
 // Two-stage: reduce-scatter into each rank's scratch, then all-gather.

@@ -52,6 +52,30 @@ static __device__ __forceinline__ u32 lr_lane(const Pack& p, int i) {
   return (p.w[i / 2] >> (16 * (i % 2))) & 0xffffu;
 }
 
+// A packet of the `n` (at most a packet's) elements at `at`, zeros after
+// them: for data that does not start or end on a packet boundary.
+template <typename D>
+static __device__ __forceinline__ Pack lr_load_lanes(const typename D::Bits* at, u64 n) {
+  Pack p;
+#pragma unroll
+  for (int w = 0; w < 4; ++w) p.w[w] = 0;
+  for (u64 i = 0; i < n; ++i) {
+    u32 bits = at[i];
+    if (D::BITS == 32) {
+      p.w[i] = bits;
+    } else {
+      p.w[i / 2] |= bits << (16 * (i % 2));
+    }
+  }
+  return p;
+}
+
+// Stores the first `n` elements of a packet at `at`.
+template <typename D>
+static __device__ __forceinline__ void lr_store_lanes(typename D::Bits* at, u64 n, const Pack& p) {
+  for (u64 i = 0; i < n; ++i) at[i] = (typename D::Bits)lr_lane<D>(p, (int)i);
+}
+
 // Sums W packets in rank order and rounds once.
 template <typename D, int W>
 static __device__ __forceinline__ Pack lr_reduce(const Pack (&in)[W]) {

@@ -125,7 +125,7 @@ pub(crate) fn load_check_kernels(ctx: &Arc<CudaContext>) -> Result<Arc<CheckKern
 }
 
 /// The functions `names` gives (key, symbol) from `program`'s module.
-fn functions<K: std::hash::Hash + Eq>(
+pub(super) fn functions<K: std::hash::Hash + Eq>(
     ctx: &Arc<CudaContext>,
     program: Program,
     names: impl Iterator<Item = (K, String)>,
@@ -143,7 +143,7 @@ fn functions<K: std::hash::Hash + Eq>(
 
 /// A lock whose holder cannot leave the map half-updated, so a panic while
 /// holding it elsewhere does not make it unusable.
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(super) fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())

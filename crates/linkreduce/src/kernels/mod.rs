@@ -6,6 +6,7 @@
 
 mod compile;
 mod load;
+mod norm;
 
 use cudarc::driver::DeviceRepr;
 
@@ -15,15 +16,20 @@ use crate::dtype::DType;
 pub use compile::{compile_cubin, nvrtc_version, Arch};
 pub use load::{kernel_resources, KernelResources};
 pub(crate) use load::{load_check_kernels, load_kernels, CheckKernels, Kernels};
+pub(crate) use norm::{load_norm_kernels, AddRmsNormArgs, FusedNormArgs, NormArgs};
+pub use norm::{norm_kernel_names, NormKernel, NORM_DTYPES};
 
 /// The all-reduce program's files in compile order: the shared layer, the
-/// barrier protocol, the all-reduce kernels that use it, then the
-/// barrier-free push kernels.
-const ALL_REDUCE_FILES: [&str; 4] = [
+/// barrier protocol, the all-reduce kernels that use it, the barrier-free
+/// push kernels, then residual add and RMSNorm, plain and fused with the
+/// all-reduce.
+const ALL_REDUCE_FILES: [&str; 6] = [
     include_str!("common.cu"),
     include_str!("barrier.cu"),
     include_str!("allreduce.cu"),
     include_str!("push.cu"),
+    include_str!("norm.cu"),
+    include_str!("fused.cu"),
 ];
 
 /// The check program's files in compile order.
@@ -63,7 +69,10 @@ impl Program {
     /// Every kernel symbol the program defines.
     pub fn kernel_names(self) -> Vec<String> {
         match self {
-            Program::AllReduce => all_kernel_names(),
+            Program::AllReduce => all_kernel_names()
+                .into_iter()
+                .chain(norm_kernel_names())
+                .collect(),
             Program::Check => DType::ALL
                 .iter()
                 .flat_map(|dtype| CheckKernel::ALL.map(|kind| kind.symbol(*dtype)))

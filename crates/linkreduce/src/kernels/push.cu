@@ -87,19 +87,7 @@ static __device__ __forceinline__ Pack lr_without_empty(Pack p) {
 template <typename D>
 static __device__ __forceinline__ Pack lr_load_input(const PushArgs& a, u64 j, u64 valid) {
   if (valid == D::PER_PACK) return ((const Pack*)a.input)[j];
-  Pack p;
-#pragma unroll
-  for (int w = 0; w < 4; ++w) p.w[w] = 0;
-  const typename D::Bits* in = (const typename D::Bits*)a.input + j * D::PER_PACK;
-  for (u64 i = 0; i < valid; ++i) {
-    u32 bits = in[i];
-    if (D::BITS == 32) {
-      p.w[i] = bits;
-    } else {
-      p.w[i / 2] |= bits << (16 * (i % 2));
-    }
-  }
-  return p;
+  return lr_load_lanes<D>((const typename D::Bits*)a.input + j * D::PER_PACK, valid);
 }
 
 template <typename D>
@@ -109,8 +97,7 @@ static __device__ __forceinline__ void lr_store_output(const PushArgs& a, u64 j,
     ((Pack*)a.output)[j] = p;
     return;
   }
-  typename D::Bits* out = (typename D::Bits*)a.output + j * D::PER_PACK;
-  for (u64 i = 0; i < valid; ++i) out[i] = (typename D::Bits)lr_lane<D>(p, (int)i);
+  lr_store_lanes<D>((typename D::Bits*)a.output + j * D::PER_PACK, valid, p);
 }
 
 // Where `writer`'s segment of `slot` starts in the push area at `area`.

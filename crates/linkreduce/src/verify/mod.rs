@@ -12,13 +12,16 @@
 //! random one.
 
 mod device;
+pub mod fused;
+pub mod norm;
 pub mod soak;
 pub mod values;
 
 use std::fmt;
+use std::sync::Arc;
 
 use cudarc::driver::sys::CUstreamCaptureMode;
-use cudarc::driver::DeviceSlice;
+use cudarc::driver::{CudaGraph, CudaStream, DeviceSlice};
 
 pub use device::{DeviceChecks, Expect, Findings};
 
@@ -293,21 +296,8 @@ impl Examined {
     /// # Safety
     /// The output must hold `start + len` elements.
     unsafe fn host_bits(&self, checks: &DeviceChecks, start: u64, len: usize) -> Result<Vec<u32>> {
-        let size = self.dtype.size();
-        let mut bytes = vec![0u8; len * size];
-        copy_to_host(
-            checks.stream(),
-            &mut bytes,
-            self.output + start * size as u64,
-        )?;
-        Ok(bytes
-            .chunks_exact(size)
-            .map(|b| match *b {
-                [a, b, c, d] => u32::from_le_bytes([a, b, c, d]),
-                [a, b] => u32::from(u16::from_le_bytes([a, b])),
-                _ => 0,
-            })
-            .collect())
+        let size = self.dtype.size() as u64;
+        host_bits(checks.stream(), self.dtype, self.output + start * size, len)
     }
 
     fn expected_bits(&self, index: u64) -> u32 {
@@ -318,6 +308,25 @@ impl Examined {
             Expect::Input { seed, rank } => values::input_bits(self.dtype, seed, rank, index),
         }
     }
+}
+
+/// `len` elements of `dtype` at `ptr`, as storage bits, once `stream`
+/// reaches them.
+///
+/// # Safety
+/// `ptr` must hold `len` elements of `dtype`.
+unsafe fn host_bits(stream: &CudaStream, dtype: DType, ptr: u64, len: usize) -> Result<Vec<u32>> {
+    let size = dtype.size();
+    let mut bytes = vec![0u8; len * size];
+    copy_to_host(stream, &mut bytes, ptr)?;
+    Ok(bytes
+        .chunks_exact(size)
+        .map(|b| match *b {
+            [a, b, c, d] => u32::from_le_bytes([a, b, c, d]),
+            [a, b] => u32::from(u16::from_le_bytes([a, b])),
+            _ => 0,
+        })
+        .collect())
 }
 
 /// Shares this rank's findings (or its failure) with every rank and judges
@@ -556,21 +565,14 @@ fn check_graph_typed<T: Element>(
     let input = comm.alloc::<T>(len)?;
     let mut output = comm.alloc::<T>(len)?;
     let mut inout = comm.alloc::<T>(len)?;
-    stream
-        .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
-        .map_err(Error::driver("cuStreamBeginCapture"))?;
-    let captured = comm.all_reduce(&input, &mut output).and_then(|_| {
+    let graph = capture(&stream, || {
+        comm.all_reduce(&input, &mut output)?;
         let options = CallOptions {
             algorithm: in_place,
             zero_copy: false,
         };
         comm.all_reduce_in_place(&mut inout, options)
-    });
-    let graph = stream
-        .end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0))
-        .map_err(Error::driver("cuStreamEndCapture"));
-    captured?;
-    let graph = graph?.ok_or_else(|| Error::InvalidConfig("capture produced no graph".into()))?;
+    })?;
     comm.register_graph_buffers()?;
     let bytes = len * dtype.size();
     let out_of_place_push = runs_push(comm, AlgorithmChoice::Auto, bytes);
@@ -621,4 +623,18 @@ fn check_graph_typed<T: Element>(
     drop(graph);
     comm.release_graph_buffers()?;
     Ok(result)
+}
+
+/// What `calls` enqueue on `stream`, captured into a graph (not yet
+/// launched; the caller registers its buffers).
+fn capture(stream: &Arc<CudaStream>, calls: impl FnOnce() -> Result<()>) -> Result<CudaGraph> {
+    stream
+        .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
+        .map_err(Error::driver("cuStreamBeginCapture"))?;
+    let captured = calls();
+    let graph = stream
+        .end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0))
+        .map_err(Error::driver("cuStreamEndCapture"));
+    captured?;
+    graph?.ok_or_else(|| Error::InvalidConfig("capture produced no graph".into()))
 }

@@ -1,0 +1,528 @@
+//! All-reduce fused with residual add and RMSNorm, and the plain residual
+//! add and RMSNorm it must equal bit for bit (docs/fused.md).
+//!
+//! The fused call reuses the all-reduce's enqueue path: where this rank's
+//! input is read from, staging copies, the order of streams. It cuts calls
+//! into launches on row boundaries, so that one block normalises a whole
+//! row in one fixed order.
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+
+use super::enqueue::LaunchInput;
+use super::{capturing, CallOptions, Communicator};
+use crate::algorithm::{Algorithm, AlgorithmChoice};
+use crate::dtype::{DType, Element};
+use crate::error::{Error, Result};
+use crate::kernels::{
+    load_norm_kernels, AddRmsNormArgs, AllReduceArgs, FusedNormArgs, NormArgs, NormKernel,
+    NORM_DTYPES, PACKET_BYTES, THREADS_PER_BLOCK,
+};
+use crate::path::CallPath;
+
+/// Rows a plain launch takes at most (blocks stride over the rest).
+const PLAIN_MAX_BLOCKS: usize = 65535;
+
+/// Launches of a call with more rows than fit one launch take a multiple
+/// of this many rows, so that each starts on a packet (docs/fused.md).
+const ROWS_PER_PACKET: usize = 8;
+
+/// The rows of one call: `rows` rows of `hidden` elements of `dtype`.
+#[derive(Debug, Clone, Copy)]
+struct Rows {
+    dtype: DType,
+    rows: usize,
+    hidden: usize,
+}
+
+impl Rows {
+    /// Checks the lengths of a call's buffers against each other; `len` is
+    /// the input's (or the sum's) length, `weight` the weight's.
+    fn of(dtype: DType, len: usize, residual: usize, weight: usize, out: usize) -> Result<Rows> {
+        if !NORM_DTYPES.contains(&dtype) {
+            return Err(Error::UnsupportedDType {
+                op: "residual add and RMSNorm",
+                dtype,
+            });
+        }
+        if weight == 0 || len % weight != 0 {
+            return Err(Error::RowLength {
+                len,
+                hidden: weight,
+            });
+        }
+        for (what, other) in [("residual", residual), ("normed output", out)] {
+            if other != len {
+                return Err(Error::NormBufferLength {
+                    what,
+                    len: other,
+                    expected: len,
+                });
+            }
+        }
+        Ok(Rows {
+            dtype,
+            rows: len / weight,
+            hidden: weight,
+        })
+    }
+
+    fn elements(&self) -> usize {
+        self.rows * self.hidden
+    }
+
+    fn bytes(&self) -> usize {
+        self.elements() * self.dtype.size()
+    }
+}
+
+/// The buffers of the norm, as device addresses.
+#[derive(Debug, Clone, Copy)]
+struct NormBuffers {
+    residual: u64,
+    weight: u64,
+    out: u64,
+    eps: f32,
+}
+
+impl NormBuffers {
+    /// Refuses a bad eps and buffers that overlap where the kernels need
+    /// them apart; `input` is the all-reduce's input or the plain
+    /// kernel's sum, which may be the output only if `input_may_be_out`.
+    fn check(&self, rows: Rows, input: u64, input_may_be_out: bool) -> Result<()> {
+        if !self.eps.is_finite() || self.eps < 0.0 {
+            return Err(Error::InvalidEps(self.eps));
+        }
+        let bytes = rows.bytes() as u64;
+        let weight_bytes = (rows.hidden * rows.dtype.size()) as u64;
+        let buffers = [
+            ("input", input, bytes),
+            ("residual", self.residual, bytes),
+            ("weight", self.weight, weight_bytes),
+            ("normed output", self.out, bytes),
+        ];
+        for (i, &(first, a, a_len)) in buffers.iter().enumerate() {
+            for &(second, b, b_len) in &buffers[i + 1..] {
+                let overlap = a < b + b_len && b < a + a_len;
+                let allowed = match (first, second) {
+                    ("input", "weight") => true,
+                    ("input", "normed output") => input_may_be_out && a == b,
+                    _ => false,
+                };
+                if overlap && !allowed {
+                    return Err(Error::BuffersOverlap { first, second });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The kernels' view of `rows` rows from row `first`.
+    fn args(&self, rows: Rows, first: usize, count: usize, sum: Option<u64>) -> NormArgs {
+        let offset = (first * rows.hidden * rows.dtype.size()) as u64;
+        let per_pack = PACKET_BYTES / rows.dtype.size();
+        let aligned = [self.residual, self.weight, self.out]
+            .into_iter()
+            .chain(sum)
+            .all(|ptr| (ptr + offset) % PACKET_BYTES as u64 == 0);
+        NormArgs {
+            residual: self.residual + offset,
+            weight: self.weight,
+            out: self.out + offset,
+            rows: count as u64,
+            hidden: rows.hidden as u64,
+            eps: self.eps,
+            vector: u32::from(aligned && rows.hidden % per_pack == 0),
+        }
+    }
+}
+
+impl Communicator {
+    /// Sums `input` over all ranks, adds the sum into `residual` in place,
+    /// and writes `rmsnorm(residual) * weight` into `normed_out`, per row of
+    /// `weight.len()` elements: what [`all_reduce`](Self::all_reduce)
+    /// followed by [`add_rms_norm_on`](Self::add_rms_norm_on) gives, bit
+    /// for bit, in fewer launches (docs/fused.md). f16 and bf16 only. On
+    /// this rank's stream; collective like an all-reduce.
+    pub fn all_reduce_add_rms_norm<T: Element>(
+        &mut self,
+        input: &impl DevicePtr<T>,
+        residual: &mut impl DevicePtrMut<T>,
+        weight: &impl DevicePtr<T>,
+        eps: f32,
+        normed_out: &mut impl DevicePtrMut<T>,
+    ) -> Result<()> {
+        let stream = self.gpu.stream.clone();
+        let norm = RmsNorm { weight, eps };
+        self.all_reduce_add_rms_norm_on(
+            &stream,
+            input,
+            residual,
+            norm,
+            normed_out,
+            CallOptions::default(),
+        )
+    }
+
+    /// Like [`all_reduce_add_rms_norm`](Self::all_reduce_add_rms_norm), on
+    /// `stream` as [`all_reduce_on`](Self::all_reduce_on) is (graphs
+    /// included). `options.algorithm` picks the all-reduce: one-stage runs
+    /// fused; the others run the all-reduce, then the plain kernel.
+    pub fn all_reduce_add_rms_norm_on<T: Element, W: DevicePtr<T>>(
+        &mut self,
+        stream: &Arc<CudaStream>,
+        input: &impl DevicePtr<T>,
+        residual: &mut impl DevicePtrMut<T>,
+        norm: RmsNorm<'_, W>,
+        normed_out: &mut impl DevicePtrMut<T>,
+        options: CallOptions,
+    ) -> Result<()> {
+        with_norm_call(
+            stream,
+            input,
+            residual,
+            norm,
+            normed_out,
+            |rows, input, buffers| self.enqueue_fused(stream, rows, input, buffers, options),
+        )
+    }
+
+    /// The plain kernel: adds `sum` (an all-reduce's output) into
+    /// `residual` in place and writes `rmsnorm(residual) * weight` into
+    /// `out`, per row of `weight.len()` elements. Local to this rank (no
+    /// peer takes part); ordered on `stream` only. `sum` may be `out`.
+    pub fn add_rms_norm_on<T: Element, W: DevicePtr<T>>(
+        &self,
+        stream: &Arc<CudaStream>,
+        sum: &impl DevicePtr<T>,
+        residual: &mut impl DevicePtrMut<T>,
+        norm: RmsNorm<'_, W>,
+        out: &mut impl DevicePtrMut<T>,
+    ) -> Result<()> {
+        with_norm_call(stream, sum, residual, norm, out, |rows, sum, buffers| {
+            buffers.check(rows, sum, true)?;
+            self.gpu
+                .ctx
+                .bind_to_thread()
+                .map_err(Error::driver("cuCtxSetCurrent"))?;
+            self.launch_plain(stream, rows, sum, buffers)
+        })
+    }
+
+    fn enqueue_fused(
+        &mut self,
+        stream: &Arc<CudaStream>,
+        rows: Rows,
+        input: u64,
+        buffers: NormBuffers,
+        options: CallOptions,
+    ) -> Result<()> {
+        self.check_usable()?;
+        buffers.check(rows, input, false)?;
+        if rows.rows == 0 {
+            return Ok(());
+        }
+        self.gpu
+            .ctx
+            .bind_to_thread()
+            .map_err(Error::driver("cuCtxSetCurrent"))?;
+        let path = self.call_path(rows.bytes(), options.algorithm)?;
+        let algorithm = match path {
+            CallPath::Custom(Algorithm::OneStage) => Algorithm::OneStage,
+            other => {
+                // Not fused: the all-reduce into the output (on the kernels
+                // or NCCL), then the plain kernel there; the own stream
+                // waits for both (leave_stream).
+                let forced = CallOptions {
+                    algorithm: match other {
+                        CallPath::Custom(algorithm) => AlgorithmChoice::Force(algorithm),
+                        CallPath::Nccl(_) => AlgorithmChoice::Nccl,
+                    },
+                    ..options
+                };
+                self.enqueue(
+                    stream,
+                    rows.dtype,
+                    input,
+                    buffers.out,
+                    rows.elements(),
+                    forced,
+                )?;
+                self.launch_plain(stream, rows, buffers.out, buffers)?;
+                return self.leave_stream(stream, capturing(stream)?);
+            }
+        };
+        // Checked before anything is enqueued, on every rank alike.
+        let per_launch = self.rows_per_launch(algorithm, rows)?;
+        let capturing = self.enter_stream(stream)?;
+        let source = self.locate_input(
+            algorithm,
+            input,
+            buffers.out,
+            rows.bytes(),
+            options.zero_copy,
+            capturing,
+        )?;
+        tracing::trace!(
+            rank = self.rank,
+            ?source,
+            ?rows,
+            per_launch,
+            "fused all-reduce and RMSNorm"
+        );
+        let row_bytes = rows.hidden * rows.dtype.size();
+        let mut done = 0;
+        while done < rows.rows {
+            let count = per_launch.min(rows.rows - done);
+            let offset = (done * row_bytes) as u64;
+            let launch_input = self.custom()?.launch_input(
+                stream,
+                algorithm,
+                source,
+                input,
+                offset,
+                count * row_bytes,
+            )?;
+            let LaunchInput::Table(source_word) = launch_input else {
+                return Err(Error::InvalidConfig(
+                    "a fused one-stage input was not named through the buffer table".into(),
+                ));
+            };
+            self.launch_fused(
+                stream,
+                rows,
+                source_word,
+                buffers.args(rows, done, count, None),
+            )?;
+            done += count;
+        }
+        self.leave_stream(stream, capturing)
+    }
+
+    /// Rows one launch of `algorithm` takes: all, or else a multiple of
+    /// [`ROWS_PER_PACKET`] that fits a chunk. Depends only on shared facts.
+    fn rows_per_launch(&self, algorithm: Algorithm, rows: Rows) -> Result<usize> {
+        let chunk = self.chunk_elements(self.custom()?, algorithm, rows.dtype);
+        let fit = chunk / rows.hidden;
+        if rows.rows <= fit {
+            return Ok(rows.rows);
+        }
+        match fit / ROWS_PER_PACKET * ROWS_PER_PACKET {
+            0 => Err(Error::RowTooLong {
+                hidden: rows.hidden,
+                most: chunk / ROWS_PER_PACKET,
+            }),
+            whole => Ok(whole),
+        }
+    }
+
+    fn launch_fused(
+        &self,
+        stream: &Arc<CudaStream>,
+        rows: Rows,
+        source: u64,
+        norm: NormArgs,
+    ) -> Result<()> {
+        let custom = self.custom()?;
+        let args = FusedNormArgs {
+            all_reduce: AllReduceArgs {
+                barrier: self.barrier_args(custom),
+                table: custom.regions.table.ptr(),
+                source,
+                output: norm.out,
+                count: norm.rows * norm.hidden,
+                capacity: custom.regions.table_capacity as u32,
+            },
+            norm,
+        };
+        // Every rank launches the same grid: rows and max_blocks are shared.
+        let blocks = (norm.rows as usize).min(custom.max_blocks as usize);
+        let kernels = load_norm_kernels(&self.gpu.ctx, self.world_size)?;
+        let function = kernels
+            .get(&(NormKernel::FusedOneStage, rows.dtype))
+            .ok_or_else(|| Error::InvalidConfig(format!("no fused kernel for {}", rows.dtype)))?;
+        let mut launch = stream.launch_builder(function);
+        launch.arg(&args);
+        // SAFETY: the fused kernels take one `FusedNormArgs` by value. The
+        // table, signal regions and staging live as long as the
+        // communicator; every table entry a peer names holds a buffer
+        // checked shareable when shared; residual, weight and output hold
+        // `rows x hidden` (the weight `hidden`) elements from where `args`
+        // points (Rows::of and the offsets of whole launches).
+        unsafe { launch.launch(grid(blocks)) }
+            .map(|_| ())
+            .map_err(Error::driver("cuLaunchKernel"))
+    }
+
+    fn launch_plain(
+        &self,
+        stream: &Arc<CudaStream>,
+        rows: Rows,
+        sum: u64,
+        buffers: NormBuffers,
+    ) -> Result<()> {
+        if rows.rows == 0 {
+            return Ok(());
+        }
+        let args = AddRmsNormArgs {
+            sum,
+            norm: buffers.args(rows, 0, rows.rows, Some(sum)),
+        };
+        let kernels = load_norm_kernels(&self.gpu.ctx, self.world_size)?;
+        let function = kernels
+            .get(&(NormKernel::Plain, rows.dtype))
+            .ok_or_else(|| Error::InvalidConfig(format!("no norm kernel for {}", rows.dtype)))?;
+        let mut launch = stream.launch_builder(function);
+        launch.arg(&args);
+        // SAFETY: the plain kernels take one `AddRmsNormArgs` by value; sum,
+        // residual and output hold `rows x hidden` elements, the weight
+        // `hidden` (Rows::of); `sum` is the output or apart from it
+        // (NormBuffers::check, or the fused call's own output).
+        unsafe { launch.launch(grid(rows.rows.min(PLAIN_MAX_BLOCKS))) }
+            .map(|_| ())
+            .map_err(Error::driver("cuLaunchKernel"))
+    }
+}
+
+/// The weight and epsilon of an RMSNorm: `weight` holds one row (hidden
+/// elements) in the activations' dtype.
+#[derive(Debug)]
+pub struct RmsNorm<'a, W> {
+    pub weight: &'a W,
+    pub eps: f32,
+}
+
+impl<W> Clone for RmsNorm<'_, W> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<W> Copy for RmsNorm<'_, W> {}
+
+/// Checks the lengths of a call's buffers and runs `call` with its rows,
+/// the address of `input` (the all-reduce's input or the plain kernel's
+/// sum) and the norm's buffers, in `stream`'s order for the buffers.
+fn with_norm_call<T: Element, W: DevicePtr<T>>(
+    stream: &Arc<CudaStream>,
+    input: &impl DevicePtr<T>,
+    residual: &mut impl DevicePtrMut<T>,
+    norm: RmsNorm<'_, W>,
+    out: &mut impl DevicePtrMut<T>,
+    call: impl FnOnce(Rows, u64, NormBuffers) -> Result<()>,
+) -> Result<()> {
+    let rows = Rows::of(
+        T::DTYPE,
+        input.len(),
+        residual.len(),
+        norm.weight.len(),
+        out.len(),
+    )?;
+    let (input, _read) = input.device_ptr(stream);
+    let (residual, _update) = residual.device_ptr_mut(stream);
+    let (weight, _weight) = norm.weight.device_ptr(stream);
+    let (out, _write) = out.device_ptr_mut(stream);
+    let buffers = NormBuffers {
+        residual,
+        weight,
+        out,
+        eps: norm.eps,
+    };
+    call(rows, input, buffers)
+}
+
+fn grid(blocks: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (blocks.max(1) as u32, 1, 1),
+        block_dim: (THREADS_PER_BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_must_be_whole_and_buffers_as_long_as_the_input() {
+        assert!(matches!(
+            Rows::of(DType::F32, 8, 8, 4, 8),
+            Err(Error::UnsupportedDType { .. })
+        ));
+        assert!(matches!(
+            Rows::of(DType::BF16, 10, 10, 4, 10),
+            Err(Error::RowLength { len: 10, hidden: 4 })
+        ));
+        assert!(matches!(
+            Rows::of(DType::F16, 8, 8, 0, 8),
+            Err(Error::RowLength { hidden: 0, .. })
+        ));
+        assert!(matches!(
+            Rows::of(DType::F16, 8, 8, 4, 12),
+            Err(Error::NormBufferLength {
+                what: "normed output",
+                len: 12,
+                expected: 8
+            })
+        ));
+        let rows = Rows::of(DType::BF16, 12, 12, 3, 12).unwrap();
+        assert_eq!((rows.rows, rows.hidden, rows.bytes()), (4, 3, 24));
+    }
+
+    #[test]
+    fn overlapping_buffers_and_bad_eps_are_refused() {
+        let rows = Rows::of(DType::BF16, 64, 64, 16, 64).unwrap();
+        let apart = NormBuffers {
+            residual: 0x10000,
+            weight: 0x20000,
+            out: 0x30000,
+            eps: 1e-6,
+        };
+        assert!(apart.check(rows, 0x40000, false).is_ok());
+        // Reading the weight as input is harmless; the sum may be the output.
+        assert!(apart.check(rows, 0x20000, false).is_ok());
+        assert!(apart.check(rows, 0x30000, true).is_ok());
+        assert!(matches!(
+            apart.check(rows, 0x30000, false),
+            Err(Error::BuffersOverlap {
+                first: "input",
+                second: "normed output"
+            })
+        ));
+        let shifted = NormBuffers {
+            out: 0x10000 + 64,
+            ..apart
+        };
+        assert!(matches!(
+            shifted.check(rows, 0x40000, false),
+            Err(Error::BuffersOverlap {
+                first: "residual",
+                second: "normed output"
+            })
+        ));
+        for eps in [-1.0, f32::NAN, f32::INFINITY] {
+            let bad = NormBuffers { eps, ..apart };
+            assert!(matches!(
+                bad.check(rows, 0x40000, false),
+                Err(Error::InvalidEps(_))
+            ));
+        }
+    }
+
+    #[test]
+    fn whole_packets_only_where_every_buffer_and_row_allows() {
+        let rows = Rows::of(DType::F16, 64, 64, 16, 64).unwrap();
+        let buffers = NormBuffers {
+            residual: 0x10000,
+            weight: 0x20000,
+            out: 0x30000,
+            eps: 0.0,
+        };
+        assert_eq!(buffers.args(rows, 1, 2, None).vector, 1);
+        assert_eq!(buffers.args(rows, 1, 2, None).residual, 0x10000 + 32);
+        assert_eq!(buffers.args(rows, 0, 4, Some(0x40002)).vector, 0);
+        let odd = Rows::of(DType::F16, 60, 60, 12, 60).unwrap();
+        assert_eq!(buffers.args(odd, 0, 5, None).vector, 0);
+    }
+}
