@@ -247,8 +247,15 @@ fn a_rank_that_never_arrives_makes_the_others_time_out() {
     let comm = &mut comms[0];
     let input = comm.alloc::<f32>(4096).unwrap();
     let mut output = comm.alloc::<f32>(4096).unwrap();
+    // One-stage, whose start barrier waits for every peer (a shipped
+    // tuning table may send this size to push, which waits at barrier 99).
+    let one_stage = CallOptions {
+        algorithm: AlgorithmChoice::Force(Algorithm::OneStage),
+        zero_copy: false,
+    };
     let started = Instant::now();
-    comm.all_reduce(&input, &mut output).unwrap();
+    comm.all_reduce_with(&input, &mut output, one_stage)
+        .unwrap();
     let error = comm.synchronize().unwrap_err();
     let waited = started.elapsed();
     match error {
@@ -283,9 +290,11 @@ fn bad_calls_get_clear_errors_and_leave_the_group_usable() {
         let zero_copy = comm.all_reduce_with(
             &input,
             &mut comm.alloc::<f32>(1024)?,
+            // A kernel that reads peers' inputs (push reads only its own,
+            // so it needs no registration).
             CallOptions {
+                algorithm: AlgorithmChoice::Force(Algorithm::OneStage),
                 zero_copy: true,
-                ..CallOptions::default()
             },
         );
         comm.register(&input)?;

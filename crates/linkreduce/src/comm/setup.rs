@@ -112,10 +112,9 @@ impl Communicator {
             None => self.not_capturing("prepare_nccl"),
         };
         agree(self.rendezvous.as_ref(), "NCCL set-up", ready)?;
-        self.nccl = Some(NcclComm::from_rendezvous(
-            self.rendezvous.as_ref(),
-            &self.gpu.stream,
-        )?);
+        let mut nccl = NcclComm::from_rendezvous(self.rendezvous.as_ref(), &self.gpu.stream)?;
+        nccl.connect()?;
+        self.nccl = Some(nccl);
         Ok(())
     }
 }
