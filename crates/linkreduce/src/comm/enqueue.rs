@@ -197,9 +197,7 @@ impl Communicator {
         }
         let capturing = capturing(stream)?;
         if stream.cu_stream() != self.gpu.stream.cu_stream() && !capturing {
-            stream
-                .join(&self.gpu.stream)
-                .map_err(Error::driver("cuStreamWaitEvent"))?;
+            self.hand_off(&self.gpu.stream, stream)?;
         }
         Ok(capturing)
     }
@@ -212,9 +210,16 @@ impl Communicator {
         if capturing || stream.cu_stream() == self.gpu.stream.cu_stream() {
             return Ok(());
         }
+        self.hand_off(stream, &self.gpu.stream)
+    }
+
+    /// Makes `to` wait for what `from` holds now.
+    fn hand_off(&self, from: &CudaStream, to: &CudaStream) -> Result<()> {
         self.gpu
-            .stream
-            .join(stream)
+            .handoff
+            .record(from)
+            .map_err(Error::driver("cuEventRecord"))?;
+        to.wait(&self.gpu.handoff)
             .map_err(Error::driver("cuStreamWaitEvent"))
     }
 

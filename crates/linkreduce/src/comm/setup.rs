@@ -144,7 +144,16 @@ impl Gpu {
         ctx.bind_to_thread()
             .map_err(Error::driver("cuCtxSetCurrent"))?;
         let stream = ctx.new_stream().map_err(Error::driver("cuStreamCreate"))?;
-        Ok(Gpu { ctx, stream })
+        let handoff = ctx
+            .new_event(Some(
+                cudarc::driver::sys::CUevent_flags::CU_EVENT_DISABLE_TIMING,
+            ))
+            .map_err(Error::driver("cuEventCreate"))?;
+        Ok(Gpu {
+            ctx,
+            stream,
+            handoff,
+        })
     }
 }
 
