@@ -39,6 +39,9 @@ struct Report {
     /// How the ranks ran, if the report says.
     #[serde(default)]
     mode: Option<String>,
+    /// The op timed; reports from before `--op` are all-reduce reports.
+    #[serde(default)]
+    op: Option<String>,
     rows: Vec<Row>,
 }
 
@@ -83,6 +86,12 @@ fn draw(report_json: &str, source: &str, out: &Path) -> Result<()> {
             input: source.to_string(),
             source: error,
         })?;
+    if let Some(op) = report.op.as_deref().filter(|&op| op != "all-reduce") {
+        return Err(CliError::PlotsAllReduceOnly {
+            input: source.to_string(),
+            op: op.to_string(),
+        });
+    }
     // Log axes cannot show zero or negative values; such rows are failures.
     let rows: Vec<&Row> = (report.rows.iter())
         .filter(|r| r.bytes > 0 && r.time_us.is_some_and(|t| t > 0.0 && t.is_finite()))
@@ -553,6 +562,12 @@ mod tests {
                 "{error}"
             );
         }
+        let fused = render("{\"op\": \"fused-norm\", \"rows\": []}", &out).unwrap_err();
+        assert_eq!(
+            fused.to_string(),
+            "the report is a `bench --op fused-norm` report; `linkreduce plot` draws \
+             all-reduce reports only (the table and the JSON hold its figures)"
+        );
         let error = render("{\"rows\": []}", &out).unwrap_err();
         assert_eq!(
             error.to_string(),

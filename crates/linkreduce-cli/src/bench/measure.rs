@@ -1,16 +1,15 @@
-//! Timing one implementation at one size on one rank: its buffers, the
-//! calls eager and captured in a CUDA graph, events around repetitions,
-//! the correctness check of the timed buffers, and the slowest rank's
-//! figures gathered over the rendezvous.
+//! Timing on one rank, shared by every op: calls eager and captured in a
+//! CUDA graph, events around repetitions that start after a barrier of all
+//! ranks, and the slowest rank's figures gathered over the rendezvous.
+
+use std::sync::Arc;
 
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
-use cudarc::driver::{CudaGraph, CudaStream};
-use linkreduce::nccl::{NcclComm, SymmetricBuffer};
+use cudarc::driver::{CudaEvent, CudaGraph, CudaStream};
+use linkreduce::nccl::NcclComm;
 use linkreduce::rendezvous::Rendezvous;
-use linkreduce::verify::values::small_integer;
-use linkreduce::{CallOptions, Communicator, DeviceBuffer, Element, Error};
+use linkreduce::{Communicator, Error};
 
-use super::Implementation;
 use crate::error::{CliError, Result};
 
 /// One rank's state kept across sizes.
@@ -22,7 +21,7 @@ pub(super) struct Rank<'a> {
 /// Calls per timed repetition: enough to dwarf launch overheads, few
 /// enough that the largest sizes stay quick.
 fn calls_per_repetition(bytes: usize) -> usize {
-    ((256usize << 20) / bytes).clamp(5, 50)
+    ((256usize << 20) / bytes.max(1)).clamp(5, 50)
 }
 
 pub(super) struct Measured {
@@ -31,70 +30,7 @@ pub(super) struct Measured {
     pub wrong: usize,
 }
 
-/// The buffers one rank all-reduces between.
-enum Buffers<T> {
-    Linkreduce {
-        input: DeviceBuffer<T>,
-        output: DeviceBuffer<T>,
-    },
-    Nccl {
-        input: DeviceBuffer<T>,
-        output: DeviceBuffer<T>,
-    },
-    Symmetric {
-        input: SymmetricBuffer,
-        output: SymmetricBuffer,
-    },
-}
-
-impl<T: Element> Buffers<T> {
-    fn addresses(&self) -> (u64, u64) {
-        match self {
-            Buffers::Linkreduce { input, output } | Buffers::Nccl { input, output } => {
-                (input.device_address(), output.device_address())
-            }
-            Buffers::Symmetric { input, output } => {
-                (input.device_address(), output.device_address())
-            }
-        }
-    }
-}
-
-fn call<T: Element>(
-    rank: &mut Rank,
-    implementation: Implementation,
-    buffers: &mut Buffers<T>,
-    count: usize,
-) -> Result<()> {
-    match (implementation.algorithm(), buffers) {
-        (Some(algorithm), Buffers::Linkreduce { input, output }) => Ok(rank.comm.all_reduce_with(
-            input,
-            output,
-            CallOptions {
-                algorithm,
-                zero_copy: true,
-            },
-        )?),
-        (None, buffers) => {
-            let nccl = rank
-                .nccl
-                .as_mut()
-                .ok_or(CliError::Internal("NCCL was not initialised"))?;
-            let (send, recv) = buffers.addresses();
-            // SAFETY: both addresses hold `count` elements of T on this
-            // rank's device and outlive the enqueued work (synchronised
-            // before the buffers drop).
-            Ok(unsafe { nccl.all_reduce_raw(T::DTYPE, send, recv, count) }?)
-        }
-        _ => Err(CliError::Internal(
-            "buffers do not match the implementation",
-        )),
-    }
-}
-
-fn event_pair(
-    stream: &CudaStream,
-) -> Result<(cudarc::driver::CudaEvent, cudarc::driver::CudaEvent)> {
+fn event_pair(stream: &CudaStream) -> Result<(CudaEvent, CudaEvent)> {
     let ctx = stream.context();
     let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
     Ok((
@@ -105,8 +41,8 @@ fn event_pair(
     ))
 }
 
-/// Times `work` (which enqueues `calls` all-reduces) `repetitions` times,
-/// each after a barrier of all ranks; microseconds per call.
+/// Times `work` (which enqueues `calls` calls) `repetitions` times, each
+/// after a barrier of all ranks; microseconds per call.
 fn time_calls(
     stream: &CudaStream,
     start_line: &dyn Rendezvous,
@@ -133,18 +69,16 @@ fn time_calls(
     Ok(times)
 }
 
-fn capture<T: Element>(
-    rank: &mut Rank,
-    implementation: Implementation,
-    buffers: &mut Buffers<T>,
-    count: usize,
+/// `calls` calls of `call`, captured on `stream` as one graph.
+fn capture(
+    stream: &Arc<CudaStream>,
     calls: usize,
+    call: &mut impl FnMut() -> Result<()>,
 ) -> Result<CudaGraph> {
-    let stream = rank.comm.stream().clone();
     stream
         .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
         .map_err(Error::driver("cuStreamBeginCapture"))?;
-    let captured = (0..calls).try_for_each(|_| call(rank, implementation, buffers, count));
+    let captured = (0..calls).try_for_each(|_| call());
     let graph = stream
         .end_capture(CUgraphInstantiate_flags(0))
         .map_err(Error::driver("cuStreamEndCapture"));
@@ -160,79 +94,33 @@ pub(super) struct RankRun {
     wrong: usize,
 }
 
-pub(super) fn measure<T: Element + Default>(
-    rank: &mut Rank,
-    implementation: Implementation,
-    count: usize,
+/// Times `call` (one call on this rank's stream, with every rank calling
+/// alike) after a few warm-up calls: `repetitions` of a batch of calls
+/// eagerly, then as replays of the batch captured in a CUDA graph. The
+/// caller has checked the results and says how many were `wrong`.
+pub(super) fn time_eager_and_graphed(
+    stream: &Arc<CudaStream>,
+    start_line: &dyn Rendezvous,
+    bytes: usize,
     repetitions: usize,
+    wrong: usize,
+    mut call: impl FnMut() -> Result<()>,
 ) -> Result<RankRun> {
-    let calls = calls_per_repetition(count * std::mem::size_of::<T>());
-    let stream = rank.comm.stream().clone();
-    let rendezvous = rank.comm.rendezvous().clone();
-    let world = rank.comm.world_size();
-    let host: Vec<T> = (0..count)
-        .map(|i| T::from_f64(small_integer(1, rank.comm.rank(), i)))
-        .collect();
-    let mut buffers = match implementation {
-        Implementation::NcclSymmetric => {
-            let nccl = rank
-                .nccl
-                .as_ref()
-                .ok_or(CliError::Internal("NCCL was not initialised"))?;
-            let bytes = count * std::mem::size_of::<T>();
-            Buffers::Symmetric {
-                input: SymmetricBuffer::new(nccl, bytes)?,
-                output: SymmetricBuffer::new(nccl, bytes)?,
-            }
-        }
-        Implementation::Nccl => Buffers::Nccl {
-            input: rank.comm.alloc::<T>(count)?,
-            output: rank.comm.alloc::<T>(count)?,
-        },
-        _ => {
-            let input = rank.comm.alloc::<T>(count)?;
-            rank.comm.register(&input)?;
-            Buffers::Linkreduce {
-                input,
-                output: rank.comm.alloc::<T>(count)?,
-            }
-        }
-    };
-    let (input_address, output_address) = buffers.addresses();
-    // SAFETY: the input holds `count` elements of T.
-    unsafe { linkreduce::memory::copy_to_device(&stream, input_address, &host) }?;
-    // Correctness first, on the same buffers that are timed.
-    call(rank, implementation, &mut buffers, count)?;
-    stream
-        .synchronize()
-        .map_err(Error::driver("cuStreamSynchronize"))?;
-    let mut result = vec![T::default(); count];
-    // SAFETY: the output holds `count` elements of T.
-    unsafe { linkreduce::memory::copy_to_host(&stream, &mut result, output_address) }?;
-    let wrong = (0..count)
-        .filter(|&i| {
-            let expected = T::from_f64((0..world).map(|r| small_integer(1, r, i)).sum());
-            result[i].to_f64() != expected.to_f64()
-        })
-        .count();
+    let calls = calls_per_repetition(bytes);
     for _ in 0..3 {
-        call(rank, implementation, &mut buffers, count)?;
+        call()?;
     }
-    let eager = time_calls(&stream, rendezvous.as_ref(), repetitions, calls, || {
-        (0..calls).try_for_each(|_| call(rank, implementation, &mut buffers, count))
+    let eager = time_calls(stream, start_line, repetitions, calls, || {
+        (0..calls).try_for_each(|_| call())
     })?;
-    let graph = capture(rank, implementation, &mut buffers, count, calls)?;
+    let graph = capture(stream, calls, &mut call)?;
     graph.launch().map_err(Error::driver("cuGraphLaunch"))?;
-    let graphed = time_calls(&stream, rendezvous.as_ref(), repetitions, calls, || {
+    let graphed = time_calls(stream, start_line, repetitions, calls, || {
         Ok(graph.launch().map_err(Error::driver("cuGraphLaunch"))?)
     })?;
     stream
         .synchronize()
         .map_err(Error::driver("cuStreamSynchronize"))?;
-    rank.comm.synchronize()?;
-    if let Buffers::Linkreduce { input, .. } = &buffers {
-        rank.comm.deregister(input)?;
-    }
     Ok(RankRun {
         eager,
         graphed,

@@ -2,45 +2,59 @@
 //! as CUDA-graph replays, one rank per GPU as threads or processes. Every
 //! rank times its own calls; rank 0 gathers the times through the
 //! rendezvous and reports the slowest rank's.
+//!
+//! Each op (`--op`) has its own module: what it times, its table and its
+//! report. They share the timing (measure.rs), the run's facts and the
+//! JSON report's frame (here).
 
 use std::fmt;
 use std::process::ExitCode;
 
 use indicatif::{ProgressBar, ProgressStyle};
+use linkreduce::nccl::NcclComm;
 use linkreduce::rendezvous::Rendezvous;
-use linkreduce::{Algorithm, AlgorithmChoice, Communicator, Config, DType, TunedPath};
+use linkreduce::{Algorithm, Communicator, Config, DType};
 use serde::Serialize;
 
 use crate::error::{CliError, Result};
 use crate::ranks::{exit_code, on_ranks, Mode as RankMode};
-use crate::sizes::{format_size, parse_sizes};
+use crate::sizes::parse_sizes;
 
+mod all_reduce;
+mod fused_norm;
 mod measure;
 
-use measure::{measure, slowest_rank, Rank};
+pub(crate) use all_reduce::Implementation;
 
 #[derive(clap::Args)]
 pub struct Args {
+    /// The operation to time.
+    #[arg(long, value_enum, default_value_t = Op::AllReduce)]
+    op: Op,
     /// GPUs, one rank each (default: all visible).
     #[arg(long, value_delimiter = ',')]
     devices: Option<Vec<usize>>,
-    /// Message sizes in bytes: lists and LOW:HIGH doubling ranges.
-    #[arg(long, default_value = "1K:256M")]
-    sizes: String,
+    /// all-reduce: message sizes in bytes, lists and LOW:HIGH doubling
+    /// ranges [default: 1K:256M].
+    #[arg(long)]
+    sizes: Option<String>,
     #[arg(long, default_value = "bf16")]
     dtype: DType,
-    /// Implementations to time.
-    #[arg(
-        long,
-        value_delimiter = ',',
-        default_value = "nccl,auto,one-stage,two-stage,push,nccl-symmetric"
-    )]
-    implementations: Vec<Implementation>,
+    /// all-reduce: implementations to time [default:
+    /// nccl,auto,one-stage,two-stage,push,nccl-symmetric].
+    #[arg(long, value_delimiter = ',')]
+    implementations: Option<Vec<Implementation>>,
+    /// fused-norm: rows per call [default: 1,8,32,128,512,2048].
+    #[arg(long, value_delimiter = ',')]
+    rows: Option<Vec<usize>>,
+    /// fused-norm: elements per row [default: 4096,8192].
+    #[arg(long, value_delimiter = ',')]
+    hidden: Option<Vec<usize>>,
     /// Timed repetitions; the median is reported.
     #[arg(long, default_value_t = 7)]
     repetitions: usize,
-    /// Write every figure and the run's facts here as JSON, and the plot
-    /// beside it (same name, .png).
+    /// Write every figure and the run's facts here as JSON (all-reduce:
+    /// and the plot beside it, same name, .png).
     #[arg(long)]
     json: Option<std::path::PathBuf>,
     /// Ranks (default: one per GPU); more ranks than GPUs share them, which
@@ -54,10 +68,98 @@ pub struct Args {
     /// resident), to measure how the grid changes each algorithm's speed.
     #[arg(long)]
     max_blocks: Option<u32>,
-    /// Also write a tuning table here: per size, the fastest linkreduce
-    /// algorithm among those timed (CUDA-graph times, right results only).
+    /// all-reduce: also write a tuning table here: per size, the fastest
+    /// linkreduce algorithm among those timed (CUDA-graph times, right
+    /// results only).
     #[arg(long)]
     tune_out: Option<std::path::PathBuf>,
+}
+
+/// The operations `bench` times. Another op (reduce-scatter, all-gather)
+/// is a variant here, its options' owner in [`Args::workload`], and a
+/// module beside all_reduce.rs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub(crate) enum Op {
+    /// Sums over ranks, against NCCL.
+    AllReduce,
+    /// All-reduce + residual add + RMSNorm, fused against unfused
+    /// (docs/fused.md).
+    FusedNorm,
+}
+
+impl fmt::Display for Op {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Op::AllReduce => "all-reduce",
+            Op::FusedNorm => "fused-norm",
+        })
+    }
+}
+
+/// What one run times, from the options of its op.
+#[derive(Debug)]
+enum Workload {
+    AllReduce(all_reduce::Sweep),
+    FusedNorm(fused_norm::Shapes),
+}
+
+impl Args {
+    /// The workload the options ask for. Options of another op are
+    /// refused rather than ignored, so that a run is what was asked.
+    fn workload(&self) -> Result<Workload> {
+        if self.repetitions == 0 {
+            return Err(CliError::BadArgument {
+                arg: "--repetitions 0".into(),
+                problem: "must be at least 1".into(),
+            });
+        }
+        let owned = [
+            ("--sizes", Op::AllReduce, self.sizes.is_some()),
+            (
+                "--implementations",
+                Op::AllReduce,
+                self.implementations.is_some(),
+            ),
+            ("--tune-out", Op::AllReduce, self.tune_out.is_some()),
+            ("--rows", Op::FusedNorm, self.rows.is_some()),
+            ("--hidden", Op::FusedNorm, self.hidden.is_some()),
+        ];
+        if let Some((flag, owner, _)) = owned
+            .iter()
+            .find(|(_, owner, given)| *given && *owner != self.op)
+        {
+            return Err(CliError::BadArgument {
+                arg: flag.to_string(),
+                problem: format!(
+                    "applies to --op {owner} only; leave it out for --op {}",
+                    self.op
+                ),
+            });
+        }
+        match self.op {
+            Op::AllReduce => {
+                let sizes = self.sizes.as_deref().unwrap_or(all_reduce::DEFAULT_SIZES);
+                let sizes = parse_sizes(sizes).map_err(|problem| CliError::BadArgument {
+                    arg: "--sizes".into(),
+                    problem,
+                })?;
+                let implementations = self
+                    .implementations
+                    .clone()
+                    .unwrap_or_else(|| all_reduce::DEFAULT_IMPLEMENTATIONS.to_vec());
+                Ok(Workload::AllReduce(all_reduce::Sweep {
+                    sizes,
+                    implementations,
+                }))
+            }
+            Op::FusedNorm => Ok(Workload::FusedNorm(fused_norm::Shapes::new(
+                self.dtype,
+                self.rows.as_deref(),
+                self.hidden.as_deref(),
+            )?)),
+        }
+    }
 }
 
 /// `linkreduce tune`: the benchmark of every linkreduce algorithm and of
@@ -65,95 +167,77 @@ pub struct Args {
 /// (LINKREDUCE_TUNING=FILE or Config::tuning): sizes where NCCL was fastest
 /// take NCCL.
 pub fn tune(mut args: Args) -> Result<ExitCode> {
-    args.implementations = Algorithm::ALL
-        .iter()
-        .map(|&algorithm| match algorithm {
-            Algorithm::OneStage => Implementation::OneStage,
-            Algorithm::TwoStage => Implementation::TwoStage,
-            Algorithm::Push => Implementation::Push,
-        })
-        .chain([Implementation::Nccl])
-        .collect();
+    if args.op != Op::AllReduce {
+        return Err(CliError::BadArgument {
+            arg: format!("--op {}", args.op),
+            problem: format!(
+                "`linkreduce tune` times the all-reduce only; use `linkreduce bench --op {}`",
+                args.op
+            ),
+        });
+    }
+    args.implementations = Some(
+        Algorithm::ALL
+            .iter()
+            .map(|&algorithm| match algorithm {
+                Algorithm::OneStage => Implementation::OneStage,
+                Algorithm::TwoStage => Implementation::TwoStage,
+                Algorithm::Push => Implementation::Push,
+            })
+            .chain([Implementation::Nccl])
+            .collect(),
+    );
     args.tune_out
         .get_or_insert_with(|| "linkreduce-tuning.json".into());
     run(args)
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "kebab-case")]
-pub(crate) enum Implementation {
-    Auto,
-    OneStage,
-    TwoStage,
-    Push,
-    Nccl,
-    NcclSymmetric,
+pub fn run(args: Args) -> Result<ExitCode> {
+    let workload = args.workload()?;
+    let devices = crate::pick_devices(&args.devices)?;
+    let world = args.ranks.unwrap_or(devices.len());
+    // The default configuration, as users get it: launches are cut at the
+    // staging size on every rank (docs/design.md, "Chunks"), so a smaller
+    // staging buffer would time extra launches, not the kernels.
+    let mut config = Config::default();
+    if let Some(blocks) = args.max_blocks {
+        config.max_blocks = blocks;
+    }
+    let passed = on_ranks(args.mode, &devices, world, config, |comm| match &workload {
+        Workload::AllReduce(sweep) => all_reduce::bench_rank(comm, &args, sweep),
+        Workload::FusedNorm(shapes) => fused_norm::bench_rank(comm, &args, shapes),
+    })?;
+    Ok(exit_code(passed != Some(false)))
 }
 
-impl fmt::Display for Implementation {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Implementation::Auto => "linkreduce",
-            Implementation::OneStage => "lr-one-stage",
-            Implementation::TwoStage => "lr-two-stage",
-            Implementation::Push => "lr-push",
-            Implementation::Nccl => "nccl",
-            Implementation::NcclSymmetric => "nccl-symm",
-        })
-    }
-}
-
-impl Implementation {
-    fn algorithm(self) -> Option<AlgorithmChoice> {
-        match self {
-            Implementation::Auto => Some(AlgorithmChoice::Auto),
-            Implementation::OneStage => Some(AlgorithmChoice::Force(Algorithm::OneStage)),
-            Implementation::TwoStage => Some(AlgorithmChoice::Force(Algorithm::TwoStage)),
-            Implementation::Push => Some(AlgorithmChoice::Force(Algorithm::Push)),
-            Implementation::Nccl | Implementation::NcclSymmetric => None,
-        }
-    }
-
-    /// What a tuning table entry names when this implementation is the
-    /// fastest (NCCL as the library's NCCL path calls it: plain buffers).
-    fn tuned_path(self) -> Option<TunedPath> {
-        match self.algorithm() {
-            Some(AlgorithmChoice::Force(algorithm)) => Some(TunedPath::Custom(algorithm)),
-            _ if self == Implementation::Nccl => Some(TunedPath::Nccl),
-            _ => None,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 enum Mode {
     Eager,
     Graph,
 }
 
-#[derive(Debug, Clone, Serialize)]
-struct Row {
-    bytes: usize,
-    count: usize,
-    dtype: DType,
-    implementation: Implementation,
-    /// For linkreduce's implementations, the path its calls took
-    /// (`one-stage`, `two-stage`, `push` or `nccl`): automatic calls show
-    /// the choice at each size.
-    path: Option<String>,
-    mode: Mode,
-    /// Median over repetitions of the slowest rank's time per call.
-    time_us: f64,
-    algbw_gbps: f64,
-    busbw_gbps: f64,
-    wrong: usize,
-    /// NCCL's time over this one's in the same run and mode (>1: faster).
-    speedup_vs_nccl: Option<f64>,
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Eager => "eager",
+            Mode::Graph => "graph",
+        }
+    }
 }
 
+/// A `--json` report: the op, the run's facts and the op's rows.
 #[derive(Serialize)]
-struct Report {
+struct Report<R> {
+    op: Op,
+    #[serde(flatten)]
+    facts: RunFacts,
+    rows: Vec<R>,
+}
+
+/// What every report says about the run, whatever the op.
+#[derive(Serialize)]
+struct RunFacts {
     command: String,
     /// Commit of the binary (LINKREDUCE_COMMIT, set by scripts/gpu-run.sh).
     commit: Option<String>,
@@ -168,59 +252,46 @@ struct Report {
     world_size: usize,
     /// The largest grid of the kernels; None where every call took NCCL.
     max_blocks: Option<u32>,
-    rows: Vec<Row>,
 }
 
-pub fn run(args: Args) -> Result<ExitCode> {
-    let sizes = parse_sizes(&args.sizes).map_err(|problem| CliError::BadArgument {
-        arg: "--sizes".into(),
-        problem,
-    })?;
-    if args.repetitions == 0 {
-        return Err(CliError::BadArgument {
-            arg: "--repetitions 0".into(),
-            problem: "must be at least 1".into(),
-        });
+impl RunFacts {
+    /// The facts of this run. Collective: the ranks' GPUs are gathered.
+    fn gather(comm: &Communicator, mode: RankMode) -> Result<RunFacts> {
+        let identities = gather_strings(comm.rendezvous().as_ref(), &gpu_identity(comm))?;
+        let (gpus, rank_gpus) = distinct_gpus(&identities);
+        Ok(RunFacts {
+            command: std::env::args().collect::<Vec<_>>().join(" "),
+            commit: std::env::var("LINKREDUCE_COMMIT").ok(),
+            mode: mode.name(),
+            gpus,
+            rank_gpus,
+            driver: driver_string(),
+            nccl: linkreduce::nccl::version()
+                .map(|(a, b, c)| format!("{a}.{b}.{c}"))
+                .unwrap_or_else(|e| e.to_string()),
+            world_size: comm.world_size(),
+            max_blocks: comm.max_blocks(),
+        })
     }
-    let devices = crate::pick_devices(&args.devices)?;
-    let world = args.ranks.unwrap_or(devices.len());
-    // The default configuration, as users get it: launches are cut at the
-    // staging size on every rank (docs/design.md, "Chunks"), so a smaller
-    // staging buffer would time extra launches, not the kernels.
-    let mut config = Config::default();
-    if let Some(blocks) = args.max_blocks {
-        config.max_blocks = blocks;
-    }
-    let passed = on_ranks(args.mode, &devices, world, config, |comm| {
-        bench_rank(comm, &args, &sizes)
-    })?;
-    Ok(exit_code(passed != Some(false)))
 }
 
-/// Every implementation and size on this rank; rank 0 prints and writes
-/// the report. Returns whether every result was right.
-fn bench_rank(comm: &mut Communicator, args: &Args, sizes: &[usize]) -> Result<bool> {
-    let world = comm.world_size();
-    let leader = comm.rank() == 0;
-    let rendezvous = comm.rendezvous().clone();
-    let wants_nccl = args.implementations.iter().any(|i| i.algorithm().is_none());
-    // NCCL refuses two ranks on one GPU; linkreduce is still timed then.
-    let nccl = if wants_nccl {
-        comm.nccl()
-            .inspect_err(|error| {
-                if leader {
-                    eprintln!("linkreduce: NCCL unavailable, timing linkreduce only: {error}");
-                }
-            })
-            .ok()
-    } else {
-        None
-    };
-    let (gpus, rank_gpus) =
-        distinct_gpus(&gather_strings(rendezvous.as_ref(), &gpu_identity(comm))?);
-    let max_blocks = comm.max_blocks();
+/// An NCCL communicator over the same ranks, or None (said once) where
+/// NCCL cannot run: it refuses two ranks on one GPU, and linkreduce is
+/// still timed then. Collective; every rank gets the same answer.
+fn nccl_or_warn(comm: &Communicator) -> Option<NcclComm> {
+    comm.nccl()
+        .inspect_err(|error| {
+            if comm.rank() == 0 {
+                eprintln!("linkreduce: NCCL unavailable, timing linkreduce only: {error}");
+            }
+        })
+        .ok()
+}
+
+/// A progress bar of `steps` on rank 0, hidden elsewhere.
+fn progress_bar(leader: bool, steps: usize) -> ProgressBar {
     let progress = if leader {
-        ProgressBar::new((sizes.len() * args.implementations.len()) as u64)
+        ProgressBar::new(steps as u64)
     } else {
         ProgressBar::hidden()
     };
@@ -228,160 +299,11 @@ fn bench_rank(comm: &mut Communicator, args: &Args, sizes: &[usize]) -> Result<b
         ProgressStyle::with_template("{bar:40} {pos}/{len} {msg}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
-    let mut rank = Rank { comm, nccl };
-    let mut rows = Vec::new();
-    if leader {
-        print_header();
-    }
-    // Implementations outer, sizes inner: NCCL's rows exist before the
-    // ratios need them, and one implementation that stalls costs only its
-    // own rows.
-    for &implementation in &args.implementations {
-        if implementation.algorithm().is_none() && rank.nccl.is_none() {
-            progress.inc(sizes.len() as u64);
-            continue;
-        }
-        for &bytes in sizes {
-            let count = bytes / args.dtype.size();
-            if count == 0 {
-                continue;
-            }
-            progress.set_message(format!("{} {implementation}", format_size(bytes)));
-            let mine = match args.dtype {
-                DType::F32 => measure::<f32>(&mut rank, implementation, count, args.repetitions),
-                DType::F16 => {
-                    measure::<half::f16>(&mut rank, implementation, count, args.repetitions)
-                }
-                DType::BF16 => {
-                    measure::<half::bf16>(&mut rank, implementation, count, args.repetitions)
-                }
-            }?;
-            let measured = slowest_rank(rendezvous.as_ref(), &mine)?;
-            let path = match implementation.algorithm() {
-                Some(AlgorithmChoice::Auto) => Some(rank.comm.path_for(bytes).name().to_string()),
-                Some(choice) => Some(choice.to_string()),
-                None => None,
-            };
-            for (mode, time_us) in [
-                (Mode::Eager, measured.eager_us),
-                (Mode::Graph, measured.graph_us),
-            ] {
-                let algbw = bytes as f64 / (time_us * 1e3);
-                let mut row = Row {
-                    bytes,
-                    count,
-                    dtype: args.dtype,
-                    implementation,
-                    path: path.clone(),
-                    mode,
-                    time_us,
-                    algbw_gbps: algbw,
-                    busbw_gbps: algbw * 2.0 * (world - 1) as f64 / world as f64,
-                    wrong: measured.wrong,
-                    speedup_vs_nccl: None,
-                };
-                row.speedup_vs_nccl = speedup_vs_nccl(&rows, &row);
-                if leader {
-                    progress.suspend(|| print_row(&row));
-                }
-                rows.push(row);
-            }
-            progress.inc(1);
-        }
-    }
-    progress.finish_and_clear();
-    let wrong: usize = rows.iter().map(|r| r.wrong).sum();
-    if leader {
-        rows.sort_by_key(|r| (r.bytes, r.implementation as u8, r.mode as u8));
-        println!();
-        print_header();
-        rows.iter().for_each(print_row);
-        let report = Report {
-            command: std::env::args().collect::<Vec<_>>().join(" "),
-            commit: std::env::var("LINKREDUCE_COMMIT").ok(),
-            mode: args.mode.name(),
-            gpus,
-            rank_gpus,
-            driver: driver_string(),
-            nccl: linkreduce::nccl::version()
-                .map(|(a, b, c)| format!("{a}.{b}.{c}"))
-                .unwrap_or_else(|e| e.to_string()),
-            world_size: world,
-            max_blocks,
-            rows,
-        };
-        if let Some(path) = &args.tune_out {
-            write_tuning(&report, path)?;
-        }
-        if let Some(path) = &args.json {
-            write_report(&report, path)?;
-        }
-    }
-    Ok(wrong == 0)
+    progress
 }
 
-/// Writes the tuning table measured by `report`.
-fn write_tuning(report: &Report, path: &std::path::Path) -> Result<()> {
-    if report.gpus.len() < report.world_size {
-        return Err(CliError::Tuning(
-            "ranks shared GPUs in this run, so its times say nothing about speed; \
-             tune with one rank per GPU",
-        ));
-    }
-    let mut fastest: Vec<(usize, TunedPath, f64)> = Vec::new();
-    for row in &report.rows {
-        let Some(algorithm) = row.implementation.tuned_path() else {
-            continue;
-        };
-        if row.wrong > 0 || !matches!(row.mode, Mode::Graph) {
-            continue;
-        }
-        match fastest.iter_mut().find(|f| f.0 == row.bytes) {
-            Some(best) if best.2 <= row.time_us => {}
-            Some(best) => *best = (row.bytes, algorithm, row.time_us),
-            None => fastest.push((row.bytes, algorithm, row.time_us)),
-        }
-    }
-    if fastest.is_empty() {
-        return Err(CliError::Tuning(
-            "no forced linkreduce algorithm (one-stage, two-stage, push) was timed with right \
-             results",
-        ));
-    }
-    let winners: Vec<(usize, TunedPath)> = fastest.iter().map(|f| (f.0, f.1)).collect();
-    let tuning = linkreduce::Tuning {
-        measured_on: format!(
-            "{} x {}, {} ranks as {}, commit {}",
-            report.gpus.len(),
-            report.gpus.first().map_or("?", String::as_str),
-            report.world_size,
-            report.mode,
-            report.commit.as_deref().unwrap_or("unknown")
-        ),
-        entries: linkreduce::Tuning::from_fastest(report.world_size, &winners),
-    };
-    let text = serde_json::to_string_pretty(&tuning).map_err(|source| CliError::JsonEncode {
-        what: "the tuning table",
-        source,
-    })?;
-    std::fs::write(path, text).map_err(|source| CliError::Io {
-        action: "write",
-        path: path.to_path_buf(),
-        source,
-    })?;
-    eprintln!(
-        "wrote {}; use it with {}={}",
-        path.display(),
-        linkreduce::Tuning::PATH_VAR,
-        path.display()
-    );
-    Ok(())
-}
-
-/// Writes the JSON report and its plot beside it. A plot that cannot be
-/// drawn (no font on this machine) is a warning: `linkreduce plot` can
-/// draw it elsewhere from the JSON.
-fn write_report(report: &Report, path: &std::path::Path) -> Result<()> {
+/// Writes `report` as JSON at `path`; returns the text written.
+fn write_json(report: &impl Serialize, path: &std::path::Path) -> Result<String> {
     let text = serde_json::to_string_pretty(report).map_err(|source| CliError::JsonEncode {
         what: "the report",
         source,
@@ -391,16 +313,7 @@ fn write_report(report: &Report, path: &std::path::Path) -> Result<()> {
         path: path.to_path_buf(),
         source,
     })?;
-    let picture = path.with_extension("png");
-    match crate::plot::render(&text, &picture) {
-        Ok(()) => eprintln!("wrote {} and {}", path.display(), picture.display()),
-        Err(error) => eprintln!(
-            "wrote {}; no plot ({error}); draw it later with `linkreduce plot {}`",
-            path.display(),
-            path.display()
-        ),
-    }
-    Ok(())
+    Ok(text)
 }
 
 /// "uuid name": the uuid tells ranks that share a GPU apart from ranks on
@@ -462,122 +375,81 @@ fn driver_string() -> String {
     }
 }
 
-/// NCCL's time over `row`'s at the same size and mode (>1: `row` is faster).
-fn speedup_vs_nccl(rows: &[Row], row: &Row) -> Option<f64> {
-    rows.iter()
-        .find(|r| {
-            r.implementation == Implementation::Nccl
-                && r.bytes == row.bytes
-                && r.mode as u8 == row.mode as u8
-        })
-        .map(|nccl| nccl.time_us / row.time_us)
-}
-
-/// The implementation as the table prints it: automatic calls with the
-/// path they took, as in `linkreduce(one-stage)`.
-fn label(row: &Row) -> String {
-    match (row.implementation, &row.path) {
-        (Implementation::Auto, Some(path)) => format!("{}({path})", row.implementation),
-        _ => row.implementation.to_string(),
-    }
-}
-
-fn print_header() {
-    println!(
-        "{:>9} {:>11} {:>5} {:>21} {:>6} {:>10} {:>9} {:>9} {:>6} {:>8}",
-        "size", "count", "type", "impl", "mode", "time(us)", "algbw", "busbw", "wrong", "vs nccl"
-    );
-}
-
-fn print_row(row: &Row) {
-    let ratio = row
-        .speedup_vs_nccl
-        .map(|r| format!("{r:.2}x"))
-        .unwrap_or_else(|| "-".into());
-    println!(
-        "{:>9} {:>11} {:>5} {:>21} {:>6} {:>10.2} {:>9.2} {:>9.2} {:>6} {:>8}",
-        format_size(row.bytes),
-        row.count,
-        row.dtype.name(),
-        label(row),
-        format!("{:?}", row.mode).to_lowercase(),
-        row.time_us,
-        row.algbw_gbps,
-        row.busbw_gbps,
-        row.wrong,
-        ratio
-    );
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::Parser;
 
-    fn row(bytes: usize, implementation: Implementation, mode: Mode, time_us: f64) -> Row {
-        Row {
-            bytes,
-            count: bytes / 2,
-            dtype: DType::BF16,
-            implementation,
-            path: None,
-            mode,
-            time_us,
-            algbw_gbps: 0.0,
-            busbw_gbps: 0.0,
-            wrong: 0,
-            speedup_vs_nccl: None,
+    #[derive(Parser)]
+    struct Command {
+        #[command(flatten)]
+        args: Args,
+    }
+
+    fn workload(line: &str) -> Result<Workload> {
+        let words = std::iter::once("bench").chain(line.split_whitespace());
+        Command::try_parse_from(words)
+            .map_err(|error| CliError::BadArgument {
+                arg: line.into(),
+                problem: error.to_string(),
+            })?
+            .args
+            .workload()
+    }
+
+    fn refusal(line: &str) -> String {
+        match workload(line) {
+            Err(error) => error.to_string(),
+            Ok(workload) => panic!("`{line}` was accepted as {workload:?}"),
         }
     }
 
     #[test]
-    fn tuning_keeps_the_fastest_right_path_per_size_in_graph_mode() {
-        use Implementation::{Nccl, NcclSymmetric, OneStage, Push, TwoStage};
-        let mut wrong = row(1024, Push, Mode::Graph, 0.5);
-        wrong.wrong = 3;
-        let rows = vec![
-            row(1024, OneStage, Mode::Graph, 4.0),
-            row(1024, Push, Mode::Graph, 2.0),
-            row(1024, Nccl, Mode::Graph, 1.0),
-            row(1024, OneStage, Mode::Eager, 1.0),
-            row(1 << 20, OneStage, Mode::Graph, 8.0),
-            row(1 << 20, Push, Mode::Graph, 9.0),
-            // The library's NCCL path uses plain buffers: symmetric
-            // memory's times do not count.
-            row(1 << 20, NcclSymmetric, Mode::Graph, 0.1),
-            row(1 << 28, OneStage, Mode::Graph, 900.0),
-            row(1 << 28, TwoStage, Mode::Graph, 800.0),
-            wrong,
-        ];
-        let report = Report {
-            command: "test".into(),
-            commit: None,
-            mode: "threads",
-            gpus: vec!["GPU".into(), "GPU".into()],
-            rank_gpus: vec![0, 1],
-            driver: String::new(),
-            nccl: String::new(),
-            world_size: 2,
-            max_blocks: Some(1),
-            rows,
+    fn all_reduce_is_the_default_with_its_sizes_and_implementations() {
+        let Ok(Workload::AllReduce(sweep)) = workload("") else {
+            panic!("the default op is not the all-reduce");
         };
-        let dir = std::env::temp_dir().join(format!("linkreduce-tune-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("tuning.json");
-        write_tuning(&report, &path).unwrap();
-        let tuning: linkreduce::Tuning =
-            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-        std::fs::remove_dir_all(&dir).unwrap();
-        let custom = TunedPath::Custom;
-        assert_eq!(tuning.pick(2, 1024), Some(TunedPath::Nccl));
-        assert_eq!(tuning.pick(2, 1 << 20), Some(custom(Algorithm::OneStage)));
-        assert_eq!(tuning.pick(2, 1 << 28), Some(custom(Algorithm::TwoStage)));
-        assert_eq!(tuning.pick(4, 1024), None);
-        let shared = Report {
-            gpus: vec!["GPU".into()],
-            rank_gpus: vec![0, 0],
-            ..report
+        assert_eq!(sweep.sizes.first(), Some(&1024));
+        assert_eq!(sweep.sizes.last(), Some(&(256 << 20)));
+        assert_eq!(sweep.implementations, all_reduce::DEFAULT_IMPLEMENTATIONS);
+        let Ok(Workload::AllReduce(sweep)) =
+            workload("--op all-reduce --sizes 4K,8K --implementations nccl")
+        else {
+            panic!("an all-reduce sweep was refused");
         };
-        assert!(write_tuning(&shared, &path).is_err());
+        assert_eq!(sweep.sizes, [4096, 8192]);
+        assert_eq!(sweep.implementations, [Implementation::Nccl]);
+    }
+
+    #[test]
+    fn options_of_another_op_are_refused_with_their_owner() {
+        assert_eq!(
+            refusal("--rows 8"),
+            "invalid argument --rows: applies to --op fused-norm only; leave it out for \
+             --op all-reduce"
+        );
+        assert!(refusal("--hidden 64").contains("--op fused-norm only"));
+        for flag in ["--sizes 1K", "--implementations nccl", "--tune-out t.json"] {
+            let text = refusal(&format!("--op fused-norm {flag}"));
+            assert!(
+                text.contains("applies to --op all-reduce only"),
+                "{flag}: {text}"
+            );
+        }
+        assert!(refusal("--op reduce-scatter").contains("invalid value 'reduce-scatter'"));
+        assert!(refusal("--repetitions 0").contains("must be at least 1"));
+    }
+
+    #[test]
+    fn tune_refuses_other_ops_before_touching_a_gpu() {
+        let args = Command::try_parse_from(["bench", "--op", "fused-norm"])
+            .unwrap()
+            .args;
+        let error = tune(args).unwrap_err().to_string();
+        assert!(
+            error.contains("`linkreduce bench --op fused-norm`"),
+            "{error}"
+        );
     }
 
     #[test]

@@ -1,0 +1,545 @@
+//! `bench --op all-reduce`: sizes x implementations (linkreduce's
+//! algorithms, automatic or forced, and NCCL with plain or symmetric
+//! buffers), with bandwidths, wrong-element counts, the ratio to NCCL, the
+//! plot and the tuning table.
+
+use std::fmt;
+
+use linkreduce::nccl::SymmetricBuffer;
+use linkreduce::verify::values::small_integer;
+use linkreduce::{
+    Algorithm, AlgorithmChoice, CallOptions, Communicator, DType, DeviceBuffer, Element, Error,
+    TunedPath,
+};
+use serde::Serialize;
+
+use super::measure::{slowest_rank, time_eager_and_graphed, Rank, RankRun};
+use super::{nccl_or_warn, progress_bar, write_json, Args, Mode, Op, Report, RunFacts};
+use crate::error::{CliError, Result};
+use crate::sizes::format_size;
+
+pub(super) const DEFAULT_SIZES: &str = "1K:256M";
+
+pub(super) const DEFAULT_IMPLEMENTATIONS: [Implementation; 6] = [
+    Implementation::Nccl,
+    Implementation::Auto,
+    Implementation::OneStage,
+    Implementation::TwoStage,
+    Implementation::Push,
+    Implementation::NcclSymmetric,
+];
+
+/// The sizes and implementations of one run.
+#[derive(Debug)]
+pub(super) struct Sweep {
+    pub sizes: Vec<usize>,
+    pub implementations: Vec<Implementation>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub(crate) enum Implementation {
+    Auto,
+    OneStage,
+    TwoStage,
+    Push,
+    Nccl,
+    NcclSymmetric,
+}
+
+impl fmt::Display for Implementation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Implementation::Auto => "linkreduce",
+            Implementation::OneStage => "lr-one-stage",
+            Implementation::TwoStage => "lr-two-stage",
+            Implementation::Push => "lr-push",
+            Implementation::Nccl => "nccl",
+            Implementation::NcclSymmetric => "nccl-symm",
+        })
+    }
+}
+
+impl Implementation {
+    fn algorithm(self) -> Option<AlgorithmChoice> {
+        match self {
+            Implementation::Auto => Some(AlgorithmChoice::Auto),
+            Implementation::OneStage => Some(AlgorithmChoice::Force(Algorithm::OneStage)),
+            Implementation::TwoStage => Some(AlgorithmChoice::Force(Algorithm::TwoStage)),
+            Implementation::Push => Some(AlgorithmChoice::Force(Algorithm::Push)),
+            Implementation::Nccl | Implementation::NcclSymmetric => None,
+        }
+    }
+
+    /// What a tuning table entry names when this implementation is the
+    /// fastest (NCCL as the library's NCCL path calls it: plain buffers).
+    fn tuned_path(self) -> Option<TunedPath> {
+        match self.algorithm() {
+            Some(AlgorithmChoice::Force(algorithm)) => Some(TunedPath::Custom(algorithm)),
+            _ if self == Implementation::Nccl => Some(TunedPath::Nccl),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct Row {
+    bytes: usize,
+    count: usize,
+    dtype: DType,
+    implementation: Implementation,
+    /// For linkreduce's implementations, the path its calls took
+    /// (`one-stage`, `two-stage`, `push` or `nccl`): automatic calls show
+    /// the choice at each size.
+    path: Option<String>,
+    mode: Mode,
+    /// Median over repetitions of the slowest rank's time per call.
+    time_us: f64,
+    algbw_gbps: f64,
+    busbw_gbps: f64,
+    wrong: usize,
+    /// NCCL's time over this one's in the same run and mode (>1: faster).
+    speedup_vs_nccl: Option<f64>,
+}
+
+/// Every implementation and size on this rank; rank 0 prints and writes
+/// the report. Returns whether every result was right.
+pub(super) fn bench_rank(comm: &mut Communicator, args: &Args, sweep: &Sweep) -> Result<bool> {
+    let world = comm.world_size();
+    let leader = comm.rank() == 0;
+    let rendezvous = comm.rendezvous().clone();
+    let wants_nccl = sweep
+        .implementations
+        .iter()
+        .any(|i| i.algorithm().is_none());
+    let nccl = if wants_nccl { nccl_or_warn(comm) } else { None };
+    let facts = RunFacts::gather(comm, args.mode)?;
+    let progress = progress_bar(leader, sweep.sizes.len() * sweep.implementations.len());
+    let mut rank = Rank { comm, nccl };
+    let mut rows = Vec::new();
+    if leader {
+        print_header();
+    }
+    // Implementations outer, sizes inner: NCCL's rows exist before the
+    // ratios need them, and one implementation that stalls costs only its
+    // own rows.
+    for &implementation in &sweep.implementations {
+        if implementation.algorithm().is_none() && rank.nccl.is_none() {
+            progress.inc(sweep.sizes.len() as u64);
+            continue;
+        }
+        for &bytes in &sweep.sizes {
+            let count = bytes / args.dtype.size();
+            if count == 0 {
+                continue;
+            }
+            progress.set_message(format!("{} {implementation}", format_size(bytes)));
+            let mine = match args.dtype {
+                DType::F32 => measure::<f32>(&mut rank, implementation, count, args.repetitions),
+                DType::F16 => {
+                    measure::<half::f16>(&mut rank, implementation, count, args.repetitions)
+                }
+                DType::BF16 => {
+                    measure::<half::bf16>(&mut rank, implementation, count, args.repetitions)
+                }
+            }?;
+            let measured = slowest_rank(rendezvous.as_ref(), &mine)?;
+            let path = match implementation.algorithm() {
+                Some(AlgorithmChoice::Auto) => Some(rank.comm.path_for(bytes).name().to_string()),
+                Some(choice) => Some(choice.to_string()),
+                None => None,
+            };
+            for (mode, time_us) in [
+                (Mode::Eager, measured.eager_us),
+                (Mode::Graph, measured.graph_us),
+            ] {
+                let algbw = bytes as f64 / (time_us * 1e3);
+                let mut row = Row {
+                    bytes,
+                    count,
+                    dtype: args.dtype,
+                    implementation,
+                    path: path.clone(),
+                    mode,
+                    time_us,
+                    algbw_gbps: algbw,
+                    busbw_gbps: algbw * 2.0 * (world - 1) as f64 / world as f64,
+                    wrong: measured.wrong,
+                    speedup_vs_nccl: None,
+                };
+                row.speedup_vs_nccl = speedup_vs_nccl(&rows, &row);
+                if leader {
+                    progress.suspend(|| print_row(&row));
+                }
+                rows.push(row);
+            }
+            progress.inc(1);
+        }
+    }
+    progress.finish_and_clear();
+    let wrong: usize = rows.iter().map(|r| r.wrong).sum();
+    if leader {
+        rows.sort_by_key(|r| (r.bytes, r.implementation as u8, r.mode as u8));
+        println!();
+        print_header();
+        rows.iter().for_each(print_row);
+        let report = Report {
+            op: Op::AllReduce,
+            facts,
+            rows,
+        };
+        if let Some(path) = &args.tune_out {
+            write_tuning(&report, path)?;
+        }
+        if let Some(path) = &args.json {
+            write_report(&report, path)?;
+        }
+    }
+    Ok(wrong == 0)
+}
+
+/// The buffers one rank all-reduces between.
+enum Buffers<T> {
+    Linkreduce {
+        input: DeviceBuffer<T>,
+        output: DeviceBuffer<T>,
+    },
+    Nccl {
+        input: DeviceBuffer<T>,
+        output: DeviceBuffer<T>,
+    },
+    Symmetric {
+        input: SymmetricBuffer,
+        output: SymmetricBuffer,
+    },
+}
+
+impl<T: Element> Buffers<T> {
+    fn addresses(&self) -> (u64, u64) {
+        match self {
+            Buffers::Linkreduce { input, output } | Buffers::Nccl { input, output } => {
+                (input.device_address(), output.device_address())
+            }
+            Buffers::Symmetric { input, output } => {
+                (input.device_address(), output.device_address())
+            }
+        }
+    }
+}
+
+fn call<T: Element>(
+    rank: &mut Rank,
+    implementation: Implementation,
+    buffers: &mut Buffers<T>,
+    count: usize,
+) -> Result<()> {
+    match (implementation.algorithm(), buffers) {
+        (Some(algorithm), Buffers::Linkreduce { input, output }) => Ok(rank.comm.all_reduce_with(
+            input,
+            output,
+            CallOptions {
+                algorithm,
+                zero_copy: true,
+            },
+        )?),
+        (None, buffers) => {
+            let nccl = rank
+                .nccl
+                .as_mut()
+                .ok_or(CliError::Internal("NCCL was not initialised"))?;
+            let (send, recv) = buffers.addresses();
+            // SAFETY: both addresses hold `count` elements of T on this
+            // rank's device and outlive the enqueued work (synchronised
+            // before the buffers drop).
+            Ok(unsafe { nccl.all_reduce_raw(T::DTYPE, send, recv, count) }?)
+        }
+        _ => Err(CliError::Internal(
+            "buffers do not match the implementation",
+        )),
+    }
+}
+
+/// One implementation at one size on this rank: its buffers, the
+/// correctness check of the buffers that are then timed, and the timing.
+fn measure<T: Element + Default>(
+    rank: &mut Rank,
+    implementation: Implementation,
+    count: usize,
+    repetitions: usize,
+) -> Result<RankRun> {
+    let stream = rank.comm.stream().clone();
+    let rendezvous = rank.comm.rendezvous().clone();
+    let world = rank.comm.world_size();
+    let host: Vec<T> = (0..count)
+        .map(|i| T::from_f64(small_integer(1, rank.comm.rank(), i)))
+        .collect();
+    let mut buffers = match implementation {
+        Implementation::NcclSymmetric => {
+            let nccl = rank
+                .nccl
+                .as_ref()
+                .ok_or(CliError::Internal("NCCL was not initialised"))?;
+            let bytes = count * std::mem::size_of::<T>();
+            Buffers::Symmetric {
+                input: SymmetricBuffer::new(nccl, bytes)?,
+                output: SymmetricBuffer::new(nccl, bytes)?,
+            }
+        }
+        Implementation::Nccl => Buffers::Nccl {
+            input: rank.comm.alloc::<T>(count)?,
+            output: rank.comm.alloc::<T>(count)?,
+        },
+        _ => {
+            let input = rank.comm.alloc::<T>(count)?;
+            rank.comm.register(&input)?;
+            Buffers::Linkreduce {
+                input,
+                output: rank.comm.alloc::<T>(count)?,
+            }
+        }
+    };
+    let (input_address, output_address) = buffers.addresses();
+    // SAFETY: the input holds `count` elements of T.
+    unsafe { linkreduce::memory::copy_to_device(&stream, input_address, &host) }?;
+    // Correctness first, on the same buffers that are timed.
+    call(rank, implementation, &mut buffers, count)?;
+    stream
+        .synchronize()
+        .map_err(Error::driver("cuStreamSynchronize"))?;
+    let mut result = vec![T::default(); count];
+    // SAFETY: the output holds `count` elements of T.
+    unsafe { linkreduce::memory::copy_to_host(&stream, &mut result, output_address) }?;
+    let wrong = (0..count)
+        .filter(|&i| {
+            let expected = T::from_f64((0..world).map(|r| small_integer(1, r, i)).sum());
+            result[i].to_f64() != expected.to_f64()
+        })
+        .count();
+    let run = time_eager_and_graphed(
+        &stream,
+        rendezvous.as_ref(),
+        count * std::mem::size_of::<T>(),
+        repetitions,
+        wrong,
+        || call(rank, implementation, &mut buffers, count),
+    )?;
+    rank.comm.synchronize()?;
+    if let Buffers::Linkreduce { input, .. } = &buffers {
+        rank.comm.deregister(input)?;
+    }
+    Ok(run)
+}
+
+/// Writes the tuning table measured by `report`.
+fn write_tuning(report: &Report<Row>, path: &std::path::Path) -> Result<()> {
+    let facts = &report.facts;
+    if facts.gpus.len() < facts.world_size {
+        return Err(CliError::Tuning(
+            "ranks shared GPUs in this run, so its times say nothing about speed; \
+             tune with one rank per GPU",
+        ));
+    }
+    let mut fastest: Vec<(usize, TunedPath, f64)> = Vec::new();
+    for row in &report.rows {
+        let Some(algorithm) = row.implementation.tuned_path() else {
+            continue;
+        };
+        if row.wrong > 0 || !matches!(row.mode, Mode::Graph) {
+            continue;
+        }
+        match fastest.iter_mut().find(|f| f.0 == row.bytes) {
+            Some(best) if best.2 <= row.time_us => {}
+            Some(best) => *best = (row.bytes, algorithm, row.time_us),
+            None => fastest.push((row.bytes, algorithm, row.time_us)),
+        }
+    }
+    if fastest.is_empty() {
+        return Err(CliError::Tuning(
+            "no forced linkreduce algorithm (one-stage, two-stage, push) was timed with right \
+             results",
+        ));
+    }
+    let winners: Vec<(usize, TunedPath)> = fastest.iter().map(|f| (f.0, f.1)).collect();
+    let tuning = linkreduce::Tuning {
+        measured_on: format!(
+            "{} x {}, {} ranks as {}, commit {}",
+            facts.gpus.len(),
+            facts.gpus.first().map_or("?", String::as_str),
+            facts.world_size,
+            facts.mode,
+            facts.commit.as_deref().unwrap_or("unknown")
+        ),
+        entries: linkreduce::Tuning::from_fastest(facts.world_size, &winners),
+    };
+    let text = serde_json::to_string_pretty(&tuning).map_err(|source| CliError::JsonEncode {
+        what: "the tuning table",
+        source,
+    })?;
+    std::fs::write(path, text).map_err(|source| CliError::Io {
+        action: "write",
+        path: path.to_path_buf(),
+        source,
+    })?;
+    eprintln!(
+        "wrote {}; use it with {}={}",
+        path.display(),
+        linkreduce::Tuning::PATH_VAR,
+        path.display()
+    );
+    Ok(())
+}
+
+/// Writes the JSON report and its plot beside it. A plot that cannot be
+/// drawn (no font on this machine) is a warning: `linkreduce plot` can
+/// draw it elsewhere from the JSON.
+fn write_report(report: &Report<Row>, path: &std::path::Path) -> Result<()> {
+    let text = write_json(report, path)?;
+    let picture = path.with_extension("png");
+    match crate::plot::render(&text, &picture) {
+        Ok(()) => eprintln!("wrote {} and {}", path.display(), picture.display()),
+        Err(error) => eprintln!(
+            "wrote {}; no plot ({error}); draw it later with `linkreduce plot {}`",
+            path.display(),
+            path.display()
+        ),
+    }
+    Ok(())
+}
+
+/// NCCL's time over `row`'s at the same size and mode (>1: `row` is faster).
+fn speedup_vs_nccl(rows: &[Row], row: &Row) -> Option<f64> {
+    rows.iter()
+        .find(|r| {
+            r.implementation == Implementation::Nccl && r.bytes == row.bytes && r.mode == row.mode
+        })
+        .map(|nccl| nccl.time_us / row.time_us)
+}
+
+/// The implementation as the table prints it: automatic calls with the
+/// path they took, as in `linkreduce(one-stage)`.
+fn label(row: &Row) -> String {
+    match (row.implementation, &row.path) {
+        (Implementation::Auto, Some(path)) => format!("{}({path})", row.implementation),
+        _ => row.implementation.to_string(),
+    }
+}
+
+fn print_header() {
+    println!(
+        "{:>9} {:>11} {:>5} {:>21} {:>6} {:>10} {:>9} {:>9} {:>6} {:>8}",
+        "size", "count", "type", "impl", "mode", "time(us)", "algbw", "busbw", "wrong", "vs nccl"
+    );
+}
+
+fn print_row(row: &Row) {
+    let ratio = row
+        .speedup_vs_nccl
+        .map(|r| format!("{r:.2}x"))
+        .unwrap_or_else(|| "-".into());
+    println!(
+        "{:>9} {:>11} {:>5} {:>21} {:>6} {:>10.2} {:>9.2} {:>9.2} {:>6} {:>8}",
+        format_size(row.bytes),
+        row.count,
+        row.dtype.name(),
+        label(row),
+        row.mode.name(),
+        row.time_us,
+        row.algbw_gbps,
+        row.busbw_gbps,
+        row.wrong,
+        ratio
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(bytes: usize, implementation: Implementation, mode: Mode, time_us: f64) -> Row {
+        Row {
+            bytes,
+            count: bytes / 2,
+            dtype: DType::BF16,
+            implementation,
+            path: None,
+            mode,
+            time_us,
+            algbw_gbps: 0.0,
+            busbw_gbps: 0.0,
+            wrong: 0,
+            speedup_vs_nccl: None,
+        }
+    }
+
+    fn facts(gpus: usize) -> RunFacts {
+        RunFacts {
+            command: "test".into(),
+            commit: None,
+            mode: "threads",
+            gpus: vec!["GPU".into(); gpus],
+            rank_gpus: vec![0, gpus - 1],
+            driver: String::new(),
+            nccl: String::new(),
+            world_size: 2,
+            max_blocks: Some(1),
+        }
+    }
+
+    #[test]
+    fn tuning_keeps_the_fastest_right_path_per_size_in_graph_mode() {
+        use Implementation::{Nccl, NcclSymmetric, OneStage, Push, TwoStage};
+        let mut wrong = row(1024, Push, Mode::Graph, 0.5);
+        wrong.wrong = 3;
+        let rows = vec![
+            row(1024, OneStage, Mode::Graph, 4.0),
+            row(1024, Push, Mode::Graph, 2.0),
+            row(1024, Nccl, Mode::Graph, 1.0),
+            row(1024, OneStage, Mode::Eager, 1.0),
+            row(1 << 20, OneStage, Mode::Graph, 8.0),
+            row(1 << 20, Push, Mode::Graph, 9.0),
+            // The library's NCCL path uses plain buffers: symmetric
+            // memory's times do not count.
+            row(1 << 20, NcclSymmetric, Mode::Graph, 0.1),
+            row(1 << 28, OneStage, Mode::Graph, 900.0),
+            row(1 << 28, TwoStage, Mode::Graph, 800.0),
+            wrong,
+        ];
+        let report = Report {
+            op: Op::AllReduce,
+            facts: facts(2),
+            rows,
+        };
+        let dir = std::env::temp_dir().join(format!("linkreduce-tune-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("tuning.json");
+        write_tuning(&report, &path).unwrap();
+        let tuning: linkreduce::Tuning =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        let custom = TunedPath::Custom;
+        assert_eq!(tuning.pick(2, 1024), Some(TunedPath::Nccl));
+        assert_eq!(tuning.pick(2, 1 << 20), Some(custom(Algorithm::OneStage)));
+        assert_eq!(tuning.pick(2, 1 << 28), Some(custom(Algorithm::TwoStage)));
+        assert_eq!(tuning.pick(4, 1024), None);
+        let shared = Report {
+            facts: facts(1),
+            ..report
+        };
+        assert!(write_tuning(&shared, &path).is_err());
+    }
+
+    #[test]
+    fn the_report_keeps_its_fields_at_the_top_level_and_names_its_op() {
+        let report = Report {
+            op: Op::AllReduce,
+            facts: facts(2),
+            rows: vec![row(1024, Implementation::Auto, Mode::Graph, 2.0)],
+        };
+        let json = serde_json::to_value(&report).unwrap();
+        assert_eq!(json["op"], "all-reduce");
+        assert_eq!(json["world_size"], 2);
+        assert_eq!(json["gpus"][1], "GPU");
+        assert_eq!(json["rows"][0]["implementation"], "auto");
+        assert_eq!(json["rows"][0]["mode"], "graph");
+    }
+}
