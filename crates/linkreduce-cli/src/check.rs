@@ -6,9 +6,12 @@ use std::time::{Duration, Instant};
 
 use linkreduce::kernels::NORM_DTYPES;
 use linkreduce::verify::fused::{check_norm_case_on_rank, norm_sweep_cases, NormCase};
+use linkreduce::verify::scatter_gather::{
+    check_sg_case_on_rank, sg_sweep_cases, SgBuffers, SgCase,
+};
 use linkreduce::verify::soak::{soak, SoakOptions};
 use linkreduce::verify::{check_case_on_rank, check_graph_on_rank, sweep_cases};
-use linkreduce::{Algorithm, AlgorithmChoice, Communicator, Config, DType};
+use linkreduce::{Algorithm, AlgorithmChoice, Communicator, Config, DType, ScatterGather};
 
 use crate::error::Result;
 
@@ -78,6 +81,11 @@ pub struct Args {
         default_value = "8x4096,1x8192,3x16384,5x16387,33x1000,512x4096"
     )]
     norm_shapes: Vec<(usize, usize)>,
+    /// Elements per rank's block of the reduce-scatters and all-gathers
+    /// checked after the fused norm, with every buffer kind (views, in
+    /// place, registered or not); the first is also replayed in graphs.
+    #[arg(long, value_delimiter = ',', default_value = "65539,1,7,4097,1048579")]
+    sg_counts: Vec<usize>,
 }
 
 /// ROWSxHIDDEN.
@@ -245,6 +253,29 @@ fn norm_cases(args: &Args) -> Vec<NormCase> {
     cases
 }
 
+/// The reduce-scatter and all-gather cases: every collective, dtype, count
+/// and buffer kind, then the first count in graphs.
+fn sg_cases(args: &Args) -> Vec<SgCase> {
+    let mut cases = sg_sweep_cases(&args.dtypes, &args.sg_counts, AlgorithmChoice::Auto);
+    if let (Some(&count), true) = (args.sg_counts.first(), args.graph_replays > 0) {
+        for op in ScatterGather::ALL {
+            for &dtype in &args.dtypes {
+                for buffers in [SgBuffers::Separate, SgBuffers::InPlace] {
+                    cases.push(SgCase {
+                        op,
+                        dtype,
+                        count,
+                        algorithm: AlgorithmChoice::Auto,
+                        buffers,
+                        graph_replays: args.graph_replays,
+                    });
+                }
+            }
+        }
+    }
+    cases
+}
+
 /// Every case of the sweep and the graph replays on this rank; rank 0 prints
 /// each mismatch (every rank reaches the same verdict) and the tally.
 fn check_world(comm: &mut Communicator, args: &Args) -> Result<bool> {
@@ -290,13 +321,22 @@ fn check_world(comm: &mut Communicator, args: &Args) -> Result<bool> {
             println!("MISMATCH world {world} {case}: {outcome}");
         }
     }
+    let sg_cases = sg_cases(args);
+    for (seed, &case) in sg_cases.iter().enumerate() {
+        let outcome = check_sg_case_on_rank(comm, case, seed as u64)?;
+        failures += usize::from(!outcome.passed());
+        if leader && !outcome.passed() {
+            println!("MISMATCH world {world} {case}: {outcome}");
+        }
+    }
     if leader {
         println!(
-            "world {world}: {} passed, {failures} failed ({} cases, {graphs} graphs x {} replays, {} fused-norm cases)",
-            cases.len() + graphs + norm_cases.len() - failures,
+            "world {world}: {} passed, {failures} failed ({} cases, {graphs} graphs x {} replays, {} fused-norm cases, {} reduce-scatter and all-gather cases)",
+            cases.len() + graphs + norm_cases.len() + sg_cases.len() - failures,
             cases.len(),
             args.graph_replays,
-            norm_cases.len()
+            norm_cases.len(),
+            sg_cases.len()
         );
     }
     Ok(failures == 0)

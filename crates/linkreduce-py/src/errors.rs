@@ -110,6 +110,8 @@ fn describe(error: &Error) -> (&'static str, Option<usize>, Option<usize>) {
         Error::InvalidEps(_) => ("InvalidEps", None, None),
         Error::BuffersOverlap { .. } => ("BuffersOverlap", None, None),
         Error::RowTooLong { .. } => ("RowTooLong", None, None),
+        Error::ScatterGatherLength { .. } => ("ScatterGatherLength", None, None),
+        Error::ScatterGatherOverlap { .. } => ("ScatterGatherOverlap", None, None),
         Error::Rendezvous(error) => match error {
             RendezvousError::Timeout { rank, .. } => ("RendezvousTimeout", None, Some(*rank)),
             RendezvousError::PeerLost { rank, .. } => ("PeerLost", None, Some(*rank)),

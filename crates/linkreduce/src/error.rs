@@ -117,6 +117,23 @@ pub enum Error {
     },
     #[error("a row of {hidden} elements is longer than one launch takes ({most}); raise Config::staging_bytes")]
     RowTooLong { hidden: usize, most: usize },
+    #[error("{op} on {world_size} ranks: send has {send} elements and recv {recv}; {rule}")]
+    ScatterGatherLength {
+        op: crate::kernels::ScatterGather,
+        send: usize,
+        recv: usize,
+        world_size: usize,
+        /// What the lengths must be.
+        rule: &'static str,
+    },
+    #[error("{op}: send at {send:#x} and recv at {recv:#x} overlap, but not in NCCL's in-place layout ({rule}); pass separate buffers or that layout")]
+    ScatterGatherOverlap {
+        op: crate::kernels::ScatterGather,
+        send: u64,
+        recv: u64,
+        /// The in-place layout NCCL allows.
+        rule: &'static str,
+    },
 }
 
 impl Error {

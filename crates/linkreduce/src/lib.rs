@@ -34,5 +34,6 @@ pub use algorithm::{Algorithm, AlgorithmChoice, TunedPath, Tuning, TuningEntry};
 pub use comm::{CallOptions, Communicator, Config, RmsNorm};
 pub use dtype::{DType, Element};
 pub use error::{Error, Result};
+pub use kernels::ScatterGather;
 pub use memory::DeviceBuffer;
 pub use path::{CallPath, NcclReason};

@@ -240,6 +240,64 @@ impl NcclComm {
         .map(|_| ())
         .map_err(nccl_error("ncclAllReduce"))
     }
+
+    /// Sums block r (`recv_count` elements) of every rank's `send`
+    /// (`recv_count` x world size elements) into rank r's `recv`, on
+    /// `stream` (`ncclReduceScatter`).
+    ///
+    /// # Safety
+    /// `send` and `recv` must address that many elements of `dtype` on this
+    /// communicator's device, alive until the enqueued work completes, and
+    /// be apart or in NCCL's in-place layout (`recv` = `send` + rank x
+    /// `recv_count`); `stream` must be a live stream of this communicator's
+    /// context.
+    pub unsafe fn reduce_scatter_raw_on(
+        &mut self,
+        stream: &CudaStream,
+        dtype: DType,
+        send: u64,
+        recv: u64,
+        recv_count: usize,
+    ) -> Result<()> {
+        nccl::reduce_scatter(
+            send as *const _,
+            recv as *mut _,
+            recv_count,
+            nccl_dtype(dtype),
+            nccl_sys::ncclRedOp_t::ncclSum,
+            self.comm.0,
+            stream.cu_stream() as _,
+        )
+        .map(|_| ())
+        .map_err(nccl_error("ncclReduceScatter"))
+    }
+
+    /// Gathers every rank's `send` (`send_count` elements) into block r of
+    /// `recv` (`send_count` x world size elements), on `stream`
+    /// (`ncclAllGather`).
+    ///
+    /// # Safety
+    /// As for [`reduce_scatter_raw_on`](Self::reduce_scatter_raw_on); the
+    /// in-place layout is `send` = `recv` + rank x `send_count`.
+    pub unsafe fn all_gather_raw_on(
+        &mut self,
+        stream: &CudaStream,
+        dtype: DType,
+        send: u64,
+        recv: u64,
+        send_count: usize,
+    ) -> Result<()> {
+        nccl::all_gather(
+            send as *const _,
+            recv as *mut _,
+            send_count,
+            nccl_dtype(dtype),
+            self.comm.0,
+            stream.cu_stream() as _,
+        )
+        .map(|_| ())
+        .map_err(nccl_error("ncclAllGather"))
+    }
 }
 
 /// A buffer from `ncclMemAlloc` registered as a symmetric window of one

@@ -61,6 +61,9 @@ pub enum NcclReason {
     PeerNotVisible { rank: usize, peer: usize },
     /// The tuning table names NCCL for this size (a measured crossover).
     Tuned,
+    /// A reduce-scatter or all-gather at least this large
+    /// ([`SCATTER_GATHER_NCCL_BYTES`]).
+    ScatterGatherSize { from_bytes: usize },
     /// The call asked for NCCL.
     Forced,
 }
@@ -88,6 +91,10 @@ impl fmt::Display for NcclReason {
                  reach it directly"
             ),
             NcclReason::Tuned => f.write_str("the tuning table names NCCL for this size"),
+            NcclReason::ScatterGatherSize { from_bytes } => write!(
+                f,
+                "reduce-scatters and all-gathers of {from_bytes} bytes or more take NCCL"
+            ),
             NcclReason::Forced => f.write_str("the call asked for NCCL"),
         }
     }
@@ -126,6 +133,14 @@ impl fmt::Display for CallPath {
         }
     }
 }
+
+/// Bytes of the larger buffer of a reduce-scatter or all-gather (world
+/// size x count elements) from which automatic calls take NCCL where NCCL
+/// can run (docs/scatter_gather.md, "Path choice"). Not measured yet: the
+/// kernels move the least data a pull can, but NCCL's copy loops keep
+/// more bytes in flight on large messages; one number until `linkreduce
+/// bench` measures the crossover per GPU.
+pub const SCATTER_GATHER_NCCL_BYTES: usize = 64 << 20;
 
 /// Why the custom kernels cannot serve a group, from what every rank said
 /// in the first set-up exchange (world size and hosts); None: peer access
@@ -214,6 +229,39 @@ impl Plan {
             }),
             (AlgorithmChoice::Force(algorithm), None) => Ok(CallPath::Custom(algorithm)),
         }
+    }
+
+    /// The path of a reduce-scatter or all-gather whose larger buffer holds
+    /// `bytes`: automatic calls take the kernels where they serve the group,
+    /// below [`SCATTER_GATHER_NCCL_BYTES`] or where NCCL cannot run; forcing
+    /// any of the kernels' algorithms takes the kernels (they have one
+    /// algorithm for these collectives, reported as one-stage); forcing
+    /// NCCL takes NCCL. Tuning tables, measured for the all-reduce, are
+    /// not consulted.
+    pub fn scatter_gather_path(
+        &self,
+        world_size: usize,
+        bytes: usize,
+        choice: AlgorithmChoice,
+    ) -> Result<CallPath> {
+        if choice != AlgorithmChoice::Auto {
+            return Ok(match self.path(world_size, bytes, choice, None)? {
+                CallPath::Custom(_) => CallPath::Custom(Algorithm::OneStage),
+                nccl => nccl,
+            });
+        }
+        if let Some(reason) = &self.custom_blocked {
+            return Ok(CallPath::Nccl(reason.clone()));
+        }
+        Ok(
+            if bytes >= SCATTER_GATHER_NCCL_BYTES && self.shared_gpu.is_none() {
+                CallPath::Nccl(NcclReason::ScatterGatherSize {
+                    from_bytes: SCATTER_GATHER_NCCL_BYTES,
+                })
+            } else {
+                CallPath::Custom(Algorithm::OneStage)
+            },
+        )
     }
 
     /// The path of an automatic call: the kernels wherever they serve the
@@ -373,6 +421,44 @@ mod tests {
             four.path(4, 32 << 20, AUTO, Some(&tuning)).unwrap(),
             CallPath::Custom(Algorithm::TwoStage)
         );
+    }
+
+    #[test]
+    fn scatter_gather_takes_the_kernels_below_the_size_rule() {
+        let plan = plan_of(&ranks(4, |_| 1), &all_direct(4));
+        let path = |bytes, choice| plan.scatter_gather_path(4, bytes, choice).unwrap();
+        let custom = CallPath::Custom(Algorithm::OneStage);
+        assert_eq!(path(SCATTER_GATHER_NCCL_BYTES - 1, AUTO), custom);
+        assert_eq!(
+            path(SCATTER_GATHER_NCCL_BYTES, AUTO),
+            CallPath::Nccl(NcclReason::ScatterGatherSize {
+                from_bytes: SCATTER_GATHER_NCCL_BYTES
+            })
+        );
+        let forced = AlgorithmChoice::Force(Algorithm::Push);
+        assert_eq!(path(1 << 30, forced), custom);
+        assert_eq!(
+            path(16, AlgorithmChoice::Nccl),
+            CallPath::Nccl(NcclReason::Forced)
+        );
+        // NCCL refuses ranks sharing a GPU: the kernels keep every size.
+        let mut facts = ranks(3, |_| 1);
+        facts[2].gpu = facts[0].gpu;
+        let shared = plan_of(&facts, &all_direct(3));
+        assert_eq!(
+            shared.scatter_gather_path(3, 1 << 30, AUTO).unwrap(),
+            custom
+        );
+        // Groups the kernels cannot serve take NCCL at every size.
+        let hosts = Plan::decide(&ranks(2, |rank| rank as u64), None).unwrap();
+        assert!(matches!(
+            hosts.scatter_gather_path(2, 16, AUTO).unwrap(),
+            CallPath::Nccl(NcclReason::SeveralHosts { hosts: 2 })
+        ));
+        assert!(matches!(
+            hosts.scatter_gather_path(2, 16, forced),
+            Err(Error::CustomUnavailable { .. })
+        ));
     }
 
     #[test]

@@ -15,8 +15,8 @@ use super::{Config, Gpu};
 use crate::algorithm::Tuning;
 use crate::error::{Error, Result};
 use crate::kernels::{
-    load_kernels, load_norm_kernels, Fault, Kernels, MAX_RANKS, PACKET_BYTES, PUSH_EMPTY,
-    PUSH_HEADER, PUSH_SLOTS, SCRATCH_OFFSET, THREADS_PER_BLOCK,
+    load_kernels, load_norm_kernels, load_scatter_gather_kernels, Fault, Kernels, MAX_RANKS,
+    PACKET_BYTES, PUSH_EMPTY, PUSH_HEADER, PUSH_SLOTS, SCRATCH_OFFSET, THREADS_PER_BLOCK,
 };
 use crate::memory::{gpu_uuid, DeviceMemory, HostMapped};
 use crate::registry::{Registry, STAGING_INDEX};
@@ -274,7 +274,14 @@ impl LocalSetup {
             .iter()
             .filter(|((kind, _), _)| kind.meets_peers())
             .map(|(_, function)| function);
-        let capacity = Capacity::of(ctx, kernels.values().chain(meeting_norm_kernels))?;
+        let scatter_gather_kernels = load_scatter_gather_kernels(ctx, world_size)?;
+        let capacity = Capacity::of(
+            ctx,
+            kernels
+                .values()
+                .chain(meeting_norm_kernels)
+                .chain(scatter_gather_kernels.values()),
+        )?;
         let signal = DeviceMemory::zeroed(stream, SCRATCH_OFFSET + config.scratch_bytes)?;
         let staging = DeviceMemory::zeroed(stream, config.staging_bytes)?;
         let bounce = DeviceMemory::zeroed(stream, config.staging_bytes)?;

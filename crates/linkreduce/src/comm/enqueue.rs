@@ -115,19 +115,33 @@ impl Communicator {
         call: Call,
         capturing: bool,
     ) -> Result<()> {
+        self.on_nccl(capturing, |nccl| {
+            // SAFETY: the caller vouches that both addresses hold `count`
+            // elements of `dtype` on this rank's device until the call has
+            // run on `stream` (all_reduce_raw), or they come from device
+            // slices of that length; `stream` belongs to this rank's
+            // context (enter_stream checked).
+            unsafe {
+                nccl.all_reduce_raw_on(stream, call.dtype, call.input, call.output, call.count)
+            }
+        })
+    }
+
+    /// Runs `call` on this rank's NCCL communicator, set up first where no
+    /// call needed it before (never during a capture: NCCL cannot be set up
+    /// then).
+    pub(super) fn on_nccl(
+        &mut self,
+        capturing: bool,
+        call: impl FnOnce(&mut crate::nccl::NcclComm) -> Result<()>,
+    ) -> Result<()> {
         if self.nccl.is_none() {
             if capturing {
                 return Err(Error::NcclDuringCapture);
             }
             self.prepare_nccl()?;
         }
-        let nccl = self.nccl.as_mut().ok_or(Error::NcclDuringCapture)?;
-        // SAFETY: the caller vouches that both addresses hold `count`
-        // elements of `dtype` on this rank's device until the call has run
-        // on `stream` (all_reduce_raw), or they come from device slices of
-        // that length; `stream` belongs to this rank's context
-        // (enter_stream checked).
-        unsafe { nccl.all_reduce_raw_on(stream, call.dtype, call.input, call.output, call.count) }
+        call(self.nccl.as_mut().ok_or(Error::NcclDuringCapture)?)
     }
 
     /// The call on the kernels: its source, destination and launches.
@@ -251,6 +265,21 @@ impl Communicator {
         }
         // One-stage writes the output while peers may still read the input.
         let hazard = algorithm == Algorithm::OneStage && input == output;
+        self.locate_for_peers(input, bytes, zero_copy, capturing, hazard)
+    }
+
+    /// Where peers read the `bytes` at `input`: through its table entry
+    /// where it is registered (or, captured, registered after capture) and
+    /// no `hazard` forbids reading it in place; else from a staging copy.
+    pub(super) fn locate_for_peers(
+        &mut self,
+        input: u64,
+        bytes: usize,
+        zero_copy: bool,
+        capturing: bool,
+        hazard: bool,
+    ) -> Result<Source> {
+        let aligned = input % PACKET == 0;
         let registered = self.custom()?.buffers.registry.lookup(input, bytes as u64);
         // Every launch's offset must fit a source word: check the last.
         let addressable = |located: Located| {
@@ -390,7 +419,7 @@ impl Communicator {
 }
 
 /// Copies `bytes` from `src` to `dst` in `stream`'s order.
-fn copy(stream: &CudaStream, dst: u64, src: u64, bytes: usize) -> Result<()> {
+pub(super) fn copy(stream: &CudaStream, dst: u64, src: u64, bytes: usize) -> Result<()> {
     // SAFETY: both ranges hold `bytes`: a caller's buffer holds the call's
     // elements (it came from a device slice that long), and staging and
     // bounce hold a whole chunk (chunk_elements).

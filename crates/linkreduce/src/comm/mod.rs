@@ -24,6 +24,7 @@ mod enqueue;
 mod facts;
 mod fused;
 mod register;
+mod scatter_gather;
 mod setup;
 
 use std::sync::Arc;

@@ -37,21 +37,24 @@ static __device__ __forceinline__ typename D::Bits lr_reduce_one(const char* con
   return (typename D::Bits)D::from_f32(sum);
 }
 
-// The first barrier of a call. Thread t tells rank t where this rank's
-// input is, with its arrival, and turns rank t's source into an address
-// this rank can read: `inputs[t]`, in shared memory, valid for the block
-// once it returns true. No __syncthreads first: nothing precedes it.
-template <int W>
-static __device__ __forceinline__ bool lr_start(const AllReduceArgs& a, u32 epoch,
-                                                const char** inputs) {
+// The first barrier of a call. Thread t tells rank t where to read this
+// rank's input (`source_for(t)`: the same for every peer in the all-reduce,
+// the peer's own block in the reduce-scatter), with its arrival, and turns
+// rank t's source into an address this rank can read: `inputs[t]`, in
+// shared memory, valid for the block once it returns true. No
+// __syncthreads first: nothing precedes it.
+template <int W, typename SourceFor>
+static __device__ __forceinline__ bool lr_start_from(const AllReduceArgs& a, u32 epoch,
+                                                     const char** inputs, SourceFor source_for) {
   bool timed_out = false;
   if (threadIdx.x < W) {
     const u32 peer = threadIdx.x;
+    const u64 source = source_for(peer);
     const u64* row = a.table + (u64)peer * a.capacity;
-    const u64 my_index = a.source & LR_INDEX_MASK;
+    const u64 my_index = source & LR_INDEX_MASK;
     // Peers usually name the same index: fetch it while waiting for them.
     const u64 guess = row[my_index];
-    const u64 word = (a.source << LR_EPOCH_BITS) | (epoch & LR_EPOCH_MASK);
+    const u64 word = (source << LR_EPOCH_BITS) | (epoch & LR_EPOCH_MASK);
     const u64 theirs = lr_meet<false>(a.bar, epoch, word, peer, 0, timed_out) >> LR_EPOCH_BITS;
     const u64 index = theirs & LR_INDEX_MASK;
     const u64 base = index == my_index ? guess : row[index];
@@ -60,18 +63,28 @@ static __device__ __forceinline__ bool lr_start(const AllReduceArgs& a, u32 epoc
   return !__syncthreads_or(timed_out);
 }
 
+// The start barrier of an all-reduce: every peer reads the same input.
+template <int W>
+static __device__ __forceinline__ bool lr_start(const AllReduceArgs& a, u32 epoch,
+                                                const char** inputs) {
+  return lr_start_from<W>(a, epoch, inputs, [&](u32) { return a.source; });
+}
+
 static __device__ __forceinline__ char* lr_scratch(const AllReduceArgs& a, int rank) {
   return (char*)a.bar.peers.rank[rank] + LR_SCRATCH_OFFSET;
 }
 
-// The frame of a one-stage kernel: the start barrier, `body(src)` with
-// every rank's input readable at src[rank], the end barrier. The fused
-// kernels (fused.cu) put their own body in the same frame.
-template <int W, typename Body>
-static __device__ __forceinline__ void lr_one_stage_frame(const AllReduceArgs& a, Body body) {
+// The frame of a one-stage kernel: the start barrier (sources as in
+// lr_start_from), `body(src)` with every rank's input readable at
+// src[rank], the end barrier. The fused kernels (fused.cu) and the
+// reduce-scatter and all-gather (scatter_gather.cu) put their own body in
+// the same frame.
+template <int W, typename SourceFor, typename Body>
+static __device__ __forceinline__ void lr_one_stage_frame_from(const AllReduceArgs& a,
+                                                               SourceFor source_for, Body body) {
   const u32 epoch = a.bar.peers.rank[a.bar.rank]->epoch[blockIdx.x];
   __shared__ const char* inputs[W];
-  if (!lr_start<W>(a, epoch + 1, inputs)) return;
+  if (!lr_start_from<W>(a, epoch + 1, inputs, source_for)) return;
   const char* src[W];
 #pragma unroll
   for (int r = 0; r < W; ++r) src[r] = inputs[r];
@@ -83,26 +96,47 @@ static __device__ __forceinline__ void lr_one_stage_frame(const AllReduceArgs& a
   lr_finish_epochs(a.bar, epoch + 2);
 }
 
+template <int W, typename Body>
+static __device__ __forceinline__ void lr_one_stage_frame(const AllReduceArgs& a, Body body) {
+  lr_one_stage_frame_from<W>(a, [&](u32) { return a.source; }, body);
+}
+
+// Grid-stride over `count` elements of every src[r]: `packet(i, p)` with
+// packet i of each for the packets this thread takes, then `element(e)`
+// for the element of the tail (under one packet) it takes, if any.
+template <typename D, int W, typename Packet, typename Element>
+static __device__ __forceinline__ void lr_for_packets(const char* const (&src)[W], u64 count,
+                                                      Packet packet, Element element) {
+  const u64 packs = count / D::PER_PACK;
+  const u64 first = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+  const u64 stride = (u64)gridDim.x * blockDim.x;
+  for (u64 i = first; i < packs; i += stride) {
+    Pack p[W];
+#pragma unroll
+    for (int r = 0; r < W; ++r) p[r] = ((const Pack*)src[r])[i];
+    packet(i, p);
+  }
+  const u64 tail = count - packs * D::PER_PACK;
+  if (first < tail) element(packs * D::PER_PACK + first);
+}
+
+// Writes the rank-order sum of `count` elements of every src[r] into
+// `output`. Each thread reads an element of every input before writing
+// it, so an input that only this rank reads may be the output.
+template <typename D, int W>
+static __device__ __forceinline__ void lr_sum_into(const char* const (&src)[W], char* output,
+                                                   u64 count) {
+  lr_for_packets<D, W>(
+      src, count, [&](u64 i, const Pack (&p)[W]) { ((Pack*)output)[i] = lr_reduce<D, W>(p); },
+      [&](u64 e) { ((typename D::Bits*)output)[e] = lr_reduce_one<D, W>(src, e); });
+}
+
 // One-stage: every rank reads all of every peer's input and writes the sum.
 // Must not run in place: a peer may still read the input being overwritten.
 template <typename D, int W>
 static __device__ __forceinline__ void lr_one_stage(const AllReduceArgs& a) {
-  lr_one_stage_frame<W>(a, [&](const char* const (&src)[W]) {
-    const u64 packs = a.count / D::PER_PACK;
-    const u64 first = (u64)blockIdx.x * blockDim.x + threadIdx.x;
-    const u64 stride = (u64)gridDim.x * blockDim.x;
-    for (u64 i = first; i < packs; i += stride) {
-      Pack p[W];
-#pragma unroll
-      for (int r = 0; r < W; ++r) p[r] = ((const Pack*)src[r])[i];
-      ((Pack*)a.output)[i] = lr_reduce<D, W>(p);
-    }
-    const u64 tail = a.count - packs * D::PER_PACK;
-    if (first < tail) {
-      const u64 e = packs * D::PER_PACK + first;
-      ((typename D::Bits*)a.output)[e] = lr_reduce_one<D, W>(src, e);
-    }
-  });
+  lr_one_stage_frame<W>(
+      a, [&](const char* const (&src)[W]) { lr_sum_into<D, W>(src, a.output, a.count); });
 }
 
 // Two-stage: reduce-scatter into each rank's scratch, then all-gather.

@@ -26,12 +26,7 @@ pub(crate) type CheckKernels = HashMap<(CheckKernel, DType), CudaFunction>;
 /// This world size's kernels in `ctx` (a device's primary context), looked
 /// up once per process in the device's module, itself loaded once.
 pub(crate) fn load_kernels(ctx: &Arc<CudaContext>, world_size: usize) -> Result<Arc<Kernels>> {
-    /// By (device ordinal, world size).
-    static LOADED: Mutex<BTreeMap<(usize, usize), Arc<Kernels>>> = Mutex::new(BTreeMap::new());
-    let key = (ctx.ordinal(), world_size);
-    if let Some(kernels) = lock(&LOADED).get(&key) {
-        return Ok(kernels.clone());
-    }
+    static LOADED: Cache<(Algorithm, DType)> = Mutex::new(BTreeMap::new());
     let names = Algorithm::ALL.into_iter().flat_map(|algorithm| {
         DType::ALL.map(|dtype| {
             (
@@ -40,14 +35,43 @@ pub(crate) fn load_kernels(ctx: &Arc<CudaContext>, world_size: usize) -> Result<
             )
         })
     });
+    load_once(&LOADED, ctx, world_size, names, StreamsPeers::Yes)
+}
+
+/// Kernels of one world size by (device ordinal, world size).
+pub(super) type Cache<K> = Mutex<BTreeMap<(usize, usize), Arc<HashMap<K, CudaFunction>>>>;
+
+/// Whether kernels stream peers' memory, so that L1 must not shrink.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum StreamsPeers {
+    Yes,
+    No,
+}
+
+/// The functions `names` gives from the all-reduce program in `ctx`, kept
+/// in `cache` for the process.
+pub(super) fn load_once<K: std::hash::Hash + Eq>(
+    cache: &Cache<K>,
+    ctx: &Arc<CudaContext>,
+    world_size: usize,
+    names: impl Iterator<Item = (K, String)>,
+    streams_peers: StreamsPeers,
+) -> Result<Arc<HashMap<K, CudaFunction>>> {
+    let key = (ctx.ordinal(), world_size);
+    if let Some(kernels) = lock(cache).get(&key) {
+        return Ok(kernels.clone());
+    }
     let kernels = functions(ctx, Program::AllReduce, names)?;
-    // The kernels stream peers' memory through L1, which holds the data of
-    // loads in flight; their few bytes of static shared memory (peers'
+    // Such kernels stream peers' memory through L1, which holds the data
+    // of loads in flight; their few bytes of static shared memory (peers'
     // input pointers) must not let the driver trade L1 for shared memory.
     // Suspected cause of a 2.6x slowdown of one-stage on large messages
     // (bench/results/2026-11-26-h200x2/perf); not yet measured.
     // A preference only: a driver that refuses it still runs the kernels.
-    for function in kernels.values() {
+    for function in kernels
+        .values()
+        .filter(|_| streams_peers == StreamsPeers::Yes)
+    {
         if let Err(error) = function.set_attribute(
             CUfunction_attribute::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
             CUshared_carveout::CU_SHAREDMEM_CARVEOUT_MAX_L1 as i32,
@@ -55,10 +79,7 @@ pub(crate) fn load_kernels(ctx: &Arc<CudaContext>, world_size: usize) -> Result<
             tracing::warn!(%error, "the driver refused a preference for L1 over shared memory");
         }
     }
-    Ok(lock(&LOADED)
-        .entry(key)
-        .or_insert(Arc::new(kernels))
-        .clone())
+    Ok(lock(cache).entry(key).or_insert(Arc::new(kernels)).clone())
 }
 
 /// What one compiled kernel needs from an SM, as the driver reports it.

@@ -7,6 +7,7 @@
 mod compile;
 mod load;
 mod norm;
+mod scatter_gather;
 
 use cudarc::driver::DeviceRepr;
 
@@ -18,18 +19,21 @@ pub use load::{kernel_resources, KernelResources};
 pub(crate) use load::{load_check_kernels, load_kernels, CheckKernels, Kernels};
 pub(crate) use norm::{load_norm_kernels, AddRmsNormArgs, FusedNormArgs, NormArgs};
 pub use norm::{norm_kernel_names, NormKernel, NORM_DTYPES};
+pub(crate) use scatter_gather::{load_scatter_gather_kernels, ScatterGatherArgs};
+pub use scatter_gather::{scatter_gather_kernel_names, ScatterGather};
 
 /// The all-reduce program's files in compile order: the shared layer, the
 /// barrier protocol, the all-reduce kernels that use it, the barrier-free
 /// push kernels, then residual add and RMSNorm, plain and fused with the
-/// all-reduce.
-const ALL_REDUCE_FILES: [&str; 6] = [
+/// all-reduce, then reduce-scatter and all-gather.
+const ALL_REDUCE_FILES: [&str; 7] = [
     include_str!("common.cu"),
     include_str!("barrier.cu"),
     include_str!("allreduce.cu"),
     include_str!("push.cu"),
     include_str!("norm.cu"),
     include_str!("fused.cu"),
+    include_str!("scatter_gather.cu"),
 ];
 
 /// The check program's files in compile order.
@@ -72,6 +76,7 @@ impl Program {
             Program::AllReduce => all_kernel_names()
                 .into_iter()
                 .chain(norm_kernel_names())
+                .chain(scatter_gather_kernel_names())
                 .collect(),
             Program::Check => DType::ALL
                 .iter()

@@ -6,8 +6,8 @@ use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{CudaContext, CudaFunction, DeviceRepr};
 
-use super::load::{functions, lock};
-use super::{AllReduceArgs, Program, WORLD_SIZES};
+use super::load::{load_once, Cache, StreamsPeers};
+use super::{AllReduceArgs, WORLD_SIZES};
 use crate::dtype::DType;
 use crate::error::Result;
 
@@ -65,20 +65,11 @@ pub(crate) fn load_norm_kernels(
     ctx: &Arc<CudaContext>,
     world_size: usize,
 ) -> Result<Arc<NormKernels>> {
-    /// By (device ordinal, world size).
-    static LOADED: Mutex<BTreeMap<(usize, usize), Arc<NormKernels>>> = Mutex::new(BTreeMap::new());
-    let key = (ctx.ordinal(), world_size);
-    if let Some(kernels) = lock(&LOADED).get(&key) {
-        return Ok(kernels.clone());
-    }
+    static LOADED: Cache<(NormKernel, DType)> = Mutex::new(BTreeMap::new());
     let names = NormKernel::ALL
         .into_iter()
         .flat_map(|kind| NORM_DTYPES.map(|dtype| ((kind, dtype), kind.symbol(dtype, world_size))));
-    let kernels = functions(ctx, Program::AllReduce, names)?;
-    Ok(lock(&LOADED)
-        .entry(key)
-        .or_insert(Arc::new(kernels))
-        .clone())
+    load_once(&LOADED, ctx, world_size, names, StreamsPeers::No)
 }
 
 /// Mirrors `NormArgs` of norm.cu.
@@ -123,6 +114,7 @@ unsafe impl DeviceRepr for FusedNormArgs {}
 mod tests {
     use std::mem::{offset_of, size_of};
 
+    use super::super::Program;
     use super::*;
 
     #[test]

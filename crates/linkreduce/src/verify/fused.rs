@@ -305,7 +305,7 @@ impl Examined {
 
 /// FNV-1a over storage bits: the same results give the same digest on
 /// every rank.
-struct Digest(u64);
+pub(super) struct Digest(pub(super) u64);
 
 impl Default for Digest {
     fn default() -> Self {
@@ -314,7 +314,7 @@ impl Default for Digest {
 }
 
 impl Digest {
-    fn add(&mut self, bits: &[u32]) {
+    pub(super) fn add(&mut self, bits: &[u32]) {
         for &word in bits {
             self.0 = (self.0 ^ u64::from(word)).wrapping_mul(0x0100_0000_01b3);
         }

@@ -14,6 +14,7 @@
 mod device;
 pub mod fused;
 pub mod norm;
+pub mod scatter_gather;
 pub mod soak;
 pub mod values;
 
