@@ -5,7 +5,7 @@
 # processes. Logs go to $OUT (or ./gpu-logs).
 #
 # Usage: bash scripts/gpu-run.sh [info tests check check-processes soak soak-processes
-#          sanitize bench bench-processes tune python ...]
+#          sanitize bench bench-fused bench-processes tune python ...]
 #          (default: all but sanitize, tune and python)
 # Environment: TEST_TIMEOUT, CHECK_TIMEOUT, BENCH_TIMEOUT, SOAK_TIMEOUT,
 #   SANITIZE_TIMEOUT (seconds per step),
@@ -14,6 +14,7 @@
 #   sharing them), SOAK_ARGS (extra arguments, e.g. "--seed 7"),
 #   SANITIZE_CASES (default 100 per tool),
 #   CHECK_ARGS, BENCH_ARGS (extra arguments, e.g. "--ranks 2" on one GPU),
+#   BENCH_FUSED_ARGS (for `bench --op fused-norm`, e.g. "--rows 8,2048"),
 #   CHECK_PROCESSES_ARGS (default: worlds 2-4; processes sharing a GPU
 #   time-slice, so larger worlds are slow), BENCH_SIZES (default 1K:256M
 #   plus sizes that are not powers of two).
@@ -59,6 +60,7 @@ for step in "${steps[@]}"; do
     check) run check "${CHECK_TIMEOUT:-900}" stage/linkreduce check ${CHECK_ARGS:-} ;;
     check-processes) run check-processes "${CHECK_TIMEOUT:-900}" stage/linkreduce check --mode processes ${CHECK_PROCESSES_ARGS:---worlds 2,3,4 --graph-replays 50} ;;
     bench) run bench "${BENCH_TIMEOUT:-900}" stage/linkreduce bench --json "$out/bench.json" --sizes "$sizes" ${BENCH_ARGS:-} ;;
+    bench-fused) run bench-fused "${BENCH_TIMEOUT:-900}" stage/linkreduce bench --op fused-norm --json "$out/bench-fused.json" ${BENCH_FUSED_ARGS:-} ;;
     bench-processes) run bench-processes "${BENCH_TIMEOUT:-900}" stage/linkreduce bench --mode processes --json "$out/bench-processes.json" --sizes "$sizes" ${BENCH_ARGS:-} ;;
     soak) run soak "${SOAK_TIMEOUT:-900}" stage/linkreduce check --random "${SOAK_CASES:-20000}" --worlds "${SOAK_WORLDS:-2,3,4}" ${SOAK_ARGS:-} ;;
     soak-processes) run soak-processes "${SOAK_TIMEOUT:-900}" stage/linkreduce check --mode processes --random "${SOAK_CASES:-20000}" --worlds "${SOAK_WORLDS:-2,3,4}" ${SOAK_ARGS:-} ;;
