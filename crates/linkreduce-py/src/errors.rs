@@ -93,6 +93,7 @@ fn describe(error: &Error) -> (&'static str, Option<usize>, Option<usize>) {
         Error::NcclSharedGpu { .. } => ("NcclSharedGpu", None, None),
         Error::NoPath { .. } => ("NoPath", None, None),
         Error::NcclDuringCapture => ("NcclDuringCapture", None, None),
+        Error::NcclStalled { rank, .. } => ("NcclStalled", Some(*rank), None),
         Error::LengthMismatch { .. } => ("LengthMismatch", None, None),
         Error::PartialOverlap { .. } => ("PartialOverlap", None, None),
         Error::Misaligned { .. } => ("Misaligned", None, None),

@@ -52,6 +52,8 @@ pub enum Error {
     },
     #[error("this call goes through NCCL, which is not set up yet and cannot be set up while the stream is being captured; make one eager call of this size first, or call Communicator::prepare_nccl() (collective) before capturing")]
     NcclDuringCapture,
+    #[error("rank {rank}: work on the NCCL path made no progress for {waited_ms} ms: a peer died, hangs, or was not called with the same operation; NCCL was aborted and this communicator can no longer be used")]
+    NcclStalled { rank: usize, waited_ms: u64 },
     #[error(
         "input has {input} elements but output has {output}; an all-reduce needs equal lengths"
     )]

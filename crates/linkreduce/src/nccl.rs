@@ -53,8 +53,21 @@ fn nccl_dtype(dtype: DType) -> nccl_sys::ncclDataType_t {
 }
 
 /// An NCCL communicator handle, destroyed when the last owner (the
-/// communicator or a symmetric buffer registered with it) drops it.
-struct RawComm(nccl_sys::ncclComm_t);
+/// communicator or a symmetric buffer registered with it) drops it, unless
+/// it was aborted (which frees it).
+struct RawComm {
+    handle: nccl_sys::ncclComm_t,
+    aborted: std::sync::atomic::AtomicBool,
+}
+
+impl RawComm {
+    fn new(handle: nccl_sys::ncclComm_t) -> Self {
+        RawComm {
+            handle,
+            aborted: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+}
 
 // SAFETY: a plain handle; NCCL calls on it are made by one thread at a
 // time (the owners' `&mut`/ownership rules), and destruction happens once.
@@ -63,9 +76,12 @@ unsafe impl Sync for RawComm {}
 
 impl Drop for RawComm {
     fn drop(&mut self) {
+        if self.aborted.load(std::sync::atomic::Ordering::Acquire) {
+            return;
+        }
         // SAFETY: the handle came from ncclCommInitAll or ncclCommInitRank
         // and is destroyed once, after every window registered with it.
-        let _ = unsafe { nccl::comm_destroy(self.0) };
+        let _ = unsafe { nccl::comm_destroy(self.handle) };
     }
 }
 
@@ -99,7 +115,7 @@ impl NcclComm {
             .zip(streams)
             .enumerate()
             .map(|(rank, (comm, stream))| NcclComm {
-                comm: Arc::new(RawComm(comm)),
+                comm: Arc::new(RawComm::new(comm)),
                 stream: stream.clone(),
                 rank,
             })
@@ -140,7 +156,7 @@ impl NcclComm {
         // SAFETY: `comm` is valid for writes; every rank passes the same id
         // and world size and its own rank.
         let created = unsafe { nccl::comm_init_rank(&mut comm, world as i32, id, rank as i32) }
-            .map(|_| Arc::new(RawComm(comm)))
+            .map(|_| Arc::new(RawComm::new(comm)))
             .map_err(nccl_error("ncclCommInitRank"));
         // Dropped (destroyed) here if a peer failed.
         let comm = agree(rendezvous, "NCCL set-up", created)?;
@@ -153,6 +169,24 @@ impl NcclComm {
 
     pub fn rank(&self) -> usize {
         self.rank
+    }
+
+    /// Stops this rank's NCCL work for good (its kernels leave their waits)
+    /// and frees the communicator: the way out when a peer died. Only this
+    /// rank's side; later calls on it are refused by its owner.
+    pub fn abort(&self) -> Result<()> {
+        if self
+            .comm
+            .aborted
+            .swap(true, std::sync::atomic::Ordering::AcqRel)
+        {
+            return Ok(());
+        }
+        // SAFETY: the handle is live (not destroyed: that happens only on
+        // the last drop, which skips aborted handles) and aborted once.
+        unsafe { nccl::comm_abort(self.comm.handle) }
+            .map(|_| ())
+            .map_err(nccl_error("ncclCommAbort"))
     }
 
     /// Makes NCCL connect its peers now, for small and large messages:
@@ -234,7 +268,7 @@ impl NcclComm {
             count,
             nccl_dtype(dtype),
             nccl_sys::ncclRedOp_t::ncclSum,
-            self.comm.0,
+            self.comm.handle,
             stream.cu_stream() as _,
         )
         .map(|_| ())
@@ -265,7 +299,7 @@ impl NcclComm {
             recv_count,
             nccl_dtype(dtype),
             nccl_sys::ncclRedOp_t::ncclSum,
-            self.comm.0,
+            self.comm.handle,
             stream.cu_stream() as _,
         )
         .map(|_| ())
@@ -292,7 +326,7 @@ impl NcclComm {
             recv as *mut _,
             send_count,
             nccl_dtype(dtype),
-            self.comm.0,
+            self.comm.handle,
             stream.cu_stream() as _,
         )
         .map(|_| ())
@@ -331,7 +365,7 @@ impl SymmetricBuffer {
         // valid for writes.
         let registered = unsafe {
             nccl_sys::ncclCommWindowRegister(
-                comm.comm.0,
+                comm.comm.handle,
                 ptr,
                 bytes,
                 &mut window,
@@ -369,7 +403,7 @@ impl Drop for SymmetricBuffer {
         // SAFETY: the window and the memory were created in `new` and are
         // released once, window first.
         unsafe {
-            let _ = nccl_sys::ncclCommWindowDeregister(self.comm.0, self.window);
+            let _ = nccl_sys::ncclCommWindowDeregister(self.comm.handle, self.window);
             let _ = nccl_sys::ncclMemFree(self.ptr);
         }
     }

@@ -36,6 +36,10 @@ fn main() -> ExitCode {
         &[
             ("two_processes_posing_as_two_hosts_take_nccl", two_hosts),
             ("two_processes_on_one_named_host_take_the_kernels", one_host),
+            (
+                "a_peer_that_leaves_makes_nccl_work_fail_within_the_deadline",
+                peer_leaves,
+            ),
         ],
     )
 }
@@ -50,15 +54,31 @@ fn one_host() -> Result<(), String> {
     workers::expect_success("one_host", 2, Duration::from_secs(300), &env)
 }
 
+fn peer_leaves() -> Result<(), String> {
+    let env = |rank: usize| vec![(HOST_ID_VAR, format!("posed-host-{rank}"))];
+    workers::expect_success("peer_leaves", 2, Duration::from_secs(120), &env)
+}
+
+/// The host-wait deadline of the `peer_leaves` scenario.
+const LEAVE_TIMEOUT: Duration = Duration::from_secs(2);
+
 fn worker(scenario: &str) -> linkreduce::Result<ExitCode> {
-    let built = Communicator::from_env(Config::default());
+    let config = match scenario {
+        "peer_leaves" => Config {
+            timeout: LEAVE_TIMEOUT,
+            ..Config::default()
+        },
+        _ => Config::default(),
+    };
+    let built = Communicator::from_env(config);
     let gpus = linkreduce::memory::device_count()?;
     match (scenario, built) {
-        ("two_hosts", Err(Error::NoPath { .. })) if gpus < 2 => {
+        ("two_hosts" | "peer_leaves", Err(Error::NoPath { .. })) if gpus < 2 => {
             say!("one GPU: set-up refused ranks on two hosts sharing it, as it must");
             Ok(ExitCode::SUCCESS)
         }
         ("two_hosts", built) => worker_two_hosts(built?),
+        ("peer_leaves", built) => worker_peer_leaves(built?),
         ("one_host", built) => {
             let comm = built?;
             let path = comm.path_for(1 << 20);
@@ -109,6 +129,35 @@ fn worker_two_hosts(mut comm: Communicator) -> linkreduce::Result<ExitCode> {
     passed &= check_graph(&mut comm, &stream)?;
     comm.synchronize()?;
     Ok(exit(passed))
+}
+
+/// Rank 1 leaves right after set-up; rank 0's next all-reduce goes through
+/// NCCL, whose kernel waits for rank 1 forever: `synchronize` must give
+/// `NcclStalled` within the deadline, and the communicator must refuse
+/// further calls.
+fn worker_peer_leaves(mut comm: Communicator) -> linkreduce::Result<ExitCode> {
+    if comm.rank() == 1 {
+        say!("rank 1: leaving without a call");
+        // Leaves as a crashed process would: no collective teardown.
+        std::mem::forget(comm);
+        return Ok(ExitCode::SUCCESS);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let input = comm.alloc::<f32>(1 << 20)?;
+    let mut output = comm.alloc::<f32>(1 << 20)?;
+    let started = std::time::Instant::now();
+    comm.all_reduce(&input, &mut output)?;
+    let waited = comm.synchronize();
+    let took = started.elapsed();
+    say!("rank 0: synchronize gave {waited:?} after {took:?}");
+    let stalled = matches!(waited, Err(Error::NcclStalled { rank: 0, .. }));
+    let bounded = took < LEAVE_TIMEOUT + Duration::from_secs(3);
+    let refused = matches!(
+        comm.all_reduce(&input, &mut output),
+        Err(Error::Poisoned(_))
+    );
+    say!("rank 0: stalled {stalled}, within the deadline {bounded}, later calls refused {refused}");
+    Ok(exit(stalled && bounded && refused))
 }
 
 /// `len` elements of this rank's small integers on `comm`'s allocation.

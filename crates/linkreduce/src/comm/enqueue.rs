@@ -115,7 +115,7 @@ impl Communicator {
         call: Call,
         capturing: bool,
     ) -> Result<()> {
-        self.on_nccl(capturing, |nccl| {
+        self.on_nccl(stream, capturing, |nccl| {
             // SAFETY: the caller vouches that both addresses hold `count`
             // elements of `dtype` on this rank's device until the call has
             // run on `stream` (all_reduce_raw), or they come from device
@@ -130,8 +130,11 @@ impl Communicator {
     /// Runs `call` on this rank's NCCL communicator, set up first where no
     /// call needed it before (never during a capture: NCCL cannot be set up
     /// then).
+    /// An eager call is watched, so that a host wait for it is bounded
+    /// (comm/watch.rs).
     pub(super) fn on_nccl(
         &mut self,
+        stream: &CudaStream,
         capturing: bool,
         call: impl FnOnce(&mut crate::nccl::NcclComm) -> Result<()>,
     ) -> Result<()> {
@@ -141,7 +144,11 @@ impl Communicator {
             }
             self.prepare_nccl()?;
         }
-        call(self.nccl.as_mut().ok_or(Error::NcclDuringCapture)?)
+        call(self.nccl.as_mut().ok_or(Error::NcclDuringCapture)?)?;
+        if capturing {
+            return Ok(());
+        }
+        self.nccl_watch.record(stream)
     }
 
     /// The call on the kernels: its source, destination and launches.

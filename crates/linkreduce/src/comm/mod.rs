@@ -26,6 +26,7 @@ mod fused;
 mod register;
 mod scatter_gather;
 mod setup;
+mod watch;
 
 use std::sync::Arc;
 
@@ -45,6 +46,7 @@ use crate::path::{CallPath, Plan};
 use crate::rendezvous::Rendezvous;
 
 use custom::CustomPath;
+use watch::{NcclWatch, Progress};
 
 /// The device side of a rank.
 struct Gpu {
@@ -67,6 +69,8 @@ pub struct Communicator {
     custom: Option<CustomPath>,
     /// NCCL over the same ranks, once a call needed it.
     nccl: Option<NcclComm>,
+    /// This rank's eager NCCL calls, so that host waits on them are bounded.
+    nccl_watch: NcclWatch,
     config: Config,
     rendezvous: Arc<dyn Rendezvous>,
     /// Why the communicator cannot be used any more, once it cannot.
@@ -308,7 +312,21 @@ impl Communicator {
     /// Waits on the host until every call enqueued so far has finished:
     /// this rank's own stream is ordered after each of them (calls on a
     /// caller's stream included; docs/design.md, "Streams").
-    fn wait_for_calls(&self) -> Result<()> {
+    /// Work on the NCCL path is waited for first, within the timeout
+    /// (comm/watch.rs); the kernels bound their own waits.
+    fn wait_for_calls(&mut self) -> Result<()> {
+        if let Some(nccl) = &self.nccl {
+            if let Progress::Stalled = self.nccl_watch.wait(self.config.timeout)? {
+                let error = Error::NcclStalled {
+                    rank: self.rank,
+                    waited_ms: self.config.timeout.as_millis() as u64,
+                };
+                // The error says what happened; a failed abort adds nothing.
+                let _ = nccl.abort();
+                self.poisoned = Some(error.to_string());
+                return Err(error);
+            }
+        }
         self.gpu
             .stream
             .synchronize()

@@ -46,6 +46,7 @@ impl Communicator {
             plan,
             custom,
             nccl: None,
+            nccl_watch: Default::default(),
             config,
             rendezvous,
             poisoned: None,

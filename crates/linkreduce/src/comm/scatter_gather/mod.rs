@@ -234,7 +234,7 @@ impl Communicator {
             Some(chunk) => {
                 self.scatter_gather_on_kernels(stream, layout, chunk, options.zero_copy, capturing)?
             }
-            None => self.on_nccl(capturing, |nccl| {
+            None => self.on_nccl(stream, capturing, |nccl| {
                 let Layout {
                     dtype, send, recv, ..
                 } = layout;
