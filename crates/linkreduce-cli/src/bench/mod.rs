@@ -58,8 +58,8 @@ pub struct Args {
     /// Timed repetitions; the median is reported.
     #[arg(long, default_value_t = 7)]
     repetitions: usize,
-    /// Write every figure and the run's facts here as JSON (all-reduce:
-    /// and the plot beside it, same name, .png).
+    /// Write every figure and the run's facts here as JSON (all-reduce,
+    /// reduce-scatter, all-gather: and the plot beside it, same name, .png).
     #[arg(long)]
     json: Option<std::path::PathBuf>,
     /// Ranks (default: one per GPU); more ranks than GPUs share them, which
