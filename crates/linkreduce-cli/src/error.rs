@@ -50,8 +50,8 @@ pub enum CliError {
         source: serde_json::Error,
     },
     /// A report of an op the plot does not draw.
-    #[error("{input} is a `bench --op {op}` report; `linkreduce plot` draws all-reduce reports only (the table and the JSON hold its figures)")]
-    PlotsAllReduceOnly { input: String, op: String },
+    #[error("{input} is a `bench --op {op}` report; `linkreduce plot` draws the all-reduce, reduce-scatter and all-gather reports only (the table and the JSON hold its figures)")]
+    NotASizeSweep { input: String, op: String },
     /// A report that parses but holds nothing a log-log plot can show.
     #[error("{input} has no rows with a positive size and time to plot")]
     NothingToPlot { input: String },

@@ -86,8 +86,8 @@ fn draw(report_json: &str, source: &str, out: &Path) -> Result<()> {
             input: source.to_string(),
             source: error,
         })?;
-    if let Some(op) = report.op.as_deref().filter(|&op| op != "all-reduce") {
-        return Err(CliError::PlotsAllReduceOnly {
+    if let Some(op) = report.op.as_deref().filter(|&op| sized_by(op).is_none()) {
+        return Err(CliError::NotASizeSweep {
             input: source.to_string(),
             op: op.to_string(),
         });
@@ -305,12 +305,23 @@ where
     Ok(())
 }
 
+/// What a row's size measures in a report of `op`, for the ops whose
+/// reports are size sweeps; None for the others. Reports from before
+/// `--op` are all-reduce reports.
+fn sized_by(op: &str) -> Option<&'static str> {
+    match op {
+        "all-reduce" => Some(""),
+        "reduce-scatter" => Some(" (size: each rank's receive block)"),
+        "all-gather" => Some(" (size: each rank's send block)"),
+        _ => None,
+    }
+}
+
 /// "all-reduce bf16 on 8 × NVIDIA H100 80GB HBM3, world size 8".
 fn title(report: &Report, rows: &[&Row]) -> String {
     let dtypes = first_seen(rows.iter().filter_map(|r| r.dtype.as_deref()));
-    let mut title = format!("all-reduce {}", dtypes.join("/"))
-        .trim_end()
-        .to_string();
+    let op = report.op.as_deref().unwrap_or("all-reduce");
+    let mut title = format!("{op} {}", dtypes.join("/")).trim_end().to_string();
     let names = first_seen(report.gpus.iter().map(String::as_str));
     let gpus: Vec<String> = (names.iter())
         .map(|name| {
@@ -331,7 +342,7 @@ fn title(report: &Report, rows: &[&Row]) -> String {
     if let Some(mode) = &report.mode {
         title += &format!(" ({mode})");
     }
-    title
+    title + sized_by(op).unwrap_or_default()
 }
 
 /// The names bench prints for its implementations.
@@ -549,6 +560,27 @@ mod tests {
     }
 
     #[test]
+    fn titles_name_the_op_and_what_its_size_measures() {
+        let mut json: serde_json::Value = serde_json::from_str(&report()).unwrap();
+        let title_of = |json: &serde_json::Value| {
+            let report: Report = serde_json::from_value(json.clone()).unwrap();
+            title(&report, &report.rows.iter().collect::<Vec<_>>())
+        };
+        assert_eq!(
+            title_of(&json),
+            "all-reduce bf16 on 2 × NVIDIA H100 80GB HBM3, world size 2"
+        );
+        json["op"] = "reduce-scatter".into();
+        assert_eq!(
+            title_of(&json),
+            "reduce-scatter bf16 on 2 × NVIDIA H100 80GB HBM3, world size 2 \
+             (size: each rank's receive block)"
+        );
+        json["op"] = "all-gather".into();
+        assert!(title_of(&json).ends_with("(size: each rank's send block)"));
+    }
+
+    #[test]
     fn bad_input_is_an_error() {
         let dir = scratch("bad");
         let out = dir.join("bad.png");
@@ -566,7 +598,8 @@ mod tests {
         assert_eq!(
             fused.to_string(),
             "the report is a `bench --op fused-norm` report; `linkreduce plot` draws \
-             all-reduce reports only (the table and the JSON hold its figures)"
+             the all-reduce, reduce-scatter and all-gather reports only (the table and the \
+             JSON hold its figures)"
         );
         let error = render("{\"rows\": []}", &out).unwrap_err();
         assert_eq!(

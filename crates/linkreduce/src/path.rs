@@ -250,18 +250,22 @@ impl Plan {
                 nccl => nccl,
             });
         }
+        Ok(self.scatter_gather_auto_path(bytes))
+    }
+
+    /// The path of an automatic reduce-scatter or all-gather whose larger
+    /// buffer holds `bytes` (see [`scatter_gather_path`](Self::scatter_gather_path)).
+    pub fn scatter_gather_auto_path(&self, bytes: usize) -> CallPath {
         if let Some(reason) = &self.custom_blocked {
-            return Ok(CallPath::Nccl(reason.clone()));
+            return CallPath::Nccl(reason.clone());
         }
-        Ok(
-            if bytes >= SCATTER_GATHER_NCCL_BYTES && self.shared_gpu.is_none() {
-                CallPath::Nccl(NcclReason::ScatterGatherSize {
-                    from_bytes: SCATTER_GATHER_NCCL_BYTES,
-                })
-            } else {
-                CallPath::Custom(Algorithm::OneStage)
-            },
-        )
+        if bytes >= SCATTER_GATHER_NCCL_BYTES && self.shared_gpu.is_none() {
+            CallPath::Nccl(NcclReason::ScatterGatherSize {
+                from_bytes: SCATTER_GATHER_NCCL_BYTES,
+            })
+        } else {
+            CallPath::Custom(Algorithm::OneStage)
+        }
     }
 
     /// The path of an automatic call: the kernels wherever they serve the

@@ -1,7 +1,6 @@
 //! `bench --op all-reduce`: sizes x implementations (linkreduce's
 //! algorithms, automatic or forced, and NCCL with plain or symmetric
-//! buffers), with bandwidths, wrong-element counts, the ratio to NCCL, the
-//! plot and the tuning table.
+//! buffers) through the shared sweep (sweep.rs), and the tuning table.
 
 use std::fmt;
 
@@ -13,10 +12,10 @@ use linkreduce::{
 };
 use serde::Serialize;
 
-use super::measure::{slowest_rank, time_eager_and_graphed, Rank, RankRun};
-use super::{nccl_or_warn, progress_bar, write_json, Args, Mode, Op, Report, RunFacts};
+use super::measure::{time_eager_and_graphed, Rank, RankRun};
+use super::sweep::{sweep_rank, write_report, Row};
+use super::{Args, Mode, Op, Report};
 use crate::error::{CliError, Result};
-use crate::sizes::format_size;
 
 pub(super) const DEFAULT_SIZES: &str = "1K:256M";
 
@@ -61,6 +60,11 @@ impl fmt::Display for Implementation {
 }
 
 impl Implementation {
+    /// Whether NCCL runs it (directly, not as linkreduce's NCCL path).
+    pub(super) fn is_nccl(self) -> bool {
+        self.algorithm().is_none()
+    }
+
     fn algorithm(self) -> Option<AlgorithmChoice> {
         match self {
             Implementation::Auto => Some(AlgorithmChoice::Auto),
@@ -82,112 +86,32 @@ impl Implementation {
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
-struct Row {
-    bytes: usize,
-    count: usize,
-    dtype: DType,
-    implementation: Implementation,
-    /// For linkreduce's implementations, the path its calls took
-    /// (`one-stage`, `two-stage`, `push` or `nccl`): automatic calls show
-    /// the choice at each size.
-    path: Option<String>,
-    mode: Mode,
-    /// Median over repetitions of the slowest rank's time per call.
-    time_us: f64,
-    algbw_gbps: f64,
-    busbw_gbps: f64,
-    wrong: usize,
-    /// NCCL's time over this one's in the same run and mode (>1: faster).
-    speedup_vs_nccl: Option<f64>,
-}
-
 /// Every implementation and size on this rank; rank 0 prints and writes
-/// the report. Returns whether every result was right.
+/// the report and the tuning table. Returns whether every result was right.
 pub(super) fn bench_rank(comm: &mut Communicator, args: &Args, sweep: &Sweep) -> Result<bool> {
-    let world = comm.world_size();
-    let leader = comm.rank() == 0;
-    let rendezvous = comm.rendezvous().clone();
-    let wants_nccl = sweep
-        .implementations
-        .iter()
-        .any(|i| i.algorithm().is_none());
-    let nccl = if wants_nccl { nccl_or_warn(comm) } else { None };
-    let facts = RunFacts::gather(comm, args.mode)?;
-    let progress = progress_bar(leader, sweep.sizes.len() * sweep.implementations.len());
-    let mut rank = Rank { comm, nccl };
-    let mut rows = Vec::new();
-    if leader {
-        print_header();
-    }
-    // Implementations outer, sizes inner: NCCL's rows exist before the
-    // ratios need them, and one implementation that stalls costs only its
-    // own rows.
-    for &implementation in &sweep.implementations {
-        if implementation.algorithm().is_none() && rank.nccl.is_none() {
-            progress.inc(sweep.sizes.len() as u64);
-            continue;
-        }
-        for &bytes in &sweep.sizes {
-            let count = bytes / args.dtype.size();
-            if count == 0 {
-                continue;
-            }
-            progress.set_message(format!("{} {implementation}", format_size(bytes)));
-            let mine = match args.dtype {
-                DType::F32 => measure::<f32>(&mut rank, implementation, count, args.repetitions),
-                DType::F16 => {
-                    measure::<half::f16>(&mut rank, implementation, count, args.repetitions)
-                }
-                DType::BF16 => {
-                    measure::<half::bf16>(&mut rank, implementation, count, args.repetitions)
-                }
-            }?;
-            let measured = slowest_rank(rendezvous.as_ref(), &mine)?;
-            let path = match implementation.algorithm() {
-                Some(AlgorithmChoice::Auto) => Some(rank.comm.path_for(bytes).name().to_string()),
-                Some(choice) => Some(choice.to_string()),
-                None => None,
-            };
-            for (mode, time_us) in [
-                (Mode::Eager, measured.eager_us),
-                (Mode::Graph, measured.graph_us),
-            ] {
-                let algbw = bytes as f64 / (time_us * 1e3);
-                let mut row = Row {
-                    bytes,
-                    count,
-                    dtype: args.dtype,
-                    implementation,
-                    path: path.clone(),
-                    mode,
-                    time_us,
-                    algbw_gbps: algbw,
-                    busbw_gbps: algbw * 2.0 * (world - 1) as f64 / world as f64,
-                    wrong: measured.wrong,
-                    speedup_vs_nccl: None,
-                };
-                row.speedup_vs_nccl = speedup_vs_nccl(&rows, &row);
-                if leader {
-                    progress.suspend(|| print_row(&row));
-                }
-                rows.push(row);
-            }
-            progress.inc(1);
-        }
-    }
-    progress.finish_and_clear();
-    let wrong: usize = rows.iter().map(|r| r.wrong).sum();
-    if leader {
-        rows.sort_by_key(|r| (r.bytes, r.implementation as u8, r.mode as u8));
-        println!();
-        print_header();
-        rows.iter().for_each(print_row);
-        let report = Report {
-            op: Op::AllReduce,
-            facts,
-            rows,
-        };
+    let repetitions = args.repetitions;
+    let measure = |rank: &mut Rank, implementation, count| match args.dtype {
+        DType::F32 => measure::<f32>(rank, implementation, count, repetitions),
+        DType::F16 => measure::<half::f16>(rank, implementation, count, repetitions),
+        DType::BF16 => measure::<half::bf16>(rank, implementation, count, repetitions),
+    };
+    let path_of = |comm: &Communicator, implementation: Implementation, bytes| match implementation
+        .algorithm()
+    {
+        Some(AlgorithmChoice::Auto) => Some(comm.path_for(bytes).name().to_string()),
+        Some(choice) => Some(choice.to_string()),
+        None => None,
+    };
+    let (right, report) = sweep_rank(
+        comm,
+        args,
+        Op::AllReduce,
+        &sweep.sizes,
+        &sweep.implementations,
+        measure,
+        path_of,
+    )?;
+    if let Some(report) = report {
         if let Some(path) = &args.tune_out {
             write_tuning(&report, path)?;
         }
@@ -195,7 +119,7 @@ pub(super) fn bench_rank(comm: &mut Communicator, args: &Args, sweep: &Sweep) ->
             write_report(&report, path)?;
         }
     }
-    Ok(wrong == 0)
+    Ok(right)
 }
 
 /// The buffers one rank all-reduces between.
@@ -389,70 +313,9 @@ fn write_tuning(report: &Report<Row>, path: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
-/// Writes the JSON report and its plot beside it. A plot that cannot be
-/// drawn (no font on this machine) is a warning: `linkreduce plot` can
-/// draw it elsewhere from the JSON.
-fn write_report(report: &Report<Row>, path: &std::path::Path) -> Result<()> {
-    let text = write_json(report, path)?;
-    let picture = path.with_extension("png");
-    match crate::plot::render(&text, &picture) {
-        Ok(()) => eprintln!("wrote {} and {}", path.display(), picture.display()),
-        Err(error) => eprintln!(
-            "wrote {}; no plot ({error}); draw it later with `linkreduce plot {}`",
-            path.display(),
-            path.display()
-        ),
-    }
-    Ok(())
-}
-
-/// NCCL's time over `row`'s at the same size and mode (>1: `row` is faster).
-fn speedup_vs_nccl(rows: &[Row], row: &Row) -> Option<f64> {
-    rows.iter()
-        .find(|r| {
-            r.implementation == Implementation::Nccl && r.bytes == row.bytes && r.mode == row.mode
-        })
-        .map(|nccl| nccl.time_us / row.time_us)
-}
-
-/// The implementation as the table prints it: automatic calls with the
-/// path they took, as in `linkreduce(one-stage)`.
-fn label(row: &Row) -> String {
-    match (row.implementation, &row.path) {
-        (Implementation::Auto, Some(path)) => format!("{}({path})", row.implementation),
-        _ => row.implementation.to_string(),
-    }
-}
-
-fn print_header() {
-    println!(
-        "{:>9} {:>11} {:>5} {:>21} {:>6} {:>10} {:>9} {:>9} {:>6} {:>8}",
-        "size", "count", "type", "impl", "mode", "time(us)", "algbw", "busbw", "wrong", "vs nccl"
-    );
-}
-
-fn print_row(row: &Row) {
-    let ratio = row
-        .speedup_vs_nccl
-        .map(|r| format!("{r:.2}x"))
-        .unwrap_or_else(|| "-".into());
-    println!(
-        "{:>9} {:>11} {:>5} {:>21} {:>6} {:>10.2} {:>9.2} {:>9.2} {:>6} {:>8}",
-        format_size(row.bytes),
-        row.count,
-        row.dtype.name(),
-        label(row),
-        row.mode.name(),
-        row.time_us,
-        row.algbw_gbps,
-        row.busbw_gbps,
-        row.wrong,
-        ratio
-    );
-}
-
 #[cfg(test)]
 mod tests {
+    use super::super::RunFacts;
     use super::*;
 
     fn row(bytes: usize, implementation: Implementation, mode: Mode, time_us: f64) -> Row {

@@ -23,6 +23,8 @@ use crate::sizes::parse_sizes;
 mod all_reduce;
 mod fused_norm;
 mod measure;
+mod scatter_gather;
+mod sweep;
 
 pub(crate) use all_reduce::Implementation;
 
@@ -34,8 +36,11 @@ pub struct Args {
     /// GPUs, one rank each (default: all visible).
     #[arg(long, value_delimiter = ',')]
     devices: Option<Vec<usize>>,
-    /// all-reduce: message sizes in bytes, lists and LOW:HIGH doubling
-    /// ranges [default: 1K:256M].
+    /// all-reduce, reduce-scatter, all-gather: message sizes in bytes,
+    /// lists and LOW:HIGH doubling ranges; all-reduce: the buffer [default:
+    /// 1K:256M]; reduce-scatter: each rank's receive block, all-gather: each
+    /// rank's send block (the gathered buffer is world size x that)
+    /// [default: 1K:64M].
     #[arg(long)]
     sizes: Option<String>,
     #[arg(long, default_value = "bf16")]
@@ -53,8 +58,8 @@ pub struct Args {
     /// Timed repetitions; the median is reported.
     #[arg(long, default_value_t = 7)]
     repetitions: usize,
-    /// Write every figure and the run's facts here as JSON (all-reduce:
-    /// and the plot beside it, same name, .png).
+    /// Write every figure and the run's facts here as JSON (all-reduce,
+    /// reduce-scatter, all-gather: and the plot beside it, same name, .png).
     #[arg(long)]
     json: Option<std::path::PathBuf>,
     /// Ranks (default: one per GPU); more ranks than GPUs share them, which
@@ -75,9 +80,8 @@ pub struct Args {
     tune_out: Option<std::path::PathBuf>,
 }
 
-/// The operations `bench` times. Another op (reduce-scatter, all-gather)
-/// is a variant here, its options' owner in [`Args::workload`], and a
-/// module beside all_reduce.rs.
+/// The operations `bench` times. Another op is a variant here, its
+/// options' owner in [`Args::workload`], and a module beside all_reduce.rs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub(crate) enum Op {
@@ -86,6 +90,11 @@ pub(crate) enum Op {
     /// All-reduce + residual add + RMSNorm, fused against unfused
     /// (docs/fused.md).
     FusedNorm,
+    /// Sums of each rank's block over ranks, against NCCL
+    /// (docs/scatter_gather.md).
+    ReduceScatter,
+    /// Every rank's block on every rank, against NCCL.
+    AllGather,
 }
 
 impl fmt::Display for Op {
@@ -93,6 +102,8 @@ impl fmt::Display for Op {
         f.write_str(match self {
             Op::AllReduce => "all-reduce",
             Op::FusedNorm => "fused-norm",
+            Op::ReduceScatter => "reduce-scatter",
+            Op::AllGather => "all-gather",
         })
     }
 }
@@ -102,6 +113,7 @@ impl fmt::Display for Op {
 enum Workload {
     AllReduce(all_reduce::Sweep),
     FusedNorm(fused_norm::Shapes),
+    ScatterGather(scatter_gather::Sweep),
 }
 
 impl Args {
@@ -114,36 +126,43 @@ impl Args {
                 problem: "must be at least 1".into(),
             });
         }
-        let owned = [
-            ("--sizes", Op::AllReduce, self.sizes.is_some()),
+        const SWEEPS: &[Op] = &[Op::AllReduce, Op::ReduceScatter, Op::AllGather];
+        let owned: [(&str, &[Op], bool); 5] = [
+            ("--sizes", SWEEPS, self.sizes.is_some()),
             (
                 "--implementations",
-                Op::AllReduce,
+                &[Op::AllReduce],
                 self.implementations.is_some(),
             ),
-            ("--tune-out", Op::AllReduce, self.tune_out.is_some()),
-            ("--rows", Op::FusedNorm, self.rows.is_some()),
-            ("--hidden", Op::FusedNorm, self.hidden.is_some()),
+            ("--tune-out", &[Op::AllReduce], self.tune_out.is_some()),
+            ("--rows", &[Op::FusedNorm], self.rows.is_some()),
+            ("--hidden", &[Op::FusedNorm], self.hidden.is_some()),
         ];
-        if let Some((flag, owner, _)) = owned
+        if let Some((flag, owners, _)) = owned
             .iter()
-            .find(|(_, owner, given)| *given && *owner != self.op)
+            .find(|(_, owners, given)| *given && !owners.contains(&self.op))
         {
+            let owners: Vec<String> = owners.iter().map(Op::to_string).collect();
             return Err(CliError::BadArgument {
                 arg: flag.to_string(),
                 problem: format!(
-                    "applies to --op {owner} only; leave it out for --op {}",
+                    "applies to --op {} only; leave it out for --op {}",
+                    owners.join(", "),
                     self.op
                 ),
             });
         }
-        match self.op {
-            Op::AllReduce => {
-                let sizes = self.sizes.as_deref().unwrap_or(all_reduce::DEFAULT_SIZES);
-                let sizes = parse_sizes(sizes).map_err(|problem| CliError::BadArgument {
+        let sizes = |default| {
+            parse_sizes(self.sizes.as_deref().unwrap_or(default)).map_err(|problem| {
+                CliError::BadArgument {
                     arg: "--sizes".into(),
                     problem,
-                })?;
+                }
+            })
+        };
+        match self.op {
+            Op::AllReduce => {
+                let sizes = sizes(all_reduce::DEFAULT_SIZES)?;
                 let implementations = self
                     .implementations
                     .clone()
@@ -158,6 +177,9 @@ impl Args {
                 self.rows.as_deref(),
                 self.hidden.as_deref(),
             )?)),
+            Op::ReduceScatter | Op::AllGather => Ok(Workload::ScatterGather(
+                scatter_gather::Sweep::new(self.op, sizes(scatter_gather::DEFAULT_SIZES)?)?,
+            )),
         }
     }
 }
@@ -206,6 +228,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let passed = on_ranks(args.mode, &devices, world, config, |comm| match &workload {
         Workload::AllReduce(sweep) => all_reduce::bench_rank(comm, &args, sweep),
         Workload::FusedNorm(shapes) => fused_norm::bench_rank(comm, &args, shapes),
+        Workload::ScatterGather(sweep) => scatter_gather::bench_rank(comm, &args, sweep),
     })?;
     Ok(exit_code(passed != Some(false)))
 }
@@ -379,6 +402,7 @@ fn driver_string() -> String {
 mod tests {
     use super::*;
     use clap::Parser;
+    use linkreduce::ScatterGather;
 
     #[derive(Parser)]
     struct Command {
@@ -429,15 +453,45 @@ mod tests {
              --op all-reduce"
         );
         assert!(refusal("--hidden 64").contains("--op fused-norm only"));
-        for flag in ["--sizes 1K", "--implementations nccl", "--tune-out t.json"] {
-            let text = refusal(&format!("--op fused-norm {flag}"));
-            assert!(
-                text.contains("applies to --op all-reduce only"),
-                "{flag}: {text}"
-            );
+        for flag in ["--implementations nccl", "--tune-out t.json"] {
+            for op in ["fused-norm", "reduce-scatter", "all-gather"] {
+                let text = refusal(&format!("--op {op} {flag}"));
+                assert!(
+                    text.contains(&format!(
+                        "applies to --op all-reduce only; leave it out for --op {op}"
+                    )),
+                    "{flag}: {text}"
+                );
+            }
         }
-        assert!(refusal("--op reduce-scatter").contains("invalid value 'reduce-scatter'"));
+        assert_eq!(
+            refusal("--op fused-norm --sizes 1K"),
+            "invalid argument --sizes: applies to --op all-reduce, reduce-scatter, all-gather \
+             only; leave it out for --op fused-norm"
+        );
+        for op in ["reduce-scatter", "all-gather"] {
+            let text = refusal(&format!("--op {op} --rows 8"));
+            assert!(text.contains("--op fused-norm only"), "{op}: {text}");
+        }
+        assert!(refusal("--op reduce-scatter --sizes 0").contains("not a positive size"));
+        assert!(refusal("--op all-gather --sizes 8K:1K").contains("runs backwards"));
+        assert!(refusal("--op scatter").contains("invalid value 'scatter'"));
         assert!(refusal("--repetitions 0").contains("must be at least 1"));
+    }
+
+    #[test]
+    fn scatter_gather_ops_sweep_blocks_to_64m_by_default() {
+        let Ok(Workload::ScatterGather(sweep)) = workload("--op reduce-scatter") else {
+            panic!("--op reduce-scatter was refused");
+        };
+        assert_eq!(sweep.collective, ScatterGather::ReduceScatter);
+        assert_eq!(sweep.sizes.first(), Some(&1024));
+        assert_eq!(sweep.sizes.last(), Some(&(64 << 20)));
+        let Ok(Workload::ScatterGather(sweep)) = workload("--op all-gather --sizes 4K,8K") else {
+            panic!("an all-gather sweep was refused");
+        };
+        assert_eq!(sweep.collective, ScatterGather::AllGather);
+        assert_eq!(sweep.sizes, [4096, 8192]);
     }
 
     #[test]

@@ -144,6 +144,13 @@ impl Communicator {
         self.plan.auto_path(self.world_size, bytes, self.tuning())
     }
 
+    /// The path an automatic reduce-scatter or all-gather takes whose
+    /// larger buffer (world size x block) holds `bytes`, and why: the same
+    /// on every rank (docs/scatter_gather.md, "Path choice").
+    pub fn scatter_gather_path_for(&self, bytes: usize) -> CallPath {
+        self.plan.scatter_gather_auto_path(bytes)
+    }
+
     /// Whether every call takes NCCL (the kernels cannot serve the group).
     pub fn nccl_only(&self) -> bool {
         self.plan.nccl_only()
