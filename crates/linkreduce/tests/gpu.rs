@@ -15,7 +15,7 @@ use cudarc::driver::{CudaContext, DevicePtr};
 
 use common::gpus;
 use linkreduce::group::in_process;
-use linkreduce::verify::soak::{Memory, Offset, Soak, SoakCase};
+use linkreduce::verify::soak::{AllReduceCase, Memory, Offset, Soak, SoakCase, SoakOp};
 use linkreduce::verify::{
     check_case, check_graph, on_every_rank, sweep_cases, values, Case, DeviceChecks, Expect,
     Placement,
@@ -114,14 +114,16 @@ fn case(
 ) -> SoakCase {
     SoakCase {
         number: 500,
-        dtype,
-        len,
-        algorithm,
-        input,
-        output,
-        replays: 0,
-        free_input_early: false,
-        hold: 0,
+        op: SoakOp::AllReduce(AllReduceCase {
+            dtype,
+            len,
+            algorithm,
+            input,
+            output,
+            replays: 0,
+            free_input_early: false,
+            hold: 0,
+        }),
     }
 }
 
@@ -164,15 +166,10 @@ fn failure_3_push_from_a_misaligned_pool_view_first_call() {
 /// the next call (it timed out). Failure 5: the ranks stay in step after.
 #[test]
 fn failure_4_and_5_buffers_freed_after_deregistration_on_a_shared_gpu() {
-    let failing = case(
-        DType::BF16,
-        949750,
-        AlgorithmChoice::Force(Algorithm::OneStage),
-        Memory::Registered,
-        Some(Memory::Buffer),
-    );
-    let mut next = failing;
-    next.input = Memory::Buffer;
+    let one_stage = AlgorithmChoice::Force(Algorithm::OneStage);
+    let from = |input| case(DType::BF16, 949750, one_stage, input, Some(Memory::Buffer));
+    let failing = from(Memory::Registered);
+    let next = from(Memory::Buffer);
     replay(&[0, 0], 20, &[failing, failing, next, failing], 20);
 }
 

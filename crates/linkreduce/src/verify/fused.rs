@@ -25,7 +25,7 @@ pub const CHECK_EPS: f32 = 1e-6;
 const SHARED_RANK: u32 = 200;
 
 /// One fused call to check.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NormCase {
     pub dtype: DType,
     pub rows: usize,

@@ -92,7 +92,7 @@ const GUARD: usize = 64;
 const GUARD_RANK: u32 = 300;
 
 /// One reduce-scatter or all-gather to check.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SgCase {
     pub op: ScatterGather,
     pub dtype: DType,

@@ -1,13 +1,15 @@
-//! The soak's cases: a seeded generator shared by every rank, and what a
-//! case draws from it (see the module above).
+//! The soak's cases: a seeded generator shared by every rank, which op a
+//! case runs, and what a fused-norm, reduce-scatter or all-gather case
+//! draws (the all-reduce's own draws are in `all_reduce.rs`).
 
 use std::fmt;
 
+use super::all_reduce::AllReduceCase;
 use crate::algorithm::{Algorithm, AlgorithmChoice};
 use crate::dtype::DType;
-
-/// Largest element offset of a view.
-pub(super) const MAX_OFFSET: usize = 23;
+use crate::kernels::{ScatterGather, MAX_RANKS, NORM_DTYPES};
+use crate::verify::fused::NormCase;
+use crate::verify::scatter_gather::{SgBuffers, SgCase};
 
 /// splitmix64: the soak's generator, the same on every rank.
 pub(super) struct Rng(u64);
@@ -27,292 +29,294 @@ impl Rng {
         z ^ (z >> 31)
     }
 
-    fn below(&mut self, n: u64) -> u64 {
+    pub(super) fn below(&mut self, n: u64) -> u64 {
         self.next() % n.max(1)
     }
 
     /// True with probability `percent` / 100.
-    fn percent(&mut self, percent: u64) -> bool {
+    pub(super) fn percent(&mut self, percent: u64) -> bool {
         self.below(100) < percent
     }
 
     fn unit(&mut self) -> f64 {
         (self.next() >> 11) as f64 / (1u64 << 53) as f64
     }
+
+    /// 1..=max, log-uniform: short and long sizes alike.
+    pub(super) fn log_uniform(&mut self, max: usize) -> usize {
+        let max = max.max(1);
+        (((max as f64).ln() * self.unit()).exp() as usize).clamp(1, max)
+    }
+
+    /// Automatic, or one of the kernels' algorithms forced.
+    pub(super) fn algorithm(&mut self) -> AlgorithmChoice {
+        match self.below(10) {
+            0..=3 => AlgorithmChoice::Auto,
+            n => AlgorithmChoice::Force(Algorithm::ALL[(n as usize - 4) / 2]),
+        }
+    }
+
+    /// 0 (eager) or how many times a captured graph is replayed.
+    pub(super) fn graph_replays(&mut self) -> u32 {
+        if self.percent(20) {
+            1 + self.below(3) as u32
+        } else {
+            0
+        }
+    }
 }
 
-/// An element offset of a view: the same on every rank, or its own on each.
+/// The op a case runs, and how.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Offset {
-    Same(usize),
-    PerRank(u64),
+pub enum SoakOp {
+    AllReduce(AllReduceCase),
+    /// All-reduce + residual add + RMSNorm, checked by `verify::fused`.
+    FusedNorm(NormCase),
+    /// Reduce-scatter or all-gather, checked by `verify::scatter_gather`.
+    ScatterGather(SgCase),
 }
 
-impl Offset {
-    /// This rank's offset.
-    pub(super) fn on(self, rank: usize) -> usize {
-        match self {
-            Offset::Same(offset) => offset,
-            Offset::PerRank(salt) => {
-                Rng::new(salt, rank as u64).below(MAX_OFFSET as u64 + 1) as usize
-            }
-        }
-    }
-
-    fn random(rng: &mut Rng) -> Offset {
-        match rng.below(4) {
-            0 => Offset::Same(0),
-            1 => Offset::PerRank(rng.next()),
-            _ => Offset::Same(rng.below(MAX_OFFSET as u64 + 1) as usize),
-        }
-    }
-}
-
-impl fmt::Display for Offset {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Offset::Same(offset) => write!(f, "+{offset}"),
-            Offset::PerRank(_) => write!(f, "+per-rank"),
-        }
-    }
-}
-
-/// Where a buffer of a case comes from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Memory {
-    /// `Communicator::alloc`, not registered.
-    Buffer,
-    /// `Communicator::alloc`, registered for the case (collective) and
-    /// deregistered after it.
-    Registered,
-    /// cudarc's stream-ordered pool (`CudaStream::alloc_zeros`), viewed at
-    /// an element offset.
-    Pool(Offset),
-    /// A view into this rank's arena, registered for the whole soak.
-    Arena(Offset),
-}
-
-impl Memory {
-    fn random(rng: &mut Rng, output: bool) -> Memory {
-        match (rng.below(100), output) {
-            (0..=24, _) => Memory::Buffer,
-            (25..=39, false) => Memory::Registered,
-            (25..=64, _) => Memory::Pool(Offset::random(rng)),
-            _ => Memory::Arena(Offset::random(rng)),
-        }
-    }
-
-    /// Whether buffers of this kind belong to one case, to be freed (or
-    /// held) by it.
-    fn owned_by_case(self) -> bool {
-        matches!(self, Memory::Buffer | Memory::Pool(_))
-    }
-}
-
-impl fmt::Display for Memory {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Memory::Buffer => write!(f, "buffer"),
-            Memory::Registered => write!(f, "registered buffer"),
-            Memory::Pool(offset) => write!(f, "cudarc pool{offset}"),
-            Memory::Arena(offset) => write!(f, "registered arena{offset}"),
-        }
-    }
-}
-
-/// One random all-reduce, the same on every rank.
+/// One random case, the same on every rank.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SoakCase {
     pub number: u64,
-    pub dtype: DType,
-    pub len: usize,
-    pub algorithm: AlgorithmChoice,
-    pub input: Memory,
-    /// None: in place, in the input's buffer.
-    pub output: Option<Memory>,
-    /// 0: eager; n: captured in a CUDA graph and replayed n times.
-    pub replays: u32,
-    /// The input is freed right after the call is enqueued.
-    pub free_input_early: bool,
-    /// The case's own buffers are kept this many cases longer and freed in
-    /// the middle of a later case (0: freed at the end of this one).
-    pub hold: u64,
+    pub op: SoakOp,
 }
+
+/// Percent of cases of each op other than the all-reduce.
+const FUSED_NORM_PERCENT: u64 = 15;
+const SCATTER_GATHER_PERCENT: u64 = 15;
+
+/// Salt of the generator that picks a case's op: a stream of its own, so
+/// an all-reduce case draws what it drew before other ops joined the soak.
+const OP_SALT: u64 = 0x6f70_7320_6472_6177;
+
+/// The largest hidden size of a fused-norm case.
+const MAX_HIDDEN: usize = 16384;
+/// Hidden sizes of real models: whole packets, some launches cut in rows.
+const MODEL_HIDDEN: [usize; 6] = [1024, 2048, 4096, 5120, 8192, 16384];
+/// The most rows of a fused-norm case: the host mirror's cost per row does
+/// not shrink with `hidden`.
+const MAX_ROWS: usize = 4096;
 
 impl SoakCase {
     pub fn generate(seed: u64, number: u64, max_len: usize) -> SoakCase {
+        let pick = Rng::new(seed ^ OP_SALT, number).below(100);
         let mut rng = Rng::new(seed, number);
-        let dtype = DType::ALL[rng.below(3) as usize];
-        let len = ((max_len.max(1) as f64).ln() * rng.unit()).exp() as usize;
-        let algorithm = match rng.below(10) {
-            0..=3 => AlgorithmChoice::Auto,
-            n => AlgorithmChoice::Force(Algorithm::ALL[(n as usize - 4) / 2]),
-        };
-        let input = Memory::random(&mut rng, false);
-        let output = (!rng.percent(40)).then(|| Memory::random(&mut rng, true));
-        let replays = if rng.percent(20) {
-            1 + rng.below(3) as u32
+        let op = if pick < FUSED_NORM_PERCENT {
+            SoakOp::FusedNorm(norm_case(&mut rng, max_len))
+        } else if pick < FUSED_NORM_PERCENT + SCATTER_GATHER_PERCENT {
+            SoakOp::ScatterGather(sg_case(&mut rng, ScatterGather::ReduceScatter, max_len))
+        } else if pick < FUSED_NORM_PERCENT + 2 * SCATTER_GATHER_PERCENT {
+            SoakOp::ScatterGather(sg_case(&mut rng, ScatterGather::AllGather, max_len))
         } else {
-            0
+            SoakOp::AllReduce(AllReduceCase::generate(&mut rng, max_len))
         };
-        let free_input_early =
-            replays == 0 && output.is_some() && input.owned_by_case() && rng.percent(40);
-        let hold = if rng.percent(20) { 1 + rng.below(4) } else { 0 };
-        SoakCase {
-            number,
-            dtype,
-            len: len.clamp(1, max_len.max(1)),
-            algorithm,
-            input,
-            output,
-            replays,
-            free_input_early,
-            hold,
+        SoakCase { number, op }
+    }
+
+    /// The op's name, as `covered` counts it.
+    pub fn op_name(&self) -> &'static str {
+        match self.op {
+            SoakOp::AllReduce(_) => "all-reduce",
+            SoakOp::FusedNorm(_) => "fused-norm",
+            SoakOp::ScatterGather(case) => case.op.name(),
         }
+    }
+}
+
+/// A fused call of at most a quarter of `max_len` elements: the host
+/// mirror that checks it is the soak's slowest part.
+fn norm_case(rng: &mut Rng, max_len: usize) -> NormCase {
+    let budget = (max_len / 4).max(1);
+    let dtype = NORM_DTYPES[rng.below(NORM_DTYPES.len() as u64) as usize];
+    let hidden = if rng.percent(30) {
+        MODEL_HIDDEN[rng.below(MODEL_HIDDEN.len() as u64) as usize]
+    } else {
+        rng.log_uniform(MAX_HIDDEN)
+    }
+    .min(budget);
+    let rows = if rng.percent(5) {
+        0
+    } else {
+        rng.log_uniform((budget / hidden).min(MAX_ROWS))
+    };
+    NormCase {
+        dtype,
+        rows,
+        hidden,
+        algorithm: rng.algorithm(),
+        graph_replays: rng.graph_replays() as usize,
+    }
+}
+
+/// A reduce-scatter or all-gather whose larger buffer (count x world)
+/// holds at most `max_len` elements on any world size.
+fn sg_case(rng: &mut Rng, op: ScatterGather, max_len: usize) -> SgCase {
+    let dtype = DType::ALL[rng.below(DType::ALL.len() as u64) as usize];
+    let count = if rng.percent(5) {
+        0
+    } else {
+        rng.log_uniform(max_len / MAX_RANKS)
+    };
+    SgCase {
+        op,
+        dtype,
+        count,
+        algorithm: rng.algorithm(),
+        buffers: SgBuffers::ALL[rng.below(SgBuffers::ALL.len() as u64) as usize],
+        graph_replays: rng.graph_replays() as usize,
     }
 }
 
 impl fmt::Display for SoakCase {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "case {}: {} len {} {}, input {}",
-            self.number, self.dtype, self.len, self.algorithm, self.input
-        )?;
-        match self.output {
-            Some(output) => write!(f, ", output {output}")?,
-            None => write!(f, ", in place")?,
+        write!(f, "case {}: ", self.number)?;
+        match &self.op {
+            SoakOp::AllReduce(case) => case.fmt(f),
+            SoakOp::FusedNorm(case) => case.fmt(f),
+            SoakOp::ScatterGather(case) => case.fmt(f),
         }
-        match self.replays {
-            0 => write!(f, ", eager")?,
-            n => write!(f, ", graph replayed {n}x")?,
-        }
-        if self.free_input_early {
-            write!(f, ", input freed after enqueue")?;
-        }
-        if self.hold > 0 {
-            write!(f, ", buffers held {} more case(s)", self.hold)?;
-        }
-        Ok(())
     }
 }
 
 /// The coverage counters a passed case adds to.
 pub(super) fn coverage(case: &SoakCase) -> Vec<String> {
-    let mut names = vec![
-        format!("dtype {}", case.dtype),
-        format!("algorithm {}", case.algorithm),
-        format!("input {}", kind_name(case.input)),
-        match case.output {
-            Some(output) => format!("output {}", kind_name(output)),
-            None => "in place".into(),
-        },
-    ];
-    let offsets = [Some(case.input), case.output]
-        .into_iter()
-        .flatten()
-        .filter_map(|m| match m {
-            Memory::Pool(offset) | Memory::Arena(offset) => Some(offset),
-            _ => None,
-        });
-    for offset in offsets {
-        names.push(match offset {
-            Offset::Same(0) => "view at offset 0".into(),
-            Offset::Same(_) => "view at an offset".into(),
-            Offset::PerRank(_) => "view at per-rank offsets".into(),
-        });
-    }
-    if case.replays > 0 {
+    let mut names = vec![format!("op {}", case.op_name())];
+    let (dtype, replays) = match case.op {
+        SoakOp::AllReduce(op) => {
+            names.extend(op.coverage());
+            return names;
+        }
+        SoakOp::FusedNorm(op) => {
+            names.push(format!("fused-norm algorithm {}", op.algorithm));
+            if op.rows == 0 {
+                names.push("fused-norm no rows".into());
+            }
+            if op.hidden % 8 != 0 {
+                names.push("fused-norm hidden not a multiple of 8".into());
+            }
+            (op.dtype, op.graph_replays)
+        }
+        SoakOp::ScatterGather(op) => {
+            names.push(format!("{} {}", op.op, op.buffers));
+            if op.count % 2 == 1 {
+                names.push(format!("{} odd count", op.op));
+            }
+            (op.dtype, op.graph_replays)
+        }
+    };
+    names.push(format!("dtype {dtype}"));
+    if replays > 0 {
         names.push("graph".into());
     }
-    if case.free_input_early {
-        names.push("input freed after enqueue".into());
-    }
-    if case.hold > 0 {
-        names.push("buffers freed in a later case".into());
-    }
     names
-}
-
-fn kind_name(memory: Memory) -> &'static str {
-    match memory {
-        Memory::Buffer => "buffer",
-        Memory::Registered => "registered buffer",
-        Memory::Pool(_) => "cudarc pool",
-        Memory::Arena(_) => "registered arena",
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn draws(seed: u64, cases: u64, max_len: usize) -> Vec<SoakCase> {
+        (0..cases)
+            .map(|n| SoakCase::generate(seed, n, max_len))
+            .collect()
+    }
+
+    /// What `pick` takes from `cases` draws.
+    fn picked<T>(seed: u64, cases: u64, max_len: usize, pick: fn(SoakOp) -> Option<T>) -> Vec<T> {
+        let ops = draws(seed, cases, max_len).into_iter().map(|c| c.op);
+        ops.filter_map(pick).collect()
+    }
+
+    fn norm_draws(seed: u64, cases: u64, max_len: usize) -> Vec<NormCase> {
+        picked(seed, cases, max_len, |op| match op {
+            SoakOp::FusedNorm(norm) => Some(norm),
+            _ => None,
+        })
+    }
+
     #[test]
     fn cases_depend_on_seed_and_number_only() {
-        assert_eq!(
-            SoakCase::generate(7, 12, 1 << 20),
-            SoakCase::generate(7, 12, 1 << 20)
-        );
-        assert_ne!(
-            SoakCase::generate(7, 12, 1 << 20),
-            SoakCase::generate(8, 12, 1 << 20)
-        );
-        assert_ne!(
-            SoakCase::generate(7, 12, 1 << 20),
-            SoakCase::generate(7, 13, 1 << 20)
-        );
+        let case = SoakCase::generate(7, 12, 1 << 20);
+        assert_eq!(case, SoakCase::generate(7, 12, 1 << 20));
+        assert_ne!(case, SoakCase::generate(8, 12, 1 << 20));
+        assert_ne!(case, SoakCase::generate(7, 13, 1 << 20));
+        // `--first-case N` runs case N of the seed: a replay draws it again.
+        let sequence = draws(7, 40, 1 << 20);
+        for (number, case) in (0..).zip(&sequence) {
+            assert_eq!(*case, SoakCase::generate(7, number, 1 << 20));
+            assert_eq!(case.number, number);
+        }
     }
 
     #[test]
-    fn cases_cover_every_choice() {
-        let cases: Vec<SoakCase> = (0..5000)
-            .map(|n| SoakCase::generate(1, n, 1 << 22))
-            .collect();
-        assert!(cases.iter().all(|c| (1..=1 << 22).contains(&c.len)));
-        let short = cases.iter().filter(|c| c.len < 100).count();
-        let long = cases.iter().filter(|c| c.len > 1 << 20).count();
-        assert!(
-            short > 500 && long > 200,
-            "log-uniform lengths: {short} short, {long} long"
-        );
-        for dtype in DType::ALL {
-            assert!(cases.iter().any(|c| c.dtype == dtype));
+    fn every_op_is_drawn_in_a_modest_soak() {
+        let cases = draws(3, 300, 4 << 20);
+        let count = |name| cases.iter().filter(|c| c.op_name() == name).count();
+        for name in ["fused-norm", "reduce-scatter", "all-gather"] {
+            assert!((20..=80).contains(&count(name)), "{name}: {}", count(name));
+        }
+        assert!(count("all-reduce") > 120, "{}", count("all-reduce"));
+    }
+
+    #[test]
+    fn fused_norm_cases_vary_and_stay_within_a_quarter_of_the_limit() {
+        let max_len = 4 << 20;
+        let norms = norm_draws(5, 4000, max_len);
+        for norm in &norms {
+            assert!(NORM_DTYPES.contains(&norm.dtype));
+            assert!(norm.rows * norm.hidden <= max_len / 4, "{norm}");
+            assert!((1..=MAX_HIDDEN).contains(&norm.hidden), "{norm}");
+            assert!(norm.rows <= MAX_ROWS, "{norm}");
+        }
+        assert!(norms.iter().any(|n| n.rows == 0));
+        assert!(norms.iter().any(|n| n.hidden % 2 == 1 && n.rows > 1));
+        assert!(norms.iter().any(|n| n.hidden == MAX_HIDDEN && n.rows > 8));
+        assert!(norms.iter().any(|n| n.graph_replays > 0));
+        for dtype in NORM_DTYPES {
+            assert!(norms.iter().any(|n| n.dtype == dtype));
         }
         for algorithm in Algorithm::ALL {
-            assert!(cases
-                .iter()
-                .any(|c| c.algorithm == AlgorithmChoice::Force(algorithm)));
+            let forced = AlgorithmChoice::Force(algorithm);
+            assert!(norms.iter().any(|n| n.algorithm == forced));
         }
-        assert!(cases.iter().any(|c| c.algorithm == AlgorithmChoice::Auto));
-        assert!(cases.iter().any(|c| c.output.is_none()));
-        assert!(cases.iter().any(|c| c.replays > 0 && c.output.is_none()));
-        assert!(cases.iter().any(|c| c.free_input_early));
-        assert!(cases.iter().any(|c| c.hold > 0));
-        let memories: Vec<Memory> = cases
-            .iter()
-            .flat_map(|c| [Some(c.input), c.output])
-            .flatten()
-            .collect();
-        assert!(memories.contains(&Memory::Buffer));
-        assert!(memories.contains(&Memory::Registered));
-        assert!(memories
-            .iter()
-            .any(|m| matches!(m, Memory::Pool(Offset::PerRank(_)))));
-        assert!(memories
-            .iter()
-            .any(|m| matches!(m, Memory::Arena(Offset::Same(o)) if o % 8 != 0)));
-        assert!(
-            cases.iter().all(|c| c.output != Some(Memory::Registered)),
-            "outputs are never registered"
-        );
+        // A small limit shrinks the rows and hidden sizes, not the limit.
+        for norm in norm_draws(5, 500, 100) {
+            assert!(norm.rows * norm.hidden <= 25 && norm.hidden >= 1, "{norm}");
+        }
     }
 
     #[test]
-    fn per_rank_offsets_differ_between_ranks_and_stay_in_range() {
-        let offset = Offset::PerRank(99);
-        let offsets: Vec<usize> = (0..8).map(|rank| offset.on(rank)).collect();
-        assert!(offsets.iter().all(|&o| o <= MAX_OFFSET));
-        assert!(offsets.windows(2).any(|w| w[0] != w[1]));
-        assert_eq!(offset.on(3), offset.on(3));
+    fn scatter_gather_cases_cover_every_buffer_kind_within_the_limit() {
+        let max_len = 1 << 20;
+        let sgs = picked(9, 3000, max_len, |op| match op {
+            SoakOp::ScatterGather(sg) => Some(sg),
+            _ => None,
+        });
+        assert!(sgs.iter().all(|s| s.count * MAX_RANKS <= max_len));
+        for op in ScatterGather::ALL {
+            for buffers in SgBuffers::ALL {
+                assert!(
+                    sgs.iter().any(|s| s.op == op && s.buffers == buffers),
+                    "{op} {buffers}"
+                );
+            }
+            assert!(sgs.iter().any(|s| s.op == op && s.graph_replays > 0));
+        }
+        for dtype in DType::ALL {
+            assert!(sgs.iter().any(|s| s.dtype == dtype));
+        }
+        assert!(sgs.iter().any(|s| s.count == 0));
+        assert!(sgs.iter().any(|s| s.count % 2 == 1 && s.count > 1000));
+    }
+
+    #[test]
+    fn coverage_names_the_op_of_every_case() {
+        for case in draws(11, 200, 1 << 20) {
+            let names = coverage(&case);
+            assert_eq!(names[0], format!("op {}", case.op_name()));
+            assert!(names.iter().any(|n| n.starts_with("dtype ")), "{case}");
+        }
     }
 }

@@ -1,23 +1,31 @@
 //! The random soak (`linkreduce check --random N`): a seeded sequence of
-//! all-reduces used the way callers use them, each checked bitwise.
+//! collectives used the way callers use them, each checked bitwise.
 //!
-//! Case `n` of seed `s` is the same on every rank and in every run: dtype,
-//! a log-uniform length, the algorithm (automatic or forced), in place or
-//! not, where each buffer comes from (our allocation, registered or not;
-//! cudarc's stream-ordered pool; a view into a registered arena), element
-//! offsets that may differ between ranks (so some ranks read in place while
-//! others stage), eager or captured in a graph and replayed, and when
-//! buffers are freed: right after the call is enqueued, at the end of the
-//! case, or in the middle of a later case.
+//! Case `n` of seed `s` is the same on every rank and in every run. Most
+//! are all-reduces, which draw the dtype, a log-uniform length, the
+//! algorithm (automatic or forced), in place or not, where each buffer
+//! comes from (our allocation, registered or not; cudarc's stream-ordered
+//! pool; a view into a registered arena), element offsets that may differ
+//! between ranks (so some ranks read in place while others stage), eager or
+//! captured in a graph and replayed, and when buffers are freed: right
+//! after the call is enqueued, at the end of the case, or in the middle of
+//! a later case. About 15% each are fused all-reduce + residual add +
+//! RMSNorm, reduce-scatter and all-gather cases (random shapes, dtypes,
+//! buffers, eager or graphs), run by the checkers the fixed sweep uses
+//! (`verify::fused`, `verify::scatter_gather`).
 //!
-//! `case` draws the cases; `run` runs one on a rank and checks it.
+//! `case` picks each case's op and draws the fused and scatter/gather
+//! cases, `all_reduce` draws the all-reduces; `run` runs a case on a rank
+//! and checks it.
 
+mod all_reduce;
 mod case;
 mod run;
 
 use std::collections::HashMap;
 
-pub use case::{Memory, Offset, SoakCase};
+pub use all_reduce::{AllReduceCase, Memory, Offset};
+pub use case::{SoakCase, SoakOp};
 pub use run::Soak;
 
 use crate::comm::Communicator;

@@ -1,6 +1,7 @@
-//! Running one soak case on one rank: its buffers (allocated, registered,
-//! views, freed early or late), the call eager or in a graph, and the
-//! checks every rank judges together.
+//! Running one soak case on one rank. An all-reduce runs here: its buffers
+//! (allocated, registered, views, freed early or late), the call eager or
+//! in a graph, and the checks every rank judges together. The other ops go
+//! to their checkers in `verify`.
 
 use std::any::Any;
 use std::collections::HashMap;
@@ -8,11 +9,14 @@ use std::collections::HashMap;
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use cudarc::driver::{CudaSlice, DevicePtr};
 
-use super::case::{Memory, Rng, SoakCase, MAX_OFFSET};
+use super::all_reduce::{AllReduceCase, Memory, MAX_OFFSET};
+use super::case::{Rng, SoakCase, SoakOp};
 use crate::comm::{CallOptions, Communicator};
 use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
 use crate::memory::DeviceBuffer;
+use crate::verify::fused::check_norm_case_on_rank;
+use crate::verify::scatter_gather::check_sg_case_on_rank;
 use crate::verify::{judge, poison, runs_push, DeviceChecks, Examined, Expect, Outcome};
 
 /// Elements checked on each side of a view: nothing may write them.
@@ -112,17 +116,31 @@ impl Soak {
 
     /// Runs `case` on this rank and judges it with every rank. Collective.
     pub fn run(&mut self, comm: &mut Communicator, case: &SoakCase, seed: u64) -> Result<Outcome> {
-        match case.dtype {
-            DType::F32 => self.run_typed::<f32>(comm, case, seed),
-            DType::F16 => self.run_typed::<half::f16>(comm, case, seed),
-            DType::BF16 => self.run_typed::<half::bf16>(comm, case, seed),
+        let number = case.number;
+        match case.op {
+            SoakOp::AllReduce(all_reduce) => match all_reduce.dtype {
+                DType::F32 => self.all_reduce::<f32>(comm, number, &all_reduce, seed),
+                DType::F16 => self.all_reduce::<half::f16>(comm, number, &all_reduce, seed),
+                DType::BF16 => self.all_reduce::<half::bf16>(comm, number, &all_reduce, seed),
+            },
+            // Their checkers allocate their own buffers; buffers held for
+            // this case are freed as it starts.
+            SoakOp::FusedNorm(norm) => {
+                self.release_due(number);
+                check_norm_case_on_rank(comm, norm, data_seed(seed, number, 0))
+            }
+            SoakOp::ScatterGather(sg) => {
+                self.release_due(number);
+                check_sg_case_on_rank(comm, sg, data_seed(seed, number, 0))
+            }
         }
     }
 
-    fn run_typed<T: Element>(
+    fn all_reduce<T: Element>(
         &mut self,
         comm: &mut Communicator,
-        case: &SoakCase,
+        number: u64,
+        case: &AllReduceCase,
         seed: u64,
     ) -> Result<Outcome> {
         if case.len > self.max_len {
@@ -131,7 +149,7 @@ impl Soak {
                 case.len, self.max_len
             )));
         }
-        let mut run = CaseRun::<T>::new(comm, case, seed);
+        let mut run = CaseRun::<T>::new(comm, number, case, seed);
         let outcome = run.execute(self, comm);
         // Buffers of the case go (or are kept) whatever happened.
         let buffers = run.take_buffers();
@@ -152,7 +170,7 @@ impl Soak {
         };
         if !kept.is_empty() {
             self.held.push(Held {
-                release_at: case.number + case.hold,
+                release_at: number + case.hold,
                 _buffers: Box::new(kept),
             });
         }
@@ -178,9 +196,16 @@ fn end_arena<T: Element>(comm: &mut Communicator, arena: Option<Box<dyn Any>>) -
     Ok(())
 }
 
-/// One case in progress on one rank.
+/// The seed of the data of case `number`'s replay `replay` (eager calls:
+/// replay 0).
+fn data_seed(seed: u64, number: u64, replay: u32) -> u64 {
+    Rng::new(seed, (number << 8) | u64::from(replay)).next()
+}
+
+/// One all-reduce case in progress on one rank.
 struct CaseRun<'c, T> {
-    case: &'c SoakCase,
+    number: u64,
+    case: &'c AllReduceCase,
     seed: u64,
     rank: usize,
     world: u32,
@@ -189,8 +214,9 @@ struct CaseRun<'c, T> {
 }
 
 impl<'c, T: Element> CaseRun<'c, T> {
-    fn new(comm: &Communicator, case: &'c SoakCase, seed: u64) -> Self {
+    fn new(comm: &Communicator, number: u64, case: &'c AllReduceCase, seed: u64) -> Self {
         CaseRun {
+            number,
             case,
             seed,
             rank: comm.rank(),
@@ -207,13 +233,12 @@ impl<'c, T: Element> CaseRun<'c, T> {
             .collect()
     }
 
-    /// The seed of replay `replay`'s inputs (eager calls: replay 0).
     fn input_seed(&self, replay: u32) -> u64 {
-        Rng::new(self.seed, (self.case.number << 8) | u64::from(replay)).next()
+        data_seed(self.seed, self.number, replay)
     }
 
     fn guard_seed(&self) -> u64 {
-        Rng::new(self.seed ^ 0x6775_6172_6473, self.case.number).next()
+        Rng::new(self.seed ^ 0x6775_6172_6473, self.number).next()
     }
 
     fn execute(&mut self, state: &mut Soak, comm: &mut Communicator) -> Result<Outcome> {
@@ -334,7 +359,7 @@ impl<'c, T: Element> CaseRun<'c, T> {
             if case.free_input_early {
                 self.input = None;
             }
-            state.release_due(case.number);
+            state.release_due(self.number);
             comm.synchronize()?;
             let outcome = self.check(state, comm, 0, push)?;
             return self.end(comm, outcome);
@@ -354,7 +379,7 @@ impl<'c, T: Element> CaseRun<'c, T> {
         for replay in 0..case.replays {
             self.fill(state, comm, replay)?;
             graph.launch().map_err(Error::driver("cuGraphLaunch"))?;
-            state.release_due(case.number);
+            state.release_due(self.number);
             comm.synchronize()?;
             outcome = self.check(state, comm, replay, push)?;
             if !outcome.passed() {
