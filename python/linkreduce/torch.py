@@ -172,6 +172,7 @@ class CustomAllreduce:
         self._comm = None
         self._capturing = False
         self._nccl_sizes = {}
+        self._nccl_only = None
         self.disabled = True
         self.max_size = int(max_size)
         if self.max_size < 0:
@@ -229,10 +230,13 @@ class CustomAllreduce:
         )
 
     def _takes_nccl(self, nbytes):
-        """Whether an automatic call of ``nbytes`` takes linkreduce's NCCL
-        path (the same on every rank; remembered per size)."""
+        """Whether a call of ``nbytes`` would take linkreduce's NCCL path
+        (the same on every rank; remembered per size). A forced algorithm
+        takes the kernels, unless they cannot serve the group at all."""
         if self.algorithm != "auto":
-            return False
+            if self._nccl_only is None:
+                self._nccl_only = self._comm.nccl_only()
+            return self._nccl_only
         known = self._nccl_sizes.get(nbytes)
         if known is None:
             known = self._nccl_sizes[nbytes] = self._comm.algorithm_for(nbytes) == "nccl"

@@ -105,9 +105,9 @@ pub fn run(mut args: Args) -> Result<ExitCode> {
     }
     let mut config = Config {
         timeout: Duration::from_millis(args.timeout_ms.max(1)),
-        staging_bytes: args.staging_bytes,
         ..Config::default()
     };
+    config.set_staging_bytes(args.staging_bytes);
     if let Some(blocks) = args.max_blocks {
         config.max_blocks = blocks;
     }

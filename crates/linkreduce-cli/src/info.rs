@@ -8,7 +8,7 @@ use linkreduce::driver;
 use linkreduce::kernels::nvrtc_version;
 use linkreduce::memory::{can_access_peer, gpu_uuid};
 use linkreduce::path::{Plan, RankFacts, Reach};
-use linkreduce::{Error, Result};
+use linkreduce::{Error, Result, TuningSource};
 
 use crate::topology::{self, Topology};
 
@@ -163,21 +163,19 @@ fn print_paths(contexts: &[std::sync::Arc<CudaContext>], reach: &[Vec<Reach>]) -
         }
     };
     // As set-up chooses (without a caller's Config::tuning).
-    let env = linkreduce::Tuning::from_env()?;
-    let from_env = env.is_some();
-    let tuning = env.or_else(|| {
-        let name = contexts.first()?.name().ok()?;
-        linkreduce::Tuning::builtin(&name, world)
-    });
+    let name = contexts.first().and_then(|ctx| ctx.name().ok());
+    let resolved = linkreduce::Tuning::resolve(name.as_deref(), world)?;
     println!(
         "paths for {world} rank(s), one per GPU listed ({}):",
-        match (&tuning, from_env) {
-            (Some(t), true) => format!("LINKREDUCE_TUNING's table: {}", t.measured_on),
-            (Some(t), false) => format!("the table shipped for these GPUs: {}", t.measured_on),
-            (None, _) =>
-                "reference rule: no LINKREDUCE_TUNING, no table shipped for these GPUs".into(),
+        match &resolved {
+            Some((t, TuningSource::Env)) => format!("LINKREDUCE_TUNING's table: {}", t.measured_on),
+            Some((t, TuningSource::Shipped)) => {
+                format!("the table shipped for these GPUs: {}", t.measured_on)
+            }
+            None => "reference rule: no LINKREDUCE_TUNING, no table shipped for these GPUs".into(),
         }
     );
+    let tuning = resolved.map(|(table, _)| table);
     for bytes in [
         1 << 10,
         64 << 10,

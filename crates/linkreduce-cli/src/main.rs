@@ -30,7 +30,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Time linkreduce and NCCL over a sweep of message sizes.
+    /// Time linkreduce and NCCL side by side: all-reduce (default),
+    /// reduce-scatter and all-gather over sizes, or the fused all-reduce +
+    /// RMSNorm over row shapes (--op).
     Bench(bench::Args),
     /// Check results against a CPU reference over sizes, dtypes, algorithms
     /// and world sizes; exits non-zero on any mismatch.

@@ -157,8 +157,10 @@ pub fn config(
     }
     if let Some(value) = staging_bytes {
         let bytes = non_negative(value, "staging_bytes", "a size in bytes")?;
-        config.staging_bytes = usize::try_from(bytes)
-            .map_err(|_| PyValueError::new_err("staging_bytes does not fit this machine"))?;
+        config.set_staging_bytes(
+            usize::try_from(bytes)
+                .map_err(|_| PyValueError::new_err("staging_bytes does not fit this machine"))?,
+        );
     }
     if let Some(value) = max_blocks {
         let blocks = non_negative(value, "max_blocks", "a number of blocks")?;

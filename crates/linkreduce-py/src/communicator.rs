@@ -315,6 +315,15 @@ impl PyCommunicator {
         })
     }
 
+    /// nccl_only() -> bool
+    ///
+    /// Whether every call takes NCCL: the kernels cannot serve this group
+    /// (ranks on several hosts, more than 8 ranks, a pair of GPUs without
+    /// peer access). A forced algorithm is refused then.
+    fn nccl_only(&self, py: Python<'_>) -> PyResult<bool> {
+        self.with(py, |communicator| Ok(communicator.nccl_only()))
+    }
+
     /// prepare_nccl()
     ///
     /// Sets up NCCL for the calls that take it, if not yet (set-up did

@@ -5,7 +5,8 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-/// The data-movement schemes the kernels implement (see SPEC.md).
+/// The data-movement schemes the kernels implement (docs/design.md,
+/// "Algorithms").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Algorithm {
@@ -17,8 +18,8 @@ pub enum Algorithm {
     TwoStage,
     /// Every rank writes its input into every peer's push area and polls
     /// its own for theirs: (W-1) x N bytes pushed per rank, no barrier (the
-    /// data marks its own arrival). Meant for small messages; not chosen
-    /// automatically until measured on the GPUs it targets.
+    /// data marks its own arrival). For small messages, where a tuning
+    /// table picks it (the shipped 2 x H200 table: up to 64 KiB).
     Push,
 }
 
@@ -84,7 +85,8 @@ impl fmt::Display for AlgorithmChoice {
     }
 }
 
-/// The reference rule of SPEC.md for the kernels: two GPUs always
+/// The rule where no tuning table covers a size (docs/design.md,
+/// "Algorithms"): two GPUs always
 /// one-stage; up to four ranks below 512 KiB and up to eight below 256 KiB
 /// one-stage; otherwise two-stage.
 pub fn reference_rule(world_size: usize, message_bytes: usize) -> Algorithm {
@@ -98,6 +100,15 @@ pub fn reference_rule(world_size: usize, message_bytes: usize) -> Algorithm {
     } else {
         Algorithm::TwoStage
     }
+}
+
+/// Where a tuning table came from, besides a caller's `Config::tuning`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TuningSource {
+    /// The file LINKREDUCE_TUNING names.
+    Env,
+    /// The table shipped for the GPU and world size.
+    Shipped,
 }
 
 /// Tables measured on machines we had: (device name as CUDA reports it,
@@ -219,6 +230,21 @@ impl Tuning {
             .iter()
             .find(|(name, world, _)| *name == device_name && *world == world_size)
             .and_then(|(_, _, json)| serde_json::from_str(json).ok())
+    }
+
+    /// The table set-up follows without a caller's `Config::tuning`:
+    /// LINKREDUCE_TUNING's, else the one shipped for GPUs named
+    /// `device_name` and `world_size` ranks; with where it came from.
+    pub fn resolve(
+        device_name: Option<&str>,
+        world_size: usize,
+    ) -> crate::Result<Option<(Tuning, TuningSource)>> {
+        if let Some(table) = Self::from_env()? {
+            return Ok(Some((table, TuningSource::Env)));
+        }
+        Ok(device_name
+            .and_then(|name| Self::builtin(name, world_size))
+            .map(|table| (table, TuningSource::Shipped)))
     }
 
     /// The table `LINKREDUCE_TUNING` names, or None when it is not set.

@@ -7,7 +7,7 @@
 //! - [`memory`]: device memory peers can read, peer access, pointer queries;
 //! - [`ipc`] and `transport`: how a rank maps peers' memory, through CUDA IPC
 //!   across processes or directly within one;
-//! - [`registry`]: which record of the device table a buffer uses;
+//! - `registry`: which entry of the device buffer table a buffer uses;
 //! - [`rendezvous`]: how ranks exchange bytes at set-up;
 //! - [`algorithm`]: which algorithm and grid a call uses;
 //! - [`path`]: whether a call takes the kernels or NCCL, and why;
@@ -30,7 +30,7 @@ pub mod rendezvous;
 mod transport;
 pub mod verify;
 
-pub use algorithm::{Algorithm, AlgorithmChoice, TunedPath, Tuning, TuningEntry};
+pub use algorithm::{Algorithm, AlgorithmChoice, TunedPath, Tuning, TuningEntry, TuningSource};
 pub use comm::{CallOptions, Communicator, Config, RmsNorm};
 pub use dtype::{DType, Element};
 pub use error::{Error, Result};

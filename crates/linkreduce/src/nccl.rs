@@ -98,30 +98,6 @@ pub struct NcclComm {
 unsafe impl Send for NcclComm {}
 
 impl NcclComm {
-    /// One communicator per stream, all in this process (`ncclCommInitAll`);
-    /// rank i uses `streams[i]`. NCCL needs distinct GPUs.
-    pub fn init_all(streams: &[Arc<CudaStream>]) -> Result<Vec<NcclComm>> {
-        ensure_nccl()?;
-        let ordinals: Vec<i32> = streams
-            .iter()
-            .map(|s| s.context().ordinal() as i32)
-            .collect();
-        let mut comms = vec![std::ptr::null_mut(); streams.len()];
-        // SAFETY: `comms` has room for one handle per device in `ordinals`.
-        unsafe { nccl::comm_init_all(comms.as_mut_ptr(), comms.len() as i32, ordinals.as_ptr()) }
-            .map_err(nccl_error("ncclCommInitAll"))?;
-        Ok(comms
-            .into_iter()
-            .zip(streams)
-            .enumerate()
-            .map(|(rank, (comm, stream))| NcclComm {
-                comm: Arc::new(RawComm::new(comm)),
-                stream: stream.clone(),
-                rank,
-            })
-            .collect())
-    }
-
     /// One communicator per rank of `rendezvous` (threads or processes),
     /// on `stream`: rank 0's unique id travels over the rendezvous.
     /// Collective.

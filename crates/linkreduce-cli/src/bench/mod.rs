@@ -219,7 +219,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let devices = crate::pick_devices(&args.devices)?;
     let world = args.ranks.unwrap_or(devices.len());
     // The default configuration, as users get it: launches are cut at the
-    // staging size on every rank (docs/design.md, "Chunks"), so a smaller
+    // staging size on every rank (docs/design.md, "How a call is cut"), so a smaller
     // staging buffer would time extra launches, not the kernels.
     let mut config = Config::default();
     if let Some(blocks) = args.max_blocks {

@@ -29,7 +29,8 @@ pub struct Config {
     /// buffers, and buffers that captured graphs read (at most 65536).
     pub max_records: usize,
     /// Measured algorithm choices for automatic calls; None reads the file
-    /// `LINKREDUCE_TUNING` names, if set. Every rank must use the same.
+    /// `LINKREDUCE_TUNING` names, if set, else the table shipped for the
+    /// GPU and world size, if any. Every rank must use the same.
     pub tuning: Option<Tuning>,
     /// Upper bound on blocks per launch, further limited so that every
     /// rank's grid stays resident (ranks sharing a GPU together use at most
@@ -54,6 +55,14 @@ impl Default for Config {
 }
 
 impl Config {
+    /// Sets the staging size and keeps the push size within it (push
+    /// launches are staged through it, which `validate` requires), for
+    /// callers that expose one size and not the other.
+    pub fn set_staging_bytes(&mut self, bytes: usize) {
+        self.staging_bytes = bytes;
+        self.push_bytes = self.push_bytes.min(bytes);
+    }
+
     pub(crate) fn validate(&self) -> Result<()> {
         let bad = |what: String| Err(Error::InvalidConfig(what));
         if self.timeout.is_zero() {
@@ -99,4 +108,23 @@ pub struct CallOptions {
     /// Refuse (instead of copying into staging) an input that is not
     /// registered.
     pub zero_copy: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_staging_size_below_the_push_size_takes_the_push_size_down_with_it() {
+        let mut config = Config {
+            staging_bytes: 64 << 10,
+            ..Config::default()
+        };
+        assert!(config.validate().is_err(), "the push size outgrew staging");
+        config.set_staging_bytes(64 << 10);
+        assert_eq!(config.push_bytes, 64 << 10);
+        assert!(config.validate().is_ok());
+        config.set_staging_bytes(64 << 20);
+        assert_eq!(config.push_bytes, 64 << 10, "never raised");
+    }
 }

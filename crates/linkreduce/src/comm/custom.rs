@@ -256,10 +256,9 @@ impl LocalSetup {
         // shipped for this GPU and world size, the reference rule.
         let tuning = match &config.tuning {
             Some(tuning) => Some(tuning.clone()),
-            None => Tuning::from_env()?.or_else(|| {
-                let name = gpu.ctx.name().ok()?;
-                Tuning::builtin(&name, world_size)
-            }),
+            None => {
+                Tuning::resolve(gpu.ctx.name().ok().as_deref(), world_size)?.map(|(table, _)| table)
+            }
         };
         // The entries decide; `measured_on` is a comment.
         let tuning_json = serde_json::to_vec(&tuning.as_ref().map(|t| &t.entries))

@@ -77,7 +77,8 @@ impl Communicator {
         if count == 0 {
             return Ok(());
         }
-        let bytes = count * dtype.size();
+        let bytes = span_bytes(input, count, dtype)?;
+        span_bytes(output, count, dtype)?;
         let overlaps = input < output + bytes as u64 && output < input + bytes as u64;
         if overlaps && input != output {
             return Err(Error::PartialOverlap {
@@ -97,14 +98,26 @@ impl Communicator {
             output,
             count,
         };
-        let capturing = self.enter_stream(stream)?;
-        match path {
+        self.on_stream(stream, |comm, capturing| match path {
             CallPath::Custom(algorithm) => {
-                self.enqueue_custom(stream, algorithm, call, options.zero_copy, capturing)?
+                comm.enqueue_custom(stream, algorithm, call, options.zero_copy, capturing)
             }
-            CallPath::Nccl(_) => self.enqueue_nccl(stream, call, capturing)?,
-        }
-        self.leave_stream(stream, capturing)
+            CallPath::Nccl(_) => comm.enqueue_nccl(stream, call, capturing),
+        })
+    }
+
+    /// Runs `enqueue` (given whether `stream` is being captured) between
+    /// `enter_stream` and `leave_stream`, leaving even when it failed part
+    /// way: launches it made must still order this rank's own stream.
+    pub(super) fn on_stream(
+        &mut self,
+        stream: &Arc<CudaStream>,
+        enqueue: impl FnOnce(&mut Self, bool) -> Result<()>,
+    ) -> Result<()> {
+        let capturing = self.enter_stream(stream)?;
+        let enqueued = enqueue(self, capturing);
+        let left = self.leave_stream(stream, capturing);
+        enqueued.and(left)
     }
 
     /// The call on NCCL, set up first if this is the first call that needs
@@ -207,7 +220,7 @@ impl Communicator {
     /// a new stream once destroyed.) Returns whether `stream` is being
     /// captured: a captured call is ordered by where its graph is launched,
     /// and no event can tie it to eager calls (docs/design.md, "Streams").
-    pub(super) fn enter_stream(&self, stream: &Arc<CudaStream>) -> Result<bool> {
+    fn enter_stream(&self, stream: &Arc<CudaStream>) -> Result<bool> {
         if stream.context().cu_ctx() != self.gpu.ctx.cu_ctx() {
             return Err(Error::InvalidConfig(format!(
                 "the stream belongs to another CUDA context than rank {}'s (device {}); \
@@ -227,7 +240,7 @@ impl Communicator {
     /// the own stream after it: the next call elsewhere waits for it
     /// through the own stream, and what goes there next (frees of
     /// [`Communicator::alloc`]'s buffers, downloads) comes after it.
-    pub(super) fn leave_stream(&self, stream: &Arc<CudaStream>, capturing: bool) -> Result<()> {
+    fn leave_stream(&self, stream: &Arc<CudaStream>, capturing: bool) -> Result<()> {
         if capturing || stream.cu_stream() == self.gpu.stream.cu_stream() {
             return Ok(());
         }
@@ -425,6 +438,21 @@ impl Communicator {
     }
 }
 
+/// The bytes of `count` elements of `dtype` at `address`, refused where
+/// they would run past the end of the address space (a raw caller's
+/// mistake), so that no later sum of addresses overflows.
+pub(super) fn span_bytes(address: u64, count: usize, dtype: DType) -> Result<usize> {
+    count
+        .checked_mul(dtype.size())
+        .filter(|&bytes| address.checked_add(bytes as u64).is_some())
+        .ok_or_else(|| {
+            Error::InvalidConfig(format!(
+                "{count} elements of {dtype} at {address:#x} run past the end of the address \
+                 space; pass the buffer's real address and length"
+            ))
+        })
+}
+
 /// Copies `bytes` from `src` to `dst` in `stream`'s order.
 pub(super) fn copy(stream: &CudaStream, dst: u64, src: u64, bytes: usize) -> Result<()> {
     // SAFETY: both ranges hold `bytes`: a caller's buffer holds the call's
@@ -466,5 +494,18 @@ impl CustomPath {
                 }
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spans_past_the_end_of_the_address_space_are_refused() {
+        assert_eq!(span_bytes(0x1000, 3, DType::BF16).ok(), Some(6));
+        assert!(span_bytes(u64::MAX - 3, 2, DType::F32).is_err());
+        assert!(span_bytes(0x1000, usize::MAX / 2, DType::F32).is_err());
+        assert_eq!(span_bytes(u64::MAX - 8, 2, DType::F32).ok(), Some(8));
     }
 }

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 
 use super::enqueue::LaunchInput;
-use super::{capturing, CallOptions, Communicator};
+use super::{CallOptions, Communicator};
 use crate::algorithm::{Algorithm, AlgorithmChoice};
 use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
@@ -233,7 +233,7 @@ impl Communicator {
             other => {
                 // Not fused: the all-reduce into the output (on the kernels
                 // or NCCL), then the plain kernel there; the own stream
-                // waits for both (leave_stream).
+                // waits for both (on_stream).
                 let forced = CallOptions {
                     algorithm: match other {
                         CallPath::Custom(algorithm) => AlgorithmChoice::Force(algorithm),
@@ -249,55 +249,57 @@ impl Communicator {
                     rows.elements(),
                     forced,
                 )?;
-                self.launch_plain(stream, rows, buffers.out, buffers)?;
-                return self.leave_stream(stream, capturing(stream)?);
+                return self.on_stream(stream, |comm, _| {
+                    comm.launch_plain(stream, rows, buffers.out, buffers)
+                });
             }
         };
         // Checked before anything is enqueued, on every rank alike.
         let per_launch = self.rows_per_launch(algorithm, rows)?;
-        let capturing = self.enter_stream(stream)?;
-        let source = self.locate_input(
-            algorithm,
-            input,
-            buffers.out,
-            rows.bytes(),
-            options.zero_copy,
-            capturing,
-        )?;
-        tracing::trace!(
-            rank = self.rank,
-            ?source,
-            ?rows,
-            per_launch,
-            "fused all-reduce and RMSNorm"
-        );
-        let row_bytes = rows.hidden * rows.dtype.size();
-        let mut done = 0;
-        while done < rows.rows {
-            let count = per_launch.min(rows.rows - done);
-            let offset = (done * row_bytes) as u64;
-            let launch_input = self.custom()?.launch_input(
-                stream,
+        self.on_stream(stream, |comm, capturing| {
+            let source = comm.locate_input(
                 algorithm,
-                source,
                 input,
-                offset,
-                count * row_bytes,
+                buffers.out,
+                rows.bytes(),
+                options.zero_copy,
+                capturing,
             )?;
-            let LaunchInput::Table(source_word) = launch_input else {
-                return Err(Error::InvalidConfig(
-                    "a fused one-stage input was not named through the buffer table".into(),
-                ));
-            };
-            self.launch_fused(
-                stream,
-                rows,
-                source_word,
-                buffers.args(rows, done, count, None),
-            )?;
-            done += count;
-        }
-        self.leave_stream(stream, capturing)
+            tracing::trace!(
+                rank = comm.rank,
+                ?source,
+                ?rows,
+                per_launch,
+                "fused all-reduce and RMSNorm"
+            );
+            let row_bytes = rows.hidden * rows.dtype.size();
+            let mut done = 0;
+            while done < rows.rows {
+                let count = per_launch.min(rows.rows - done);
+                let offset = (done * row_bytes) as u64;
+                let launch_input = comm.custom()?.launch_input(
+                    stream,
+                    algorithm,
+                    source,
+                    input,
+                    offset,
+                    count * row_bytes,
+                )?;
+                let LaunchInput::Table(source_word) = launch_input else {
+                    return Err(Error::InvalidConfig(
+                        "a fused one-stage input was not named through the buffer table".into(),
+                    ));
+                };
+                comm.launch_fused(
+                    stream,
+                    rows,
+                    source_word,
+                    buffers.args(rows, done, count, None),
+                )?;
+                done += count;
+            }
+            Ok(())
+        })
     }
 
     /// Rows one launch of `algorithm` takes: all, or else a multiple of

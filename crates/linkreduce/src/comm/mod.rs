@@ -1,8 +1,9 @@
-//! The communicator: one rank's handle for all-reduces.
+//! The communicator: one rank's handle for its group's collectives
+//! (all-reduce, the fused all-reduce + RMSNorm, reduce-scatter, all-gather).
 //!
 //! Set-up is collective (every rank builds its communicator at the same time
 //! through a [`Rendezvous`]); so are [`Communicator::register`] and
-//! [`Communicator::register_graph_buffers`]. All-reduces are collective on the
+//! [`Communicator::register_graph_buffers`]. Calls are collective on the
 //! GPU: every rank must make the same calls, with the same lengths, in the
 //! same order; each rank passes its own buffers, which need not be alike.
 //!
@@ -11,12 +12,14 @@
 //! "Path choice"); [`Communicator::path_for`] says which and why.
 //!
 //! The concerns live apart, as NCCL keeps init, enqueue and registration
-//! apart: [`config`] (what callers tune), `setup` (building a rank),
+//! apart: `config` (what callers tune), `setup` (building a rank),
 //! `facts` (what ranks learn about each other to choose a path), `custom`
 //! (the kernels' memory), `register` (the buffer table: registered buffers
-//! and buffers of captured graphs) and `enqueue` (turning a call into
-//! staging copies and launches, or an NCCL call). See docs/design.md for
-//! the protocols.
+//! and buffers of captured graphs), `enqueue` (turning a call into
+//! staging copies and launches, or an NCCL call), `fused` and
+//! `scatter_gather` (the other operations on the same machinery) and
+//! `watch` (bounded waits on NCCL's work). See docs/design.md for the
+//! protocols.
 
 mod config;
 mod custom;
@@ -300,14 +303,6 @@ impl Communicator {
         self.enqueue(stream, dtype, input, output, count, options)
     }
 
-    /// Entries of this rank's buffer table in use (the staging buffer's
-    /// included).
-    pub fn records_used(&self) -> usize {
-        self.custom
-            .as_ref()
-            .map_or(0, |custom| custom.buffers.registry.in_use())
-    }
-
     /// Waits for this rank's enqueued work and reports a peer timeout that
     /// happened in it.
     pub fn synchronize(&mut self) -> Result<()> {
@@ -331,6 +326,10 @@ impl Communicator {
                 // The error says what happened; a failed abort adds nothing.
                 let _ = nccl.abort();
                 self.poisoned = Some(error.to_string());
+                // Aborted, NCCL's kernels leave, and the kernels bound their
+                // own waits: the stream drains (seen on 2 x H200), so that
+                // nothing this rank frees later is still in use.
+                let _ = self.gpu.stream.synchronize();
                 return Err(error);
             }
         }

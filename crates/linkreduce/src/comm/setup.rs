@@ -161,8 +161,9 @@ impl Gpu {
 impl Drop for Communicator {
     fn drop(&mut self) {
         // Peers finished with this rank's memory once its last kernel passed
-        // its end barrier; wait for that before freeing.
-        let _ = self.gpu.stream.synchronize();
+        // its end barrier; wait for that before freeing. Work stuck in NCCL
+        // on a dead peer is aborted first (wait_for_calls), not waited for.
+        let _ = self.wait_for_calls();
         // Peers in other processes map this rank's memory: they unmap it
         // before anyone frees (freeing memory a peer still maps is undefined
         // in CUDA). Attempted even after a failure, which may have struck

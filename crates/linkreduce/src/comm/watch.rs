@@ -1,7 +1,7 @@
 //! Bounded host waits on work that went through NCCL.
 //!
-//! The kernels bound every wait on a peer themselves (docs/design.md, "The
-//! barrier"); NCCL's kernels wait for a dead peer forever. So each eager
+//! The kernels bound every wait on a peer themselves (docs/design.md,
+//! "Barrier protocol"); NCCL's kernels wait for a dead peer forever. So each eager
 //! call on the NCCL path records an event after it, and a host wait that
 //! sees none of them complete for a whole timeout aborts the NCCL
 //! communicator (its kernels then leave) and reports the stall

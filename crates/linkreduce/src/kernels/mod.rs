@@ -1,5 +1,5 @@
 //! Device code: the CUDA C++ sources, their host-side mirror types, and
-//! their run-time compilation (see [`compile`]).
+//! their run-time compilation (`compile.rs`).
 //!
 //! The sources include no CUDA headers so that libcuda and libnvrtc are all
 //! a user needs at run time.

@@ -7,7 +7,7 @@ use crate::error::{Error, Result};
 use crate::kernels::{source_word, ScatterGather, MAX_RANKS, PACKET_BYTES};
 use crate::registry::STAGING_INDEX;
 
-use super::super::enqueue::Source;
+use super::super::enqueue::{span_bytes, Source};
 
 /// A packet in bytes: where blocks must start to be read or written whole.
 pub(super) const PACKET: u64 = PACKET_BYTES as u64;
@@ -39,6 +39,8 @@ impl Layout {
         (send, send_len): Span,
         (recv, recv_len): Span,
     ) -> Result<Layout> {
+        span_bytes(send, send_len, dtype)?;
+        span_bytes(recv, recv_len, dtype)?;
         let (count, larger, rule) = match op {
             ScatterGather::ReduceScatter => (
                 recv_len,

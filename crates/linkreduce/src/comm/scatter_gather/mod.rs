@@ -229,12 +229,11 @@ impl Communicator {
             )?),
             CallPath::Nccl(_) => None,
         };
-        let capturing = self.enter_stream(stream)?;
-        match chunk {
+        self.on_stream(stream, |comm, capturing| match chunk {
             Some(chunk) => {
-                self.scatter_gather_on_kernels(stream, layout, chunk, options.zero_copy, capturing)?
+                comm.scatter_gather_on_kernels(stream, layout, chunk, options.zero_copy, capturing)
             }
-            None => self.on_nccl(stream, capturing, |nccl| {
+            None => comm.on_nccl(stream, capturing, |nccl| {
                 let Layout {
                     dtype, send, recv, ..
                 } = layout;
@@ -253,9 +252,8 @@ impl Communicator {
                         }
                     }
                 }
-            })?,
-        }
-        self.leave_stream(stream, capturing)
+            }),
+        })
     }
 
     /// Where peers read this rank's input. A reduce-scatter's peers read
