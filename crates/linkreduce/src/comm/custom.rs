@@ -15,8 +15,9 @@ use super::{Config, Gpu};
 use crate::algorithm::Tuning;
 use crate::error::{Error, Result};
 use crate::kernels::{
-    load_kernels, load_norm_kernels, load_scatter_gather_kernels, Fault, Kernels, MAX_RANKS,
-    PACKET_BYTES, PUSH_EMPTY, PUSH_HEADER, PUSH_SLOTS, SCRATCH_OFFSET, THREADS_PER_BLOCK,
+    load_kernels, load_norm_kernels, load_scatter_gather_kernels, Fault, Kernels, NormKernels,
+    ScatterGatherKernels, MAX_RANKS, PACKET_BYTES, PUSH_EMPTY, PUSH_HEADER, PUSH_SLOTS,
+    SCRATCH_OFFSET, THREADS_PER_BLOCK,
 };
 use crate::memory::{gpu_uuid, DeviceMemory, HostMapped};
 use crate::registry::{Registry, STAGING_INDEX};
@@ -26,6 +27,8 @@ use crate::transport::Transport;
 /// What the kernels need besides the caller's buffers.
 pub(super) struct CustomPath {
     pub kernels: Arc<Kernels>,
+    pub norm_kernels: Arc<NormKernels>,
+    pub scatter_gather_kernels: Arc<ScatterGatherKernels>,
     /// Blocks per launch at most: the same on every rank.
     pub max_blocks: u32,
     pub regions: Regions,
@@ -202,6 +205,8 @@ impl CustomPath {
         debug_assert_eq!(staging_index, STAGING_INDEX);
         let custom = CustomPath {
             kernels: local.kernels,
+            norm_kernels: local.norm_kernels,
+            scatter_gather_kernels: local.scatter_gather_kernels,
             max_blocks,
             regions: Regions {
                 signal_peers,
@@ -234,6 +239,8 @@ impl CustomPath {
 /// What one rank builds alone before meeting its peers.
 struct LocalSetup {
     kernels: Arc<Kernels>,
+    norm_kernels: Arc<NormKernels>,
+    scatter_gather_kernels: Arc<ScatterGatherKernels>,
     /// How many blocks the GPU holds at once.
     capacity: Capacity,
     /// The GPU's uuid as two words: ranks with equal ones share a GPU.
@@ -298,6 +305,8 @@ impl LocalSetup {
         Ok(LocalSetup {
             uuid: gpu_uuid(ctx)?,
             kernels,
+            norm_kernels,
+            scatter_gather_kernels,
             capacity,
             signal,
             staging,

@@ -340,8 +340,8 @@ impl Communicator {
         };
         // Every rank launches the same grid: rows and max_blocks are shared.
         let blocks = (norm.rows as usize).min(custom.max_blocks as usize);
-        let kernels = load_norm_kernels(&self.gpu.ctx, self.world_size)?;
-        let function = kernels
+        let function = custom
+            .norm_kernels
             .get(&(NormKernel::FusedOneStage, rows.dtype))
             .ok_or_else(|| Error::InvalidConfig(format!("no fused kernel for {}", rows.dtype)))?;
         let mut launch = stream.launch_builder(function);
@@ -371,7 +371,12 @@ impl Communicator {
             sum,
             norm: buffers.args(rows, 0, rows.rows, Some(sum)),
         };
-        let kernels = load_norm_kernels(&self.gpu.ctx, self.world_size)?;
+        // Loaded at set-up where the kernels serve the group; a group on
+        // NCCL alone loads them here (the process keeps them).
+        let kernels = match &self.custom {
+            Some(custom) => custom.norm_kernels.clone(),
+            None => load_norm_kernels(&self.gpu.ctx, self.world_size)?,
+        };
         let function = kernels
             .get(&(NormKernel::Plain, rows.dtype))
             .ok_or_else(|| Error::InvalidConfig(format!("no norm kernel for {}", rows.dtype)))?;

@@ -64,9 +64,11 @@ pub(super) fn load_once<K: std::hash::Hash + Eq>(
     let kernels = functions(ctx, Program::AllReduce, names)?;
     // Such kernels stream peers' memory through L1, which holds the data
     // of loads in flight; their few bytes of static shared memory (peers'
-    // input pointers) must not let the driver trade L1 for shared memory.
-    // Suspected cause of a 2.6x slowdown of one-stage on large messages
-    // (bench/results/2026-11-26-h200x2/perf); not yet measured.
+    // input pointers) should not let the driver trade L1 for shared
+    // memory. Every published figure was measured with this preference;
+    // its own effect was never isolated (the 2.6x slowdown once blamed on
+    // it came from launches cut at a 1 MiB staging size:
+    // bench/results/2026-11-26-h200x2/regression-fixed).
     // A preference only: a driver that refuses it still runs the kernels.
     for function in kernels
         .values()

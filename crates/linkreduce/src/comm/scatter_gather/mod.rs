@@ -19,8 +19,7 @@ use crate::algorithm::{blocks_for, Algorithm};
 use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
 use crate::kernels::{
-    load_scatter_gather_kernels, AllReduceArgs, ScatterGather, ScatterGatherArgs, PACKET_BYTES,
-    THREADS_PER_BLOCK,
+    AllReduceArgs, ScatterGather, ScatterGatherArgs, PACKET_BYTES, THREADS_PER_BLOCK,
 };
 use crate::path::CallPath;
 use layout::{chunk_elements, launches, Layout, Placement, PACKET};
@@ -306,13 +305,15 @@ impl Communicator {
             chunk,
             "scatter-gather"
         );
-        let kernels = load_scatter_gather_kernels(&self.gpu.ctx, self.world_size)?;
-        let function = kernels.get(&(layout.op, layout.dtype)).ok_or_else(|| {
-            Error::InvalidConfig(format!(
-                "no {} kernel for {} was loaded",
-                layout.op, layout.dtype
-            ))
-        })?;
+        let function = custom
+            .scatter_gather_kernels
+            .get(&(layout.op, layout.dtype))
+            .ok_or_else(|| {
+                Error::InvalidConfig(format!(
+                    "no {} kernel for {} was loaded",
+                    layout.op, layout.dtype
+                ))
+            })?;
         for (start, n) in launches(layout.count, chunk) {
             let plan = placement.launch(&layout, start, n)?;
             for &(dst, src, bytes) in &plan.before {
