@@ -17,10 +17,13 @@ use cudarc::driver::{CudaEvent, CudaStream};
 
 use crate::error::{Error, Result};
 
-/// Events recorded after this rank's eager NCCL calls, oldest first.
+/// Events recorded after this rank's eager NCCL calls, oldest first, and
+/// finished ones kept for reuse (creating an event per call costs time on
+/// every call).
 #[derive(Default)]
 pub(super) struct NcclWatch {
     pending: VecDeque<CudaEvent>,
+    spare: Vec<CudaEvent>,
 }
 
 /// What a watched wait found.
@@ -36,10 +39,17 @@ impl NcclWatch {
     pub fn record(&mut self, stream: &CudaStream) -> Result<()> {
         // Finished calls need no watching; keeps the queue short.
         while self.pending.front().is_some_and(CudaEvent::is_complete) {
-            self.pending.pop_front();
+            self.spare.extend(self.pending.pop_front());
         }
-        let event = stream
-            .record_event(Some(CUevent_flags::CU_EVENT_DISABLE_TIMING))
+        let event = match self.spare.pop() {
+            Some(event) => event,
+            None => stream
+                .context()
+                .new_event(Some(CUevent_flags::CU_EVENT_DISABLE_TIMING))
+                .map_err(Error::driver("cuEventCreate"))?,
+        };
+        event
+            .record(stream)
             .map_err(Error::driver("cuEventRecord"))?;
         self.pending.push_back(event);
         Ok(())
@@ -54,7 +64,7 @@ impl NcclWatch {
                 .try_is_complete()
                 .map_err(Error::driver("cuEventQuery"))?
             {
-                self.pending.pop_front();
+                self.spare.extend(self.pending.pop_front());
                 last_progress = Instant::now();
             } else if last_progress.elapsed() > timeout {
                 return Ok(Progress::Stalled);
