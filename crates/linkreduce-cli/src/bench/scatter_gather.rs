@@ -6,7 +6,8 @@
 
 use linkreduce::verify::values::{round_to, small_integer};
 use linkreduce::{
-    AlgorithmChoice, CallOptions, Communicator, DType, DeviceBuffer, Element, ScatterGather,
+    Algorithm, AlgorithmChoice, CallOptions, Communicator, DType, DeviceBuffer, Element,
+    ScatterGather,
 };
 
 use super::all_reduce::Implementation;
@@ -17,8 +18,15 @@ use crate::error::{CliError, Result};
 
 pub(super) const DEFAULT_SIZES: &str = "1K:64M";
 
-/// NCCL first: its rows exist before the ratios to it need them.
-const IMPLEMENTATIONS: [Implementation; 2] = [Implementation::Nccl, Implementation::Auto];
+/// NCCL first: its rows exist before the ratios to it need them. The
+/// kernels forced as well as the automatic call, so that the sizes the
+/// automatic rule sends to NCCL still show what the kernels would do
+/// there: the crossover is read off these rows.
+const IMPLEMENTATIONS: [Implementation; 3] = [
+    Implementation::Nccl,
+    Implementation::Auto,
+    Implementation::OneStage,
+];
 
 /// Seed of the inputs' small integers.
 const SEED: u64 = 21;
@@ -157,11 +165,14 @@ fn call<T: Element>(
     let (collective, count) = (blocks.collective, blocks.count);
     let stream = rank.comm.stream().clone();
     match implementation {
-        Implementation::Auto => {
+        Implementation::Auto | Implementation::OneStage => {
             // Registered inputs are read in place where the kernels can;
             // the rest is staged rather than refused (odd block sizes).
             let options = CallOptions {
-                algorithm: AlgorithmChoice::Auto,
+                algorithm: match implementation {
+                    Implementation::OneStage => AlgorithmChoice::Force(Algorithm::OneStage),
+                    _ => AlgorithmChoice::Auto,
+                },
                 zero_copy: false,
             };
             Ok(match collective {
@@ -219,7 +230,7 @@ fn measure<T: Element + Default>(
     let mut recv = rank
         .comm
         .upload(&vec![T::from_f64(POISON); blocks.recv_len()])?;
-    let registered = implementation == Implementation::Auto;
+    let registered = !implementation.is_nccl();
     if registered {
         rank.comm.register(&send)?;
     }
