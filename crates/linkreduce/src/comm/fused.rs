@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 
-use super::enqueue::LaunchInput;
+use super::enqueue::{span_bytes, LaunchInput};
 use super::{CallOptions, Communicator};
 use crate::algorithm::{Algorithm, AlgorithmChoice};
 use crate::dtype::{DType, Element};
@@ -186,6 +186,42 @@ impl Communicator {
             normed_out,
             |rows, input, buffers| self.enqueue_fused(stream, rows, input, buffers, options),
         )
+    }
+
+    /// The fused call on raw device addresses, for bindings that hold raw
+    /// pointers (PyTorch's `data_ptr()`):
+    /// [`all_reduce_add_rms_norm_on`](Self::all_reduce_add_rms_norm_on)
+    /// with `input`, `residual` and `normed_out` holding `count` elements
+    /// of `dtype` and `weight` holding `hidden`.
+    ///
+    /// # Safety
+    /// Each address must hold that many elements of `dtype` on this rank's
+    /// device, readable (`input`, `weight`) and writable (`residual`,
+    /// `normed_out`) until the call has run on `stream`. Overlaps are
+    /// refused as for the typed call; other misuse is not detected.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn all_reduce_add_rms_norm_raw(
+        &mut self,
+        stream: &Arc<CudaStream>,
+        dtype: DType,
+        (input, residual, normed_out): (u64, u64, u64),
+        count: usize,
+        (weight, hidden): (u64, usize),
+        eps: f32,
+        options: CallOptions,
+    ) -> Result<()> {
+        for address in [input, residual, normed_out] {
+            span_bytes(address, count, dtype)?;
+        }
+        span_bytes(weight, hidden, dtype)?;
+        let rows = Rows::of(dtype, count, count, hidden, count)?;
+        let buffers = NormBuffers {
+            residual,
+            weight,
+            out: normed_out,
+            eps,
+        };
+        self.enqueue_fused(stream, rows, input, buffers, options)
     }
 
     /// The plain kernel: adds `sum` (an all-reduce's output) into

@@ -106,71 +106,67 @@ static __device__ __forceinline__ Pack* lr_segment(char* area, u32 slot, int wri
   return (Pack*)(area + LR_PUSH_HEADER + ((u64)slot * W + writer) * bytes);
 }
 
-template <typename D, int W>
-static __device__ __forceinline__ void lr_push(const PushArgs& a) {
+// The slot of this rank's current call (its push area at `area`).
+static __device__ __forceinline__ u32 lr_push_slot(char* area) {
+  return *(volatile u32*)&((PushHeader*)area)->calls % LR_PUSH_SLOTS;
+}
+
+// Sends packet `j` of this rank (`mine`, marker already rewritten) into
+// its segment of every peer's slot.
+template <int W>
+static __device__ __forceinline__ void lr_push_send(const PushArgs& a, u32 slot, u64 j,
+                                                    const Pack& mine) {
   const int rank = (int)a.bar.rank;
-  PushHeader* header = (PushHeader*)a.push[rank];
-  const u32 slot = *(volatile u32*)&header->calls % LR_PUSH_SLOTS;
-  const u64 packs = (a.count + D::PER_PACK - 1) / D::PER_PACK;
-  const u64 first = (u64)blockIdx.x * blockDim.x + threadIdx.x;
-  const u64 stride = (u64)gridDim.x * blockDim.x;
-  const auto valid = [&](u64 j) {
-    const u64 left = a.count - j * D::PER_PACK;
-    return left < (u64)D::PER_PACK ? left : (u64)D::PER_PACK;
-  };
-
-  // Send: this rank's packets into its segment of every peer's slot.
-  for (u64 j = first; j < packs; j += stride) {
-    const Pack mine = lr_without_empty<D>(lr_load_input<D>(a, j, valid(j)));
 #pragma unroll
-    for (int r = 0; r < W; ++r) {
-      if (r != rank) lr_store_volatile(lr_segment<W>(a.push[r], slot, rank, a.segment_bytes) + j, mine);
-    }
+  for (int r = 0; r < W; ++r) {
+    if (r != rank) lr_store_volatile(lr_segment<W>(a.push[r], slot, rank, a.segment_bytes) + j, mine);
   }
+}
 
-  // Receive: wait for every peer's packet j, sum in rank order, reset.
-  bool timed_out = false;
-  for (u64 j = first; j < packs && !timed_out; j += stride) {
-    Pack p[W];
-#pragma unroll
-    for (int r = 0; r < W; ++r) {
-      if (r == rank) {
-        p[r] = lr_without_empty<D>(lr_load_input<D>(a, j, valid(j)));
-        continue;
+// Waits until `writer`'s packet `j` has arrived in this rank's slot and
+// returns it. Past the deadline it records the fault, sets `timed_out` and
+// returns what is there; once `timed_out` is set it no longer waits.
+template <typename D, int W>
+static __device__ __forceinline__ Pack lr_push_wait(const PushArgs& a, u32 slot, u64 j, int writer,
+                                                    bool& timed_out) {
+  const Pack* at = lr_segment<W>(a.push[a.bar.rank], slot, writer, a.segment_bytes) + j;
+  u64 start = 0;
+  u32 spins = 0;
+  Pack p = lr_load_volatile(at);
+  while (!timed_out && lr_has_empty<D>(p)) {
+    if ((++spins & 1023u) == 0u) {
+      const u64 now = lr_now_ns();
+      if (start == 0) {
+        start = now;
+      } else if (now - start > a.bar.timeout_ns) {
+        lr_record_fault(a.bar, (u32)writer, LR_PUSH_WAIT, 0, 0);
+        timed_out = true;
       }
-      const Pack* at = lr_segment<W>(a.push[rank], slot, r, a.segment_bytes) + j;
-      u64 start = 0;
-      u32 spins = 0;
-      p[r] = lr_load_volatile(at);
-      while (lr_has_empty<D>(p[r])) {
-        if ((++spins & 1023u) == 0u) {
-          const u64 now = lr_now_ns();
-          if (start == 0) {
-            start = now;
-          } else if (now - start > a.bar.timeout_ns) {
-            lr_record_fault(a.bar, (u32)r, LR_PUSH_WAIT, 0, 0);
-            timed_out = true;
-            break;
-          }
-        }
-        p[r] = lr_load_volatile(at);
-      }
-      if (timed_out) break;
     }
-    if (timed_out) break;
-    lr_store_output<D>(a, j, valid(j), lr_reduce<D, W>(p));
-    Pack empty;
-#pragma unroll
-    for (int w = 0; w < 4; ++w) empty.w[w] = LR_PUSH_EMPTY;
-#pragma unroll
-    for (int r = 0; r < W; ++r) {
-      if (r != rank) lr_store_volatile(lr_segment<W>(a.push[rank], slot, r, a.segment_bytes) + j, empty);
-    }
+    p = lr_load_volatile(at);
   }
+  return p;
+}
 
-  // The last block to finish moves this rank to the next slot. A block
-  // that timed out leaves the counter as it is: the host sees the fault
-  // and refuses further calls.
+// Writes the marker back over every peer's packet `j` of this rank's slot,
+// for the call that uses the slot next.
+template <int W>
+static __device__ __forceinline__ void lr_push_reset(const PushArgs& a, u32 slot, u64 j) {
+  const int rank = (int)a.bar.rank;
+  Pack empty;
+#pragma unroll
+  for (int w = 0; w < 4; ++w) empty.w[w] = LR_PUSH_EMPTY;
+#pragma unroll
+  for (int r = 0; r < W; ++r) {
+    if (r != rank) lr_store_volatile(lr_segment<W>(a.push[rank], slot, r, a.segment_bytes) + j, empty);
+  }
+}
+
+// The end of a call, by every thread of every block: the last block to
+// finish moves this rank to the next slot. A block that timed out leaves
+// the counter as it is: the host sees the fault and refuses further calls.
+static __device__ __forceinline__ void lr_push_finish(const PushArgs& a, bool timed_out) {
+  PushHeader* header = (PushHeader*)a.push[a.bar.rank];
   if (__syncthreads_or(timed_out)) return;
   if (threadIdx.x == 0) {
     __threadfence();
@@ -182,6 +178,39 @@ static __device__ __forceinline__ void lr_push(const PushArgs& a) {
       __threadfence();
     }
   }
+}
+
+template <typename D, int W>
+static __device__ __forceinline__ void lr_push(const PushArgs& a) {
+  const int rank = (int)a.bar.rank;
+  const u32 slot = lr_push_slot(a.push[rank]);
+  const u64 packs = (a.count + D::PER_PACK - 1) / D::PER_PACK;
+  const u64 first = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+  const u64 stride = (u64)gridDim.x * blockDim.x;
+  const auto valid = [&](u64 j) {
+    const u64 left = a.count - j * D::PER_PACK;
+    return left < (u64)D::PER_PACK ? left : (u64)D::PER_PACK;
+  };
+
+  // Send: this rank's packets into its segment of every peer's slot.
+  for (u64 j = first; j < packs; j += stride) {
+    lr_push_send<W>(a, slot, j, lr_without_empty<D>(lr_load_input<D>(a, j, valid(j))));
+  }
+
+  // Receive: wait for every peer's packet j, sum in rank order, reset.
+  bool timed_out = false;
+  for (u64 j = first; j < packs && !timed_out; j += stride) {
+    Pack p[W];
+#pragma unroll
+    for (int r = 0; r < W; ++r) {
+      p[r] = r == rank ? lr_without_empty<D>(lr_load_input<D>(a, j, valid(j)))
+                       : lr_push_wait<D, W>(a, slot, j, r, timed_out);
+    }
+    if (timed_out) break;
+    lr_store_output<D>(a, j, valid(j), lr_reduce<D, W>(p));
+    lr_push_reset<W>(a, slot, j);
+  }
+  lr_push_finish(a, timed_out);
 }
 
 // `__grid_constant__`: as for the kernels of allreduce.cu.
