@@ -61,9 +61,6 @@ pub enum NcclReason {
     PeerNotVisible { rank: usize, peer: usize },
     /// The tuning table names NCCL for this size (a measured crossover).
     Tuned,
-    /// A reduce-scatter or all-gather at least this large
-    /// ([`SCATTER_GATHER_NCCL_BYTES`]).
-    ScatterGatherSize { from_bytes: usize },
     /// The call asked for NCCL.
     Forced,
 }
@@ -91,10 +88,6 @@ impl fmt::Display for NcclReason {
                  reach it directly"
             ),
             NcclReason::Tuned => f.write_str("the tuning table names NCCL for this size"),
-            NcclReason::ScatterGatherSize { from_bytes } => write!(
-                f,
-                "reduce-scatters and all-gathers of {from_bytes} bytes or more take NCCL"
-            ),
             NcclReason::Forced => f.write_str("the call asked for NCCL"),
         }
     }
@@ -133,14 +126,6 @@ impl fmt::Display for CallPath {
         }
     }
 }
-
-/// Bytes of the larger buffer of a reduce-scatter or all-gather (world
-/// size x count elements) from which automatic calls take NCCL where NCCL
-/// can run (docs/scatter_gather.md, "Path choice"). Not measured yet: the
-/// kernels move the least data a pull can, but NCCL's copy loops keep
-/// more bytes in flight on large messages; one number until `linkreduce
-/// bench` measures the crossover per GPU.
-pub const SCATTER_GATHER_NCCL_BYTES: usize = 64 << 20;
 
 /// Why the custom kernels cannot serve a group, from what every rank said
 /// in the first set-up exchange (world size and hosts); None: peer access
@@ -232,12 +217,12 @@ impl Plan {
     }
 
     /// The path of a reduce-scatter or all-gather whose larger buffer holds
-    /// `bytes`: automatic calls take the kernels where they serve the group,
-    /// below [`SCATTER_GATHER_NCCL_BYTES`] or where NCCL cannot run; forcing
-    /// any of the kernels' algorithms takes the kernels (they have one
-    /// algorithm for these collectives, reported as one-stage); forcing
-    /// NCCL takes NCCL. Tuning tables, measured for the all-reduce, are
-    /// not consulted.
+    /// `bytes`: automatic calls take the kernels wherever they serve the
+    /// group, at every size (measured against NCCL up to 256 MiB blocks:
+    /// docs/scatter_gather.md, "Path choice"); forcing any of the kernels'
+    /// algorithms takes the kernels (they have one algorithm for these
+    /// collectives, reported as one-stage); forcing NCCL takes NCCL. Tuning
+    /// tables, measured for the all-reduce, are not consulted.
     pub fn scatter_gather_path(
         &self,
         world_size: usize,
@@ -250,21 +235,15 @@ impl Plan {
                 nccl => nccl,
             });
         }
-        Ok(self.scatter_gather_auto_path(bytes))
+        Ok(self.scatter_gather_auto_path())
     }
 
-    /// The path of an automatic reduce-scatter or all-gather whose larger
-    /// buffer holds `bytes` (see [`scatter_gather_path`](Self::scatter_gather_path)).
-    pub fn scatter_gather_auto_path(&self, bytes: usize) -> CallPath {
-        if let Some(reason) = &self.custom_blocked {
-            return CallPath::Nccl(reason.clone());
-        }
-        if bytes >= SCATTER_GATHER_NCCL_BYTES && self.shared_gpu.is_none() {
-            CallPath::Nccl(NcclReason::ScatterGatherSize {
-                from_bytes: SCATTER_GATHER_NCCL_BYTES,
-            })
-        } else {
-            CallPath::Custom(Algorithm::OneStage)
+    /// The path of an automatic reduce-scatter or all-gather, the same at
+    /// every size (see [`scatter_gather_path`](Self::scatter_gather_path)).
+    pub fn scatter_gather_auto_path(&self) -> CallPath {
+        match &self.custom_blocked {
+            Some(reason) => CallPath::Nccl(reason.clone()),
+            None => CallPath::Custom(Algorithm::OneStage),
         }
     }
 
@@ -428,17 +407,12 @@ mod tests {
     }
 
     #[test]
-    fn scatter_gather_takes_the_kernels_below_the_size_rule() {
+    fn scatter_gather_takes_the_kernels_at_every_size() {
         let plan = plan_of(&ranks(4, |_| 1), &all_direct(4));
         let path = |bytes, choice| plan.scatter_gather_path(4, bytes, choice).unwrap();
         let custom = CallPath::Custom(Algorithm::OneStage);
-        assert_eq!(path(SCATTER_GATHER_NCCL_BYTES - 1, AUTO), custom);
-        assert_eq!(
-            path(SCATTER_GATHER_NCCL_BYTES, AUTO),
-            CallPath::Nccl(NcclReason::ScatterGatherSize {
-                from_bytes: SCATTER_GATHER_NCCL_BYTES
-            })
-        );
+        assert_eq!(path(16, AUTO), custom);
+        assert_eq!(path(1 << 30, AUTO), custom);
         let forced = AlgorithmChoice::Force(Algorithm::Push);
         assert_eq!(path(1 << 30, forced), custom);
         assert_eq!(

@@ -80,7 +80,9 @@ fn graphs_replayed_with_fresh_data_stay_exact() {
     for algorithm in [
         AlgorithmChoice::Force(Algorithm::OneStage),
         AlgorithmChoice::Force(Algorithm::TwoStage),
+        AlgorithmChoice::Force(Algorithm::Push),
     ] {
+        // 300 x 8192 takes several push launches (64 rows fill a segment).
         for (rows, hidden) in [(8, 4096), (300, 8192), (3, 4099)] {
             cases.push(NormCase {
                 dtype: DType::F16,

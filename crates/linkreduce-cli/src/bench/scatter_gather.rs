@@ -71,12 +71,9 @@ pub(super) fn bench_rank(comm: &mut Communicator, args: &Args, sweep: &Sweep) ->
         DType::F16 => measure::<half::f16>(rank, collective, implementation, count, repetitions),
         DType::BF16 => measure::<half::bf16>(rank, collective, implementation, count, repetitions),
     };
-    let element = args.dtype.size();
-    let path_of = |comm: &Communicator, implementation, bytes: usize| {
-        // The library chooses by the larger buffer: world size x block.
-        let larger = bytes / element * element * comm.world_size();
+    let path_of = |comm: &Communicator, implementation, _bytes: usize| {
         (implementation == Implementation::Auto)
-            .then(|| comm.scatter_gather_path_for(larger).name().to_string())
+            .then(|| comm.scatter_gather_path().name().to_string())
     };
     let (right, report) = sweep_rank(
         comm,

@@ -16,8 +16,8 @@ use crate::algorithm::{Algorithm, AlgorithmChoice};
 use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
 use crate::kernels::{
-    load_norm_kernels, AddRmsNormArgs, AllReduceArgs, FusedNormArgs, NormArgs, NormKernel,
-    NORM_DTYPES, PACKET_BYTES, THREADS_PER_BLOCK,
+    load_norm_kernels, AddRmsNormArgs, AllReduceArgs, FusedNormArgs, FusedPushArgs, NormArgs,
+    NormKernel, PushArgs, NORM_DTYPES, PACKET_BYTES, THREADS_PER_BLOCK,
 };
 use crate::path::CallPath;
 
@@ -75,6 +75,18 @@ impl Rows {
     fn bytes(&self) -> usize {
         self.elements() * self.dtype.size()
     }
+
+    fn row_bytes(&self) -> usize {
+        self.hidden * self.dtype.size()
+    }
+
+    /// The launches of a call cut into `per_launch` rows (at least one):
+    /// each launch's first row and its rows.
+    fn launches(self, per_launch: usize) -> impl Iterator<Item = (usize, usize)> {
+        (0..self.rows)
+            .step_by(per_launch.max(1))
+            .map(move |first| (first, per_launch.min(self.rows - first)))
+    }
 }
 
 /// The buffers of the norm, as device addresses.
@@ -120,7 +132,7 @@ impl NormBuffers {
 
     /// The kernels' view of `rows` rows from row `first`.
     fn args(&self, rows: Rows, first: usize, count: usize, sum: Option<u64>) -> NormArgs {
-        let offset = (first * rows.hidden * rows.dtype.size()) as u64;
+        let offset = (first * rows.row_bytes()) as u64;
         let per_pack = PACKET_BYTES / rows.dtype.size();
         let aligned = [self.residual, self.weight, self.out]
             .into_iter()
@@ -167,8 +179,8 @@ impl Communicator {
 
     /// Like [`all_reduce_add_rms_norm`](Self::all_reduce_add_rms_norm), on
     /// `stream` as [`all_reduce_on`](Self::all_reduce_on) is (graphs
-    /// included). `options.algorithm` picks the all-reduce: one-stage runs
-    /// fused; the others run the all-reduce, then the plain kernel.
+    /// included). `options.algorithm` picks the all-reduce: one-stage and
+    /// push run fused; two-stage runs the all-reduce, then the plain kernel.
     pub fn all_reduce_add_rms_norm_on<T: Element, W: DevicePtr<T>>(
         &mut self,
         stream: &Arc<CudaStream>,
@@ -263,13 +275,18 @@ impl Communicator {
             .ctx
             .bind_to_thread()
             .map_err(Error::driver("cuCtxSetCurrent"))?;
-        let path = self.call_path(rows.bytes(), options.algorithm)?;
-        let algorithm = match path {
-            CallPath::Custom(Algorithm::OneStage) => Algorithm::OneStage,
+        match self.call_path(rows.bytes(), options.algorithm)? {
+            CallPath::Custom(Algorithm::OneStage) => {
+                self.enqueue_fused_one_stage(stream, (rows, input, buffers), options)
+            }
+            CallPath::Custom(Algorithm::Push) if self.push_rows_per_launch(rows)? > 0 => {
+                self.enqueue_fused_push(stream, (rows, input, buffers))
+            }
             other => {
-                // Not fused: the all-reduce into the output (on the kernels
-                // or NCCL), then the plain kernel there; the own stream
-                // waits for both (on_stream).
+                // Not fused (two-stage, NCCL, or push rows longer than a
+                // push segment): the all-reduce into the output, then the
+                // plain kernel there; the own stream waits for both
+                // (on_stream).
                 let forced = CallOptions {
                     algorithm: match other {
                         CallPath::Custom(algorithm) => AlgorithmChoice::Force(algorithm),
@@ -285,11 +302,22 @@ impl Communicator {
                     rows.elements(),
                     forced,
                 )?;
-                return self.on_stream(stream, |comm, _| {
+                self.on_stream(stream, |comm, _| {
                     comm.launch_plain(stream, rows, buffers.out, buffers)
-                });
+                })
             }
-        };
+        }
+    }
+
+    /// The one-stage fused kernel: peers read this rank's input through
+    /// the buffer table (or staging), as in the one-stage all-reduce.
+    fn enqueue_fused_one_stage(
+        &mut self,
+        stream: &Arc<CudaStream>,
+        (rows, input, buffers): (Rows, u64, NormBuffers),
+        options: CallOptions,
+    ) -> Result<()> {
+        let algorithm = Algorithm::OneStage;
         // Checked before anything is enqueued, on every rank alike.
         let per_launch = self.rows_per_launch(algorithm, rows)?;
         self.on_stream(stream, |comm, capturing| {
@@ -308,34 +336,62 @@ impl Communicator {
                 per_launch,
                 "fused all-reduce and RMSNorm"
             );
-            let row_bytes = rows.hidden * rows.dtype.size();
-            let mut done = 0;
-            while done < rows.rows {
-                let count = per_launch.min(rows.rows - done);
-                let offset = (done * row_bytes) as u64;
+            for (first, count) in rows.launches(per_launch) {
+                let offset = (first * rows.row_bytes()) as u64;
                 let launch_input = comm.custom()?.launch_input(
                     stream,
                     algorithm,
                     source,
                     input,
                     offset,
-                    count * row_bytes,
+                    count * rows.row_bytes(),
                 )?;
                 let LaunchInput::Table(source_word) = launch_input else {
                     return Err(Error::InvalidConfig(
                         "a fused one-stage input was not named through the buffer table".into(),
                     ));
                 };
-                comm.launch_fused(
-                    stream,
-                    rows,
-                    source_word,
-                    buffers.args(rows, done, count, None),
-                )?;
-                done += count;
+                let args =
+                    comm.one_stage_args(source_word, buffers.args(rows, first, count, None))?;
+                comm.launch_fused(stream, rows.dtype, args)?;
             }
             Ok(())
         })
+    }
+
+    /// The push fused kernel: only this rank reads its input, at any
+    /// address, so nothing is registered or staged; each launch takes the
+    /// rows whose packets fit a push segment (docs/fused.md).
+    fn enqueue_fused_push(
+        &mut self,
+        stream: &Arc<CudaStream>,
+        (rows, input, buffers): (Rows, u64, NormBuffers),
+    ) -> Result<()> {
+        let per_launch = self.push_rows_per_launch(rows)?;
+        self.on_stream(stream, |comm, _| {
+            tracing::trace!(
+                rank = comm.rank,
+                ?rows,
+                per_launch,
+                "fused push and RMSNorm"
+            );
+            for (first, count) in rows.launches(per_launch) {
+                let norm = buffers.args(rows, first, count, Some(input));
+                let launch_input = input + (first * rows.row_bytes()) as u64;
+                let args = comm.push_args(launch_input, norm)?;
+                comm.launch_fused(stream, rows.dtype, args)?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Rows one fused push launch takes: as many whole rows (each padded
+    /// to whole packets) as a push segment holds; 0 where one row does not
+    /// fit. Depends only on shared facts.
+    fn push_rows_per_launch(&self, rows: Rows) -> Result<usize> {
+        let per_pack = PACKET_BYTES / rows.dtype.size();
+        let row_packets = rows.hidden.div_ceil(per_pack);
+        Ok(self.custom()?.regions.push_segment / PACKET_BYTES / row_packets)
     }
 
     /// Rows one launch of `algorithm` takes: all, or else a multiple of
@@ -355,15 +411,10 @@ impl Communicator {
         }
     }
 
-    fn launch_fused(
-        &self,
-        stream: &Arc<CudaStream>,
-        rows: Rows,
-        source: u64,
-        norm: NormArgs,
-    ) -> Result<()> {
+    /// The one-stage fused kernel's arguments for one launch.
+    fn one_stage_args(&self, source: u64, norm: NormArgs) -> Result<FusedArgs> {
         let custom = self.custom()?;
-        let args = FusedNormArgs {
+        Ok(FusedArgs::OneStage(FusedNormArgs {
             all_reduce: AllReduceArgs {
                 barrier: self.barrier_args(custom),
                 table: custom.regions.table.ptr(),
@@ -373,21 +424,52 @@ impl Communicator {
                 capacity: custom.regions.table_capacity as u32,
             },
             norm,
+        }))
+    }
+
+    /// The push fused kernel's arguments for one launch: `input` and
+    /// `norm` address its own rows.
+    fn push_args(&self, input: u64, norm: NormArgs) -> Result<FusedArgs> {
+        let custom = self.custom()?;
+        Ok(FusedArgs::Push(FusedPushArgs {
+            push: PushArgs {
+                barrier: self.barrier_args(custom),
+                push: custom.regions.push_peers,
+                input,
+                output: norm.out,
+                count: norm.rows * norm.hidden,
+                segment_bytes: custom.regions.push_segment as u64,
+            },
+            norm,
+        }))
+    }
+
+    fn launch_fused(&self, stream: &Arc<CudaStream>, dtype: DType, args: FusedArgs) -> Result<()> {
+        let custom = self.custom()?;
+        let (kernel, rows) = match &args {
+            FusedArgs::OneStage(a) => (NormKernel::FusedOneStage, a.norm.rows),
+            FusedArgs::Push(a) => (NormKernel::FusedPush, a.norm.rows),
         };
         // Every rank launches the same grid: rows and max_blocks are shared.
-        let blocks = (norm.rows as usize).min(custom.max_blocks as usize);
+        let blocks = (rows as usize).min(custom.max_blocks as usize);
         let function = custom
             .norm_kernels
-            .get(&(NormKernel::FusedOneStage, rows.dtype))
-            .ok_or_else(|| Error::InvalidConfig(format!("no fused kernel for {}", rows.dtype)))?;
+            .get(&(kernel, dtype))
+            .ok_or_else(|| Error::InvalidConfig(format!("no {kernel:?} kernel for {dtype}")))?;
         let mut launch = stream.launch_builder(function);
-        launch.arg(&args);
-        // SAFETY: the fused kernels take one `FusedNormArgs` by value. The
-        // table, signal regions and staging live as long as the
-        // communicator; every table entry a peer names holds a buffer
-        // checked shareable when shared; residual, weight and output hold
-        // `rows x hidden` (the weight `hidden`) elements from where `args`
-        // points (Rows::of and the offsets of whole launches).
+        match &args {
+            FusedArgs::OneStage(a) => launch.arg(a),
+            FusedArgs::Push(a) => launch.arg(a),
+        };
+        // SAFETY: each fused kernel takes one argument struct by value,
+        // the one its `FusedArgs` variant holds. The table, signal regions,
+        // staging and push areas live as long as the communicator; every
+        // table entry a peer names holds a buffer checked shareable when
+        // shared; a push launch's rows, each padded to whole packets, fit
+        // a push segment (push_rows_per_launch); input, residual and
+        // output hold `rows x hidden` elements from where the arguments
+        // point and the weight `hidden` (Rows::of and the offsets of whole
+        // launches).
         unsafe { launch.launch(grid(blocks)) }
             .map(|_| ())
             .map_err(Error::driver("cuLaunchKernel"))
@@ -426,6 +508,12 @@ impl Communicator {
             .map(|_| ())
             .map_err(Error::driver("cuLaunchKernel"))
     }
+}
+
+/// One fused launch's arguments, by kernel.
+enum FusedArgs {
+    OneStage(FusedNormArgs),
+    Push(FusedPushArgs),
 }
 
 /// The weight and epsilon of an RMSNorm: `weight` holds one row (hidden

@@ -147,11 +147,11 @@ impl Communicator {
         self.plan.auto_path(self.world_size, bytes, self.tuning())
     }
 
-    /// The path an automatic reduce-scatter or all-gather takes whose
-    /// larger buffer (world size x block) holds `bytes`, and why: the same
-    /// on every rank (docs/scatter_gather.md, "Path choice").
-    pub fn scatter_gather_path_for(&self, bytes: usize) -> CallPath {
-        self.plan.scatter_gather_auto_path(bytes)
+    /// The path automatic reduce-scatters and all-gathers take, at every
+    /// size, and why: the same on every rank (docs/scatter_gather.md,
+    /// "Path choice").
+    pub fn scatter_gather_path(&self) -> CallPath {
+        self.plan.scatter_gather_auto_path()
     }
 
     /// Whether every call takes NCCL (the kernels cannot serve the group).

@@ -7,6 +7,15 @@
 // and rounds (what the all-reduce would have written), then adds and
 // normalises exactly as the plain kernel does (norm.cu). No rank writes
 // anything a peer reads, so the residual and the output may be anywhere.
+//
+// Push: the push protocol (push.cu: data as its own arrival flag, three
+// rotating slots), with packets numbered by row: packet g of row `row` is
+// row * groups + g, where groups = ceil(hidden / 8 or 4), so a row whose
+// length is not a multiple of a packet still travels as whole packets
+// (the last one padded with zeros). Each block sends its rows, then
+// normalises them as the packets arrive: the sum the plain push would have
+// written is formed per element from the same lanes in the same rank
+// order, with the same marker rewrite, so the results are the same bits.
 
 struct FusedNormArgs {
   AllReduceArgs all_reduce;  // its output and count are unused
@@ -31,10 +40,58 @@ static __device__ __forceinline__ void lr_fused_one_stage(const FusedNormArgs& a
   });
 }
 
+struct FusedPushArgs {
+  PushArgs push;  // its output is unused; count: elements of the rows
+  NormArgs norm;  // rows and hidden of this launch
+};
+
+template <typename D, int W>
+static __device__ __forceinline__ void lr_fused_push(const FusedPushArgs& a) {
+  __shared__ float warp_sums[LR_WARPS];
+  const PushArgs& push = a.push;
+  const NormArgs& norm = a.norm;
+  const int rank = (int)push.bar.rank;
+  const u32 slot = lr_push_slot(push.push[rank]);
+  const u64 groups = (norm.hidden + D::PER_PACK - 1) / D::PER_PACK;
+  // This rank's group at element e (n elements), marker rewritten.
+  const auto mine = [&](u64 e, u64 n) {
+    return lr_without_empty<D>(lr_load_group<D>(push.input, e, n, norm.vector));
+  };
+
+  // Send: the block's rows, in the groups its threads will normalise.
+  for (u64 row = blockIdx.x; row < norm.rows; row += gridDim.x) {
+    for (u64 g = threadIdx.x; g < groups; g += LR_THREADS) {
+      const u64 e = row * norm.hidden + g * D::PER_PACK;
+      lr_push_send<W>(push, slot, row * groups + g, mine(e, lr_group_lanes<D>(norm, g)));
+    }
+  }
+
+  // Receive and normalise. A thread that timed out stops waiting but keeps
+  // taking part in the block's sums (they hold __syncthreads).
+  bool timed_out = false;
+  for (u64 row = blockIdx.x; row < norm.rows; row += gridDim.x) {
+    lr_add_rms_norm_row<D>(norm, row, warp_sums, [&](u64 e, u64 n) {
+      const u64 j = row * groups + (e - row * norm.hidden) / D::PER_PACK;
+      Pack p[W];
+#pragma unroll
+      for (int r = 0; r < W; ++r) {
+        p[r] = r == rank ? mine(e, n) : lr_push_wait<D, W>(push, slot, j, r, timed_out);
+      }
+      if (!timed_out) lr_push_reset<W>(push, slot, j);
+      return lr_reduce<D, W>(p);
+    });
+  }
+  lr_push_finish(push, timed_out);
+}
+
 #define LR_FUSED_KERNELS(NAME, D, W)                                                            \
   extern "C" __global__ void __launch_bounds__(LR_THREADS)                                     \
-      linkreduce_fused_norm_one_stage_##NAME##_w##W(FusedNormArgs a) {                         \
+      linkreduce_fused_norm_one_stage_##NAME##_w##W(const __grid_constant__ FusedNormArgs a) {  \
     lr_fused_one_stage<D, W>(a);                                                               \
+  }                                                                                            \
+  extern "C" __global__ void __launch_bounds__(LR_THREADS)                                     \
+      linkreduce_fused_norm_push_##NAME##_w##W(const __grid_constant__ FusedPushArgs a) {      \
+    lr_fused_push<D, W>(a);                                                                    \
   }
 
 LR_FOR_WORLDS(LR_FUSED_KERNELS, f16, F16)

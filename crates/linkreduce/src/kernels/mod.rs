@@ -17,7 +17,9 @@ use crate::dtype::DType;
 pub use compile::{compile_cubin, nvrtc_version, Arch};
 pub use load::{kernel_resources, KernelResources};
 pub(crate) use load::{load_check_kernels, load_kernels, CheckKernels, Kernels};
-pub(crate) use norm::{load_norm_kernels, AddRmsNormArgs, FusedNormArgs, NormArgs, NormKernels};
+pub(crate) use norm::{
+    load_norm_kernels, AddRmsNormArgs, FusedNormArgs, FusedPushArgs, NormArgs, NormKernels,
+};
 pub use norm::{norm_kernel_names, NormKernel, NORM_DTYPES};
 pub(crate) use scatter_gather::{
     load_scatter_gather_kernels, ScatterGatherArgs, ScatterGatherKernels,

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use cudarc::driver::{CudaContext, CudaFunction, DeviceRepr};
 
 use super::load::{load_once, Cache, StreamsPeers};
-use super::{AllReduceArgs, WORLD_SIZES};
+use super::{AllReduceArgs, PushArgs, WORLD_SIZES};
 use crate::dtype::DType;
 use crate::error::Result;
 
@@ -21,10 +21,16 @@ pub enum NormKernel {
     Plain,
     /// One-stage all-reduce, residual add and RMSNorm in one kernel.
     FusedOneStage,
+    /// Push all-reduce, residual add and RMSNorm in one kernel.
+    FusedPush,
 }
 
 impl NormKernel {
-    pub const ALL: [NormKernel; 2] = [NormKernel::Plain, NormKernel::FusedOneStage];
+    pub const ALL: [NormKernel; 3] = [
+        NormKernel::Plain,
+        NormKernel::FusedOneStage,
+        NormKernel::FusedPush,
+    ];
 
     /// The symbol of this kernel for `dtype` and `world_size` (which the
     /// plain kernel ignores).
@@ -35,11 +41,15 @@ impl NormKernel {
                 "linkreduce_fused_norm_one_stage_{}_w{world_size}",
                 dtype.name()
             ),
+            NormKernel::FusedPush => {
+                format!("linkreduce_fused_norm_push_{}_w{world_size}", dtype.name())
+            }
         }
     }
 
-    /// Whether the kernel meets its peers at barriers (then every rank's
-    /// grid must stay resident: it counts in the grid limit).
+    /// Whether the kernel waits for its peers (at barriers, or for pushed
+    /// data): then every rank's grid must stay resident, so it counts in
+    /// the grid limit.
     pub fn meets_peers(self) -> bool {
         self != NormKernel::Plain
     }
@@ -51,7 +61,9 @@ pub fn norm_kernel_names() -> Vec<String> {
     for dtype in NORM_DTYPES {
         names.push(NormKernel::Plain.symbol(dtype, 0));
         for world_size in WORLD_SIZES {
-            names.push(NormKernel::FusedOneStage.symbol(dtype, world_size));
+            for fused in [NormKernel::FusedOneStage, NormKernel::FusedPush] {
+                names.push(fused.symbol(dtype, world_size));
+            }
         }
     }
     names
@@ -110,6 +122,18 @@ pub(crate) struct FusedNormArgs {
 // (repr(C), integers and one f32; layout checked by the test below).
 unsafe impl DeviceRepr for FusedNormArgs {}
 
+/// Mirrors `FusedPushArgs`: the fused push kernels' only parameter.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct FusedPushArgs {
+    pub push: PushArgs,
+    pub norm: NormArgs,
+}
+
+// SAFETY: plain-old-data with the layout of the C struct `FusedPushArgs`
+// (repr(C), integers and one f32; layout checked by the test below).
+unsafe impl DeviceRepr for FusedPushArgs {}
+
 #[cfg(test)]
 mod tests {
     use std::mem::{offset_of, size_of};
@@ -132,6 +156,14 @@ mod tests {
         assert_eq!(offset_of!(AddRmsNormArgs, norm), 8);
         assert_eq!(size_of::<FusedNormArgs>(), 176);
         assert_eq!(offset_of!(FusedNormArgs, norm), 128);
+        assert_eq!(
+            offset_of!(FusedPushArgs, norm),
+            size_of::<super::super::PushArgs>()
+        );
+        assert_eq!(
+            size_of::<FusedPushArgs>(),
+            size_of::<super::super::PushArgs>() + 48
+        );
     }
 
     #[test]
@@ -139,6 +171,7 @@ mod tests {
         let source = Program::AllReduce.source();
         assert!(source.contains("linkreduce_add_rms_norm_##NAME("));
         assert!(source.contains("linkreduce_fused_norm_one_stage_##NAME##_w##W("));
+        assert!(source.contains("linkreduce_fused_norm_push_##NAME##_w##W("));
         for dtype in NORM_DTYPES {
             assert!(source.contains(&format!("LR_NORM_KERNEL({}, ", dtype.name())));
             assert!(source.contains(&format!(
@@ -146,7 +179,7 @@ mod tests {
                 dtype.name()
             )));
         }
-        assert_eq!(norm_kernel_names().len(), 2 * (1 + 7));
+        assert_eq!(norm_kernel_names().len(), 2 * (1 + 2 * 7));
         assert_eq!(
             NormKernel::FusedOneStage.symbol(DType::BF16, 3),
             "linkreduce_fused_norm_one_stage_bf16_w3"
