@@ -147,7 +147,7 @@ struct Row {
     dtype: DType,
     implementation: Implementation,
     /// For our implementations, the all-reduce path of the call
-    /// (`one-stage` and `push` fuse; docs/fused.md, "Algorithms").
+    /// (the kernels' algorithms fuse, `nccl` does not; docs/fused.md).
     path: Option<String>,
     mode: Mode,
     /// Median over repetitions of the slowest rank's time per call.

@@ -17,7 +17,7 @@ use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
 use crate::kernels::{
     load_norm_kernels, AddRmsNormArgs, AllReduceArgs, FusedNormArgs, FusedPushArgs, NormArgs,
-    NormKernel, PushArgs, NORM_DTYPES, PACKET_BYTES, THREADS_PER_BLOCK,
+    NormKernel, PushArgs, NORM_DTYPES, PACKET_BYTES, SCRATCH_TAIL_BYTES, THREADS_PER_BLOCK,
 };
 use crate::path::CallPath;
 
@@ -276,15 +276,15 @@ impl Communicator {
             .bind_to_thread()
             .map_err(Error::driver("cuCtxSetCurrent"))?;
         match self.call_path(rows.bytes(), options.algorithm)? {
-            CallPath::Custom(Algorithm::OneStage) => {
-                self.enqueue_fused_one_stage(stream, (rows, input, buffers), options)
+            CallPath::Custom(algorithm @ (Algorithm::OneStage | Algorithm::TwoStage)) => {
+                self.enqueue_fused_pull(stream, algorithm, (rows, input, buffers), options)
             }
             CallPath::Custom(Algorithm::Push) if self.push_rows_per_launch(rows)? > 0 => {
                 self.enqueue_fused_push(stream, (rows, input, buffers))
             }
             other => {
-                // Not fused (two-stage, NCCL, or push rows longer than a
-                // push segment): the all-reduce into the output, then the
+                // Not fused (NCCL, or push rows longer than a push
+                // segment): the all-reduce into the output, then the
                 // plain kernel there; the own stream waits for both
                 // (on_stream).
                 let forced = CallOptions {
@@ -309,15 +309,15 @@ impl Communicator {
         }
     }
 
-    /// The one-stage fused kernel: peers read this rank's input through
-    /// the buffer table (or staging), as in the one-stage all-reduce.
-    fn enqueue_fused_one_stage(
+    /// The one-stage or two-stage fused kernel: peers read this rank's
+    /// input through the buffer table (or staging), as in the all-reduce.
+    fn enqueue_fused_pull(
         &mut self,
         stream: &Arc<CudaStream>,
+        algorithm: Algorithm,
         (rows, input, buffers): (Rows, u64, NormBuffers),
         options: CallOptions,
     ) -> Result<()> {
-        let algorithm = Algorithm::OneStage;
         // Checked before anything is enqueued, on every rank alike.
         let per_launch = self.rows_per_launch(algorithm, rows)?;
         self.on_stream(stream, |comm, capturing| {
@@ -348,11 +348,11 @@ impl Communicator {
                 )?;
                 let LaunchInput::Table(source_word) = launch_input else {
                     return Err(Error::InvalidConfig(
-                        "a fused one-stage input was not named through the buffer table".into(),
+                        "a fused pull input was not named through the buffer table".into(),
                     ));
                 };
-                let args =
-                    comm.one_stage_args(source_word, buffers.args(rows, first, count, None))?;
+                let norm = buffers.args(rows, first, count, None);
+                let args = comm.pull_args(algorithm, source_word, norm)?;
                 comm.launch_fused(stream, rows.dtype, args)?;
             }
             Ok(())
@@ -395,36 +395,52 @@ impl Communicator {
     }
 
     /// Rows one launch of `algorithm` takes: all, or else a multiple of
-    /// [`ROWS_PER_PACKET`] that fits a chunk. Depends only on shared facts.
+    /// [`ROWS_PER_PACKET`] that fits a chunk (staging, for an input that is
+    /// staged) and, for two-stage, this rank's runs of them its scratch.
+    /// Depends only on shared facts.
     fn rows_per_launch(&self, algorithm: Algorithm, rows: Rows) -> Result<usize> {
-        let chunk = self.chunk_elements(self.custom()?, algorithm, rows.dtype);
-        let fit = chunk / rows.hidden;
+        let per_pack = PACKET_BYTES / rows.dtype.size();
+        let chunk = self.chunk_elements(self.custom()?, Algorithm::OneStage, rows.dtype);
+        let (mut fit, mut most) = (chunk / rows.hidden, chunk / ROWS_PER_PACKET);
+        if algorithm == Algorithm::TwoStage {
+            let share = rows.hidden.div_ceil(per_pack).div_ceil(self.world_size);
+            let scratch_packets = (self.config.scratch_bytes - SCRATCH_TAIL_BYTES) / PACKET_BYTES;
+            fit = fit.min(scratch_packets / share);
+            most = most.min(scratch_packets / ROWS_PER_PACKET * self.world_size * per_pack);
+        }
         if rows.rows <= fit {
             return Ok(rows.rows);
         }
         match fit / ROWS_PER_PACKET * ROWS_PER_PACKET {
             0 => Err(Error::RowTooLong {
                 hidden: rows.hidden,
-                most: chunk / ROWS_PER_PACKET,
+                most,
             }),
             whole => Ok(whole),
         }
     }
 
-    /// The one-stage fused kernel's arguments for one launch.
-    fn one_stage_args(&self, source: u64, norm: NormArgs) -> Result<FusedArgs> {
+    /// The one-stage or two-stage fused kernel's arguments for one launch.
+    fn pull_args(&self, algorithm: Algorithm, source: u64, norm: NormArgs) -> Result<FusedArgs> {
         let custom = self.custom()?;
-        Ok(FusedArgs::OneStage(FusedNormArgs {
-            all_reduce: AllReduceArgs {
-                barrier: self.barrier_args(custom),
-                table: custom.regions.table.ptr(),
-                source,
-                output: norm.out,
-                count: norm.rows * norm.hidden,
-                capacity: custom.regions.table_capacity as u32,
+        let kernel = match algorithm {
+            Algorithm::TwoStage => NormKernel::FusedTwoStage,
+            _ => NormKernel::FusedOneStage,
+        };
+        Ok(FusedArgs::Pull(
+            kernel,
+            FusedNormArgs {
+                all_reduce: AllReduceArgs {
+                    barrier: self.barrier_args(custom),
+                    table: custom.regions.table.ptr(),
+                    source,
+                    output: norm.out,
+                    count: norm.rows * norm.hidden,
+                    capacity: custom.regions.table_capacity as u32,
+                },
+                norm,
             },
-            norm,
-        }))
+        ))
     }
 
     /// The push fused kernel's arguments for one launch: `input` and
@@ -447,7 +463,7 @@ impl Communicator {
     fn launch_fused(&self, stream: &Arc<CudaStream>, dtype: DType, args: FusedArgs) -> Result<()> {
         let custom = self.custom()?;
         let (kernel, rows) = match &args {
-            FusedArgs::OneStage(a) => (NormKernel::FusedOneStage, a.norm.rows),
+            FusedArgs::Pull(kernel, a) => (*kernel, a.norm.rows),
             FusedArgs::Push(a) => (NormKernel::FusedPush, a.norm.rows),
         };
         // Every rank launches the same grid: rows and max_blocks are shared.
@@ -458,11 +474,12 @@ impl Communicator {
             .ok_or_else(|| Error::InvalidConfig(format!("no {kernel:?} kernel for {dtype}")))?;
         let mut launch = stream.launch_builder(function);
         match &args {
-            FusedArgs::OneStage(a) => launch.arg(a),
+            FusedArgs::Pull(_, a) => launch.arg(a),
             FusedArgs::Push(a) => launch.arg(a),
         };
         // SAFETY: each fused kernel takes one argument struct by value,
-        // the one its `FusedArgs` variant holds. The table, signal regions,
+        // the one its `FusedArgs` variant holds. The table, signal regions
+        // (a two-stage launch's runs fit scratch: rows_per_launch),
         // staging and push areas live as long as the communicator; every
         // table entry a peer names holds a buffer checked shareable when
         // shared; a push launch's rows, each padded to whole packets, fit
@@ -512,7 +529,8 @@ impl Communicator {
 
 /// One fused launch's arguments, by kernel.
 enum FusedArgs {
-    OneStage(FusedNormArgs),
+    /// One-stage or two-stage: peers' inputs through the buffer table.
+    Pull(NormKernel, FusedNormArgs),
     Push(FusedPushArgs),
 }
 

@@ -23,13 +23,16 @@ pub enum NormKernel {
     FusedOneStage,
     /// Push all-reduce, residual add and RMSNorm in one kernel.
     FusedPush,
+    /// Two-stage all-reduce, residual add and RMSNorm in one kernel.
+    FusedTwoStage,
 }
 
 impl NormKernel {
-    pub const ALL: [NormKernel; 3] = [
+    pub const ALL: [NormKernel; 4] = [
         NormKernel::Plain,
         NormKernel::FusedOneStage,
         NormKernel::FusedPush,
+        NormKernel::FusedTwoStage,
     ];
 
     /// The symbol of this kernel for `dtype` and `world_size` (which the
@@ -44,6 +47,10 @@ impl NormKernel {
             NormKernel::FusedPush => {
                 format!("linkreduce_fused_norm_push_{}_w{world_size}", dtype.name())
             }
+            NormKernel::FusedTwoStage => format!(
+                "linkreduce_fused_norm_two_stage_{}_w{world_size}",
+                dtype.name()
+            ),
         }
     }
 
@@ -61,7 +68,7 @@ pub fn norm_kernel_names() -> Vec<String> {
     for dtype in NORM_DTYPES {
         names.push(NormKernel::Plain.symbol(dtype, 0));
         for world_size in WORLD_SIZES {
-            for fused in [NormKernel::FusedOneStage, NormKernel::FusedPush] {
+            for fused in &NormKernel::ALL[1..] {
                 names.push(fused.symbol(dtype, world_size));
             }
         }
@@ -172,6 +179,7 @@ mod tests {
         assert!(source.contains("linkreduce_add_rms_norm_##NAME("));
         assert!(source.contains("linkreduce_fused_norm_one_stage_##NAME##_w##W("));
         assert!(source.contains("linkreduce_fused_norm_push_##NAME##_w##W("));
+        assert!(source.contains("linkreduce_fused_norm_two_stage_##NAME##_w##W("));
         for dtype in NORM_DTYPES {
             assert!(source.contains(&format!("LR_NORM_KERNEL({}, ", dtype.name())));
             assert!(source.contains(&format!(
@@ -179,7 +187,7 @@ mod tests {
                 dtype.name()
             )));
         }
-        assert_eq!(norm_kernel_names().len(), 2 * (1 + 2 * 7));
+        assert_eq!(norm_kernel_names().len(), 2 * (1 + 3 * 7));
         assert_eq!(
             NormKernel::FusedOneStage.symbol(DType::BF16, 3),
             "linkreduce_fused_norm_one_stage_bf16_w3"
