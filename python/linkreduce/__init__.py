@@ -4,7 +4,9 @@ NVIDIA GPUs, with kernels that read peers' memory directly over NVLink.
 Two layers:
 
 - ``linkreduce.torch.CustomAllreduce``: the PyTorch API (vLLM's custom
-  all-reduce, set up over a ``torch.distributed`` group). Imported on first
+  all-reduce, set up over a ``torch.distributed`` group), with the
+  all-reduce fused with residual add and RMSNorm, and reduce-scatter and
+  all-gather in torch.distributed's argument order. Imported on first
   use; needs PyTorch.
 - ``linkreduce.Communicator``: the plain API on raw device addresses and
   CUDA stream handles, for any framework (CuPy, JAX through DLPack). Needs
@@ -21,7 +23,10 @@ from ._linkreduce import (
     DTYPES,
     Communicator,
     LinkreduceError,
+    validate_all_gather,
     validate_all_reduce,
+    validate_all_reduce_add_rms_norm,
+    validate_reduce_scatter,
     version,
 )
 
@@ -32,7 +37,10 @@ __all__ = [
     "DTYPES",
     "Communicator",
     "LinkreduceError",
+    "validate_all_gather",
     "validate_all_reduce",
+    "validate_all_reduce_add_rms_norm",
+    "validate_reduce_scatter",
     "version",
 ]
 

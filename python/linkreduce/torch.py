@@ -4,6 +4,10 @@ custom all-reduce.
     ca = CustomAllreduce(group)             # collective, on every rank
     y = ca.all_reduce(x)                    # sum over the group's ranks
     ca.all_reduce(x, out=x)                 # in place
+    h = ca.all_reduce_add_rms_norm(x, residual, weight, 1e-6)
+                                            # residual += sum; h = rmsnorm(residual) * weight
+    ca.reduce_scatter_tensor(out, x)        # torch.distributed's argument order
+    ca.all_gather_into_tensor(out, x)
     with ca.capture():                      # CUDA graphs: zero-copy replays
         with torch.cuda.graph(graph):
             y = ca.all_reduce(x)
@@ -11,8 +15,9 @@ custom all-reduce.
 
 Calls go on ``torch.cuda.current_stream()``. Contiguous f32, f16 and bf16
 CUDA tensors (at any storage offset, of any length) up to ``max_size``
-bytes take the custom path; every other tensor goes through
-``torch.distributed.all_reduce`` on the same group, so a call always works.
+bytes take the custom path (the fused norm: f16 and bf16); every other
+call goes through ``torch.distributed`` on the same group, so a call
+always works.
 
 PyTorch is imported when a ``CustomAllreduce`` is built, not when this
 module is: ``import linkreduce.torch`` works without it.
@@ -21,6 +26,7 @@ module is: ``import linkreduce.torch`` works without it.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import warnings
 
@@ -131,10 +137,41 @@ def _tcp_port(port):
     return None
 
 
+def _extent(tensor):
+    """The bytes ``[start, end)`` that ``tensor`` may touch: its whole span,
+    for strided views too (conservative, never too small)."""
+    if tensor.numel() == 0:
+        return 0, 0
+    span = 1 + sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride()))
+    start = tensor.data_ptr()
+    return start, start + span * tensor.element_size()
+
+
+def _overlap(a, b):
+    (a_start, a_end), (b_start, b_end) = _extent(a), _extent(b)
+    return a.device == b.device and a_start < b_end and b_start < a_end
+
+
+def _same_view(a, b):
+    """Whether ``a`` and ``b`` are the same elements in the same order."""
+    return (
+        a.device == b.device
+        and a.data_ptr() == b.data_ptr()
+        and a.shape == b.shape
+        and a.stride() == b.stride()
+    )
+
+
+def _describe(tensor):
+    return f"{tensor.dtype}, {tuple(tensor.shape)}, {tensor.device}"
+
+
 class CustomAllreduce:
     """All-reduce (sum) over the GPUs of one node, with linkreduce's kernels
     for the tensors they take and ``torch.distributed.all_reduce`` for the
-    rest.
+    rest; also the all-reduce fused with residual add and RMSNorm
+    (``all_reduce_add_rms_norm``), and ``reduce_scatter_tensor`` and
+    ``all_gather_into_tensor`` with torch.distributed's arguments.
 
     ``group``: the ``torch.distributed`` process group to reduce over (all
     its ranks on this node, one GPU each); None means the default group
@@ -147,13 +184,19 @@ class CustomAllreduce:
     1), and there is no group to fall back to.
 
     ``device``: this rank's GPU (int, "cuda:N" or torch.device; None: the
-    current device, or LOCAL_RANK's with the TCP rendezvous). ``max_size``: the largest message in bytes of the
-    custom path. ``algorithm``: "auto", "one-stage", "two-stage" or "push".
+    current device, or LOCAL_RANK's with the TCP rendezvous). ``max_size``:
+    the largest message in bytes of the custom path (for reduce-scatter and
+    all-gather, the larger buffer). ``algorithm``: "auto", "one-stage",
+    "two-stage" or "push" (reduce-scatter and all-gather have one kernel,
+    which any forced name takes).
     ``timeout_s``: how long a kernel waits for a dead or hung peer before the
     call fails naming it (default 5 s). Building it is collective.
 
     A group of one rank, or of more than 8, disables the custom path
-    (``disabled`` is True): every call goes through torch.distributed.
+    (``disabled`` is True): every call goes through torch.distributed. The
+    fallbacks of ``reduce_scatter_tensor`` and ``all_gather_into_tensor``
+    need a group whose backend has them for CUDA tensors (NCCL, or
+    ``"cpu:gloo,cuda:nccl"``).
     """
 
     def __init__(
@@ -180,6 +223,7 @@ class CustomAllreduce:
         validate_all_reduce("f32", 0, 0, 0, algorithm)  # raises ValueError if unknown
         self.algorithm = algorithm
         self._names = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
+        self._norm_names = {torch.float16: "f16", torch.bfloat16: "bf16"}
         initialized = dist.is_available() and dist.is_initialized()
         if group is not None and not initialized:
             raise ValueError("a group was given but torch.distributed is not initialized")
@@ -220,26 +264,56 @@ class CustomAllreduce:
         takes linkreduce's kernels (``path_for``): sizes that its automatic
         choice sends to NCCL go to the group's NCCL instead."""
         nbytes = tensor.numel() * tensor.element_size()
+        return self._takes_custom((tensor,), self._names, "all_reduce", nbytes)
+
+    def should_custom_norm(self, tensor, residual, weight, out=None):
+        """Whether ``all_reduce_add_rms_norm`` with these tensors goes
+        through linkreduce: as ``should_custom_ar(tensor)``, for f16 and
+        bf16 only, with residual, weight and ``out`` (unless it is
+        ``tensor``) contiguous on this rank's GPU too."""
+        tensors = (tensor, residual, weight)
+        if out is not None and not _same_view(out, tensor):
+            tensors += (out,)
+        nbytes = tensor.numel() * tensor.element_size()
+        return self._takes_custom(tensors, self._norm_names, "all_reduce", nbytes)
+
+    def should_custom_scatter_gather(self, output, input):
+        """Whether ``reduce_scatter_tensor(output, input)`` or
+        ``all_gather_into_tensor(output, input)`` goes through linkreduce:
+        as ``should_custom_ar``, for both tensors, with ``max_size`` and the
+        path (``scatter_gather_algorithm_for``) going by the larger one."""
+        nbytes = max(output.numel(), input.numel()) * input.element_size()
+        return self._takes_custom((output, input), self._names, "scatter_gather", nbytes)
+
+    def _takes_custom(self, tensors, dtypes, kind, nbytes):
         return (
             self._comm is not None
-            and tensor.dtype in self._names
-            and tensor.device == self.device
-            and tensor.is_contiguous()
+            and all(
+                t.dtype in dtypes and t.device == self.device and t.is_contiguous()
+                for t in tensors
+            )
             and nbytes <= self.max_size
-            and not (self.group is not None and self._takes_nccl(nbytes))
+            and not (self.group is not None and self._takes_nccl(kind, nbytes))
         )
 
-    def _takes_nccl(self, nbytes):
+    def _takes_nccl(self, kind, nbytes):
         """Whether a call of ``nbytes`` would take linkreduce's NCCL path
-        (the same on every rank; remembered per size). A forced algorithm
-        takes the kernels, unless they cannot serve the group at all."""
+        (the same on every rank; remembered per size): ``kind`` is
+        "all_reduce" (the fused norm follows the all-reduce's path) or
+        "scatter_gather". A forced algorithm takes the kernels, unless they
+        cannot serve the group at all."""
         if self.algorithm != "auto":
             if self._nccl_only is None:
                 self._nccl_only = self._comm.nccl_only()
             return self._nccl_only
-        known = self._nccl_sizes.get(nbytes)
+        known = self._nccl_sizes.get((kind, nbytes))
         if known is None:
-            known = self._nccl_sizes[nbytes] = self._comm.algorithm_for(nbytes) == "nccl"
+            path_of = (
+                self._comm.algorithm_for
+                if kind == "all_reduce"
+                else self._comm.scatter_gather_algorithm_for
+            )
+            known = self._nccl_sizes[(kind, nbytes)] = path_of(nbytes) == "nccl"
         return known
 
     def all_reduce(self, tensor, out=None):
@@ -255,45 +329,48 @@ class CustomAllreduce:
             out.shape != tensor.shape or out.dtype != tensor.dtype or out.device != tensor.device
         ):
             raise ValueError(
-                f"out ({out.dtype}, {tuple(out.shape)}, {out.device}) must match the input "
-                f"({tensor.dtype}, {tuple(tensor.shape)}, {tensor.device})"
+                f"out ({_describe(out)}) must match the input ({_describe(tensor)})"
             )
         if self.should_custom_ar(tensor) and (out is None or out.is_contiguous()):
             if out is None:
                 out = self._torch.empty_like(tensor, memory_format=self._torch.contiguous_format)
-            self._custom(tensor, out)
+            self._comm.all_reduce(
+                self._names[tensor.dtype],
+                tensor.data_ptr(),
+                out.data_ptr(),
+                tensor.numel(),
+                stream=self._stream("all_reduce"),
+                algorithm=self.algorithm,
+            )
             return out
         return self._fallback(tensor, out)
 
-    def _custom(self, tensor, out):
+    def _stream(self, method):
+        """The handle of ``torch.cuda.current_stream()``, for a call of
+        ``method``; refuses a capture outside ``capture()``, whose graph
+        would replay with peers' buffers never registered."""
         torch = self._torch
         if not self._capturing and torch.cuda.is_current_stream_capturing():
             raise _error(
-                "CustomAllreduce.all_reduce is being captured into a CUDA graph outside "
+                f"CustomAllreduce.{method} is being captured into a CUDA graph outside "
                 "CustomAllreduce.capture(); capture inside `with ca.capture():` so that the "
                 "graph's buffers are registered when the capture ends",
                 "InvalidConfig",
             )
-        stream = torch.cuda.current_stream(self.device).cuda_stream
-        self._comm.all_reduce(
-            self._names[tensor.dtype],
-            tensor.data_ptr(),
-            out.data_ptr(),
-            tensor.numel(),
-            stream=stream,
-            algorithm=self.algorithm,
-        )
+        return torch.cuda.current_stream(self.device).cuda_stream
+
+    def _need_group(self, tensor):
+        if self.group is None:
+            raise _error(
+                f"this call ({_describe(tensor)}, contiguous: {tensor.is_contiguous()}) cannot "
+                "take linkreduce's path and there is no torch.distributed group to fall back "
+                "to; initialize torch.distributed or pass a group",
+                "InvalidConfig",
+            )
 
     def _fallback(self, tensor, out):
         dist = self._torch.distributed
-        if self.group is None:
-            raise _error(
-                f"this tensor ({tensor.dtype}, {tensor.numel()} elements on {tensor.device}, "
-                f"contiguous: {tensor.is_contiguous()}) cannot take linkreduce's path and there "
-                "is no torch.distributed group to fall back to; initialize torch.distributed "
-                "or pass a group",
-                "InvalidConfig",
-            )
+        self._need_group(tensor)
         if out is tensor and tensor.is_contiguous():
             dist.all_reduce(tensor, group=self.group)
             return tensor
@@ -303,6 +380,198 @@ class CustomAllreduce:
             return reduced
         out.copy_(reduced)
         return out
+
+    def all_reduce_add_rms_norm(self, tensor, residual, weight, eps, out=None):
+        """The all-reduce fused with a residual add and RMSNorm over the
+        last dimension: ``residual += all_reduce(tensor)`` in place, then
+        ``out = residual / sqrt(mean(residual**2, -1) + eps) * weight``.
+        Returns ``out`` (a new tensor when None; ``out=tensor`` writes the
+        result over the input, as vLLM's ``fused_add_rms_norm`` does).
+
+        ``tensor``, ``residual`` and ``out``: one shape ``[..., hidden]``,
+        dtype and device; ``weight``: ``[hidden]`` of that dtype; ``eps``:
+        a finite, non-negative float. Tensors ``should_custom_norm`` takes
+        (f16 or bf16, contiguous, at most ``max_size`` bytes) run
+        linkreduce's kernels: one fused kernel where the all-reduce's path
+        is one-stage, the all-reduce and a norm kernel on the others, which
+        round alike (docs/fused.md), so every rank and path gets the same
+        bits. Other calls (f32, non-contiguous tensors, larger messages,
+        sizes or groups linkreduce leaves to NCCL) run
+        ``torch.distributed.all_reduce`` and then the same arithmetic in
+        torch, which is not bit-identical to the kernels: the residual add
+        rounds alike, but torch sums the squares in another order and uses
+        its own rsqrt, so ``out`` may differ in the last bit. Enqueued and
+        collective as ``all_reduce`` (graphs included, inside ``capture()``).
+        """
+        self._check_norm(tensor, residual, weight, eps, out)
+        eps = float(eps)
+        if not self.should_custom_norm(tensor, residual, weight, out):
+            return self._fallback_norm(tensor, residual, weight, eps, out)
+        torch = self._torch
+        # The kernels never write over the input they read (peers read it
+        # too): a result meant for the input goes through a temporary.
+        over_input = out is not None and _same_view(out, tensor)
+        target = out
+        if out is None or over_input:
+            target = torch.empty_like(tensor, memory_format=torch.contiguous_format)
+        self._comm.all_reduce_add_rms_norm(
+            self._norm_names[tensor.dtype],
+            tensor.data_ptr(),
+            residual.data_ptr(),
+            target.data_ptr(),
+            tensor.numel(),
+            weight.data_ptr(),
+            weight.numel(),
+            eps,
+            stream=self._stream("all_reduce_add_rms_norm"),
+            algorithm=self.algorithm,
+        )
+        if over_input:
+            return out.copy_(target)
+        return target
+
+    def _check_norm(self, tensor, residual, weight, eps, out):
+        """What neither path of the fused norm takes: ValueError before any
+        work, the same on both."""
+        torch = self._torch
+        if not tensor.is_floating_point():
+            raise ValueError(f"RMSNorm needs floating-point tensors, not {tensor.dtype}")
+        if tensor.dim() == 0 or tensor.shape[-1] == 0:
+            raise ValueError(
+                f"the input ({_describe(tensor)}) must be [..., hidden] with hidden > 0: RMSNorm "
+                "normalises the last dimension"
+            )
+        for name, other in (("residual", residual), ("out", out)):
+            if other is not None and (
+                other.shape != tensor.shape
+                or other.dtype != tensor.dtype
+                or other.device != tensor.device
+            ):
+                raise ValueError(f"{name} ({_describe(other)}) must match the input "
+                                 f"({_describe(tensor)})")
+        hidden = tensor.shape[-1]
+        if (
+            tuple(weight.shape) != (hidden,)
+            or weight.dtype != tensor.dtype
+            or weight.device != tensor.device
+        ):
+            raise ValueError(
+                f"weight ({_describe(weight)}) must be [{hidden}] (the input's last dimension), "
+                f"of the input's dtype, on its device"
+            )
+        eps = float(eps)
+        if not (math.isfinite(eps) and 0 <= eps <= torch.finfo(torch.float32).max):
+            raise ValueError(f"eps is {eps}; RMSNorm needs a finite, non-negative eps (an f32)")
+        pairs = [("residual", residual, "input", tensor), ("residual", residual, "weight", weight)]
+        if out is not None:
+            pairs += [("out", out, "residual", residual), ("out", out, "weight", weight)]
+            if not _same_view(out, tensor):
+                pairs.append(("out", out, "input", tensor))
+        for first, a, second, b in pairs:
+            if _overlap(a, b):
+                raise ValueError(
+                    f"the {first} and the {second} overlap; they must be separate tensors (out "
+                    "may be the input itself)"
+                )
+
+    def _fallback_norm(self, tensor, residual, weight, eps, out):
+        torch = self._torch
+        residual.add_(self._fallback(tensor, None))
+        # Statistics in f32 (or wider), one rounding at the end, as the
+        # kernels do; not their summation order (see the docstring).
+        wide = residual.to(torch.promote_types(residual.dtype, torch.float32))
+        inv_rms = torch.rsqrt(wide.square().mean(dim=-1, keepdim=True) + eps)
+        normed = (wide * inv_rms * weight.to(wide.dtype)).to(tensor.dtype)
+        if out is None:
+            return normed
+        return out.copy_(normed)
+
+    def reduce_scatter_tensor(self, output, input):
+        """Like ``torch.distributed.reduce_scatter_tensor(output, input)``
+        (sum) on the group: ``input`` holds world_size x ``output.numel()``
+        elements, in memory order (``[world_size * n, ...]`` or
+        ``[world_size, n, ...]``), and rank r's ``output`` receives the sum
+        over ranks of block r of every rank's input. In place in NCCL's
+        layout: ``output`` is this rank's block of ``input``
+        (``input.chunk(world_size)[rank]`` of a contiguous input). Returns
+        ``output``.
+
+        linkreduce's kernels take f32, f16 and bf16 tensors that
+        ``should_custom_scatter_gather`` takes; they sum in rank order in
+        f32 and round once, as the all-reduce does (on two ranks the same
+        bits as NCCL). Other calls go through torch.distributed. Enqueued
+        and collective as ``all_reduce`` (graphs included).
+        """
+        return self._scatter_gather("reduce_scatter_tensor", output, input)
+
+    def all_gather_into_tensor(self, output, input):
+        """Like ``torch.distributed.all_gather_into_tensor(output, input)``
+        on the group: ``output`` holds world_size x ``input.numel()``
+        elements, and block r of it receives rank r's ``input``, bit for
+        bit. In place in NCCL's layout: ``input`` is this rank's block of
+        ``output``. Returns ``output``; otherwise as
+        ``reduce_scatter_tensor``.
+        """
+        return self._scatter_gather("all_gather_into_tensor", output, input)
+
+    def _scatter_gather(self, method, output, input):
+        """``method`` (torch.distributed's name) on linkreduce's kernels or
+        through torch.distributed."""
+        reduce = method == "reduce_scatter_tensor"
+        larger, smaller = (input, output) if reduce else (output, input)
+        if output.dtype != input.dtype or output.device != input.device:
+            raise ValueError(f"{method}: output ({_describe(output)}) and input "
+                             f"({_describe(input)}) must have one dtype and device")
+        if larger.numel() != smaller.numel() * self.world_size:
+            raise ValueError(
+                f"{method}: the {'input' if reduce else 'output'} has {larger.numel()} elements; "
+                f"it must hold world_size ({self.world_size}) x the "
+                f"{'output' if reduce else 'input'}'s {smaller.numel()}"
+            )
+        if _overlap(larger, smaller) and not self._own_block(smaller, larger):
+            raise ValueError(
+                f"{method}: output and input overlap; they must be separate, or in NCCL's "
+                f"in-place layout ({'output' if reduce else 'input'} = this rank's block of "
+                f"the {'input' if reduce else 'output'}, both contiguous)"
+            )
+        if not self.should_custom_scatter_gather(output, input):
+            return self._fallback_scatter_gather(method, output, input)
+        call = self._comm.reduce_scatter if reduce else self._comm.all_gather
+        call(
+            self._names[input.dtype],
+            input.data_ptr(),
+            output.data_ptr(),
+            smaller.numel(),
+            stream=self._stream(method),
+            algorithm=self.algorithm,
+        )
+        return output
+
+    def _own_block(self, smaller, larger):
+        """Whether ``smaller`` is this rank's block of ``larger``: NCCL's
+        in-place layout."""
+        offset = self.rank * smaller.numel() * smaller.element_size()
+        return (
+            smaller.is_contiguous()
+            and larger.is_contiguous()
+            and smaller.data_ptr() == larger.data_ptr() + offset
+        )
+
+    def _fallback_scatter_gather(self, method, output, input):
+        """torch.distributed's ``method`` on flat views, so that it takes
+        the shapes the kernels take (any, by element count) on every
+        backend (gloo, unlike NCCL, compares shapes)."""
+        torch = self._torch
+        self._need_group(input)
+        source = input.reshape(-1)
+        if output.is_contiguous():
+            target = output.view(-1)
+        else:
+            target = torch.empty(output.numel(), dtype=output.dtype, device=output.device)
+        getattr(torch.distributed, method)(target, source, group=self.group)
+        if not output.is_contiguous():
+            output.copy_(target.view(output.shape))
+        return output
 
     @contextlib.contextmanager
     def capture(self):

@@ -16,7 +16,14 @@ import time
 import unittest
 
 import linkreduce
-from linkreduce import Communicator, LinkreduceError, validate_all_reduce
+from linkreduce import (
+    Communicator,
+    LinkreduceError,
+    validate_all_gather,
+    validate_all_reduce,
+    validate_all_reduce_add_rms_norm,
+    validate_reduce_scatter,
+)
 
 HAVE_TORCH = importlib.util.find_spec("torch") is not None
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
@@ -85,6 +92,17 @@ class Import(unittest.TestCase):
     def test_a_communicator_is_built_only_by_its_constructors(self):
         with self.assertRaises(TypeError):
             Communicator()
+
+    def test_both_layers_have_every_collective(self):
+        import linkreduce.torch as lt
+
+        for name in ("all_reduce", "all_reduce_add_rms_norm", "reduce_scatter", "all_gather",
+                     "scatter_gather_algorithm_for", "scatter_gather_path_for"):
+            self.assertTrue(callable(getattr(Communicator, name, None)), name)
+        for name in ("all_reduce", "all_reduce_add_rms_norm", "reduce_scatter_tensor",
+                     "all_gather_into_tensor", "should_custom_norm",
+                     "should_custom_scatter_gather"):
+            self.assertTrue(callable(getattr(lt.CustomAllreduce, name, None)), name)
 
     def test_the_torch_module_imports_and_asks_for_torch_when_used(self):
         import linkreduce.torch as lt
@@ -266,6 +284,90 @@ class Arguments(unittest.TestCase):
             with self.subTest(arguments=arguments):
                 with self.assertRaisesRegex(error, message):
                     validate_all_reduce(*arguments)
+
+
+class FusedNormArguments(unittest.TestCase):
+    """Communicator.all_reduce_add_rms_norm makes these checks first."""
+
+    @staticmethod
+    def call(dtype="bf16", count=8 * 4095, hidden=4095, eps=1e-6, pointers=(4096, 8192, 12288),
+             weight=16384, algorithm="auto"):
+        input_ptr, residual_ptr, out_ptr = pointers
+        return validate_all_reduce_add_rms_norm(dtype, input_ptr, residual_ptr, out_ptr, count,
+                                                weight, hidden, eps, algorithm)
+
+    def test_a_valid_call_returns_the_inputs_size_in_bytes(self):
+        self.assertEqual(self.call(), 8 * 4095 * 2)
+        self.assertEqual(self.call(dtype="float16", count=6, hidden=3, algorithm="two-stage"), 12)
+        self.assertEqual(self.call(eps=0), 8 * 4095 * 2)
+        # No rows: nothing is read or written, so null addresses are fine.
+        self.assertEqual(self.call(count=0, pointers=(0, 0, 0), weight=0), 0)
+
+    def test_bad_arguments_say_what_is_accepted(self):
+        cases = [
+            (dict(dtype="f32"), ValueError, "takes f16 and bf16 activations, not f32"),
+            (dict(dtype="int8"), ValueError, 'unknown dtype "int8"'),
+            (dict(count=10, hidden=4), ValueError, "count 10 is not a whole number of rows of "
+                                                   "hidden = 4"),
+            (dict(hidden=0), ValueError, "hidden > 0"),
+            (dict(hidden=-1), ValueError, "hidden must be a non-negative int"),
+            (dict(count=1.5), TypeError, "count must be an int"),
+            (dict(eps=-1e-6), ValueError, "finite, non-negative eps"),
+            (dict(eps=float("nan")), ValueError, "finite, non-negative eps"),
+            (dict(eps=1e39), ValueError, "finite, non-negative eps \\(as an f32\\)"),
+            (dict(eps="1e-6"), TypeError, "eps must be a float, got str"),
+            (dict(pointers=(4096, 0, 8192)), ValueError, "residual_ptr is 0 \\(a null pointer\\)"),
+            (dict(pointers=(4096, 8192, 0)), ValueError, "out_ptr is 0"),
+            (dict(weight=0), ValueError, "weight_ptr is 0"),
+            (dict(weight=2**64 - 16), ValueError, "weight_ptr .* runs past the end"),
+            (dict(pointers=(-1, 16, 32)), ValueError, "input_ptr must be a non-negative int"),
+            (dict(algorithm="fastest"), ValueError, "unknown algorithm"),
+        ]
+        for kwargs, error, message in cases:
+            with self.subTest(**{k: repr(v) for k, v in kwargs.items()}):
+                with self.assertRaisesRegex(error, message):
+                    self.call(**kwargs)
+
+
+class ScatterGatherArguments(unittest.TestCase):
+    """Communicator.reduce_scatter and all_gather make these checks first;
+    the larger buffer (the reduce-scatter's send, the all-gather's recv)
+    holds world_size blocks."""
+
+    def test_a_valid_call_returns_the_larger_buffers_size(self):
+        self.assertEqual(validate_reduce_scatter("bf16", 4096, 8192, 7, 4), 56)
+        self.assertEqual(validate_all_gather("float32", 4096, 8192, 7, 2, "nccl"), 56)
+        self.assertEqual(validate_reduce_scatter("f16", 0, 0, 0, 8), 0)
+        # In NCCL's in-place layout the buffers overlap; the library checks
+        # the layout, these checks let it through.
+        self.assertEqual(validate_all_gather("f32", 4096 + 28, 4096, 7, 2), 56)
+
+    def test_bad_arguments_say_what_is_accepted(self):
+        end = 2**64 - 64
+        cases = [
+            (validate_reduce_scatter, ("i32", 16, 32, 1, 2), ValueError, 'unknown dtype "i32"'),
+            (validate_reduce_scatter, ("f32", 16, 32, -1, 2), ValueError,
+             "recv_count must be a non-negative int"),
+            (validate_all_gather, ("f32", 16, 32, 1.0, 2), TypeError, "send_count must be an int"),
+            (validate_reduce_scatter, ("f32", 0, 32, 1, 2), ValueError, "send_ptr is 0"),
+            (validate_all_gather, ("f32", 16, 0, 1, 2), ValueError, "recv_ptr is 0"),
+            # Only the larger buffer holds world_size blocks.
+            (validate_reduce_scatter, ("f32", end, 16, 8, 4), ValueError,
+             "send_ptr .* plus 128 bytes runs past the end"),
+            (validate_all_gather, ("f32", 16, end, 8, 4), ValueError,
+             "recv_ptr .* plus 128 bytes runs past the end"),
+            (validate_all_gather, ("f16", 16, 32, 2**62, 8), ValueError,
+             "recv holds 8 x send_count .* more bytes than the address space holds"),
+            (validate_reduce_scatter, ("f32", 16, 32, 1, 0), ValueError,
+             "world_size must be at least 1"),
+            (validate_all_gather, ("f32", 16, 32, 1, 2, "fastest"), ValueError,
+             "unknown algorithm"),
+        ]
+        for function, arguments, error, message in cases:
+            with self.subTest(function=function.__name__, arguments=arguments):
+                with self.assertRaisesRegex(error, message):
+                    function(*arguments)
+        self.assertEqual(validate_reduce_scatter("f32", 16, end, 8, 4), 128)
 
 
 class Bench(unittest.TestCase):

@@ -1,103 +1,123 @@
 //! Python arguments into Rust types. Every check that needs no GPU happens
 //! here, before a call reaches the library, and raises `ValueError` (a bad
 //! value) or `TypeError` (not an int) with what was wrong and what is
-//! accepted.
+//! accepted. This module takes the values out of Python objects; `checks`
+//! judges them.
 
-use std::time::Duration;
-
-use linkreduce::{Algorithm, AlgorithmChoice, CallOptions, Config, DType};
+use linkreduce::{CallOptions, Config, ScatterGather};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyInt;
 
-/// An all-reduce call, checked.
-#[derive(Debug, Clone, Copy)]
-pub struct Call {
-    pub dtype: DType,
-    pub input: u64,
-    pub output: u64,
-    pub count: usize,
-    pub bytes: usize,
-    pub options: CallOptions,
-}
+use crate::checks::{self, Call, Invalid, NormCall, ScatterGatherCall};
 
-impl Call {
-    pub fn parse(
-        dtype: &str,
-        input_ptr: &Bound<'_, PyAny>,
-        output_ptr: &Bound<'_, PyAny>,
-        count: &Bound<'_, PyAny>,
-        algorithm: &str,
-        zero_copy: bool,
-    ) -> PyResult<Call> {
-        let dtype = parse_dtype(dtype)?;
-        let algorithm = parse_algorithm(algorithm)?;
-        let count = usize::try_from(non_negative(count, "count", "an element count")?)
-            .map_err(|_| PyValueError::new_err("count does not fit this machine's usize"))?;
-        let input = non_negative(input_ptr, "input_ptr", "a device address")?;
-        let output = non_negative(output_ptr, "output_ptr", "a device address")?;
-        let bytes = count.checked_mul(dtype.size()).ok_or_else(|| {
-            PyValueError::new_err(format!(
-                "count {count} of {dtype} is more bytes than the address space holds"
-            ))
-        })?;
-        for (name, ptr) in [("input_ptr", input), ("output_ptr", output)] {
-            if count > 0 && ptr == 0 {
-                return Err(PyValueError::new_err(format!(
-                    "{name} is 0 (a null pointer) for {count} elements; pass the device address \
-                     of the buffer (tensor.data_ptr())"
-                )));
-            }
-            if ptr.checked_add(bytes as u64).is_none() {
-                return Err(PyValueError::new_err(format!(
-                    "{name} {ptr:#x} plus {bytes} bytes runs past the end of the address space"
-                )));
-            }
-        }
-        Ok(Call {
-            dtype,
-            input,
-            output,
-            count,
-            bytes,
-            options: CallOptions {
-                algorithm,
-                zero_copy,
-            },
-        })
+impl From<Invalid> for PyErr {
+    fn from(invalid: Invalid) -> PyErr {
+        PyValueError::new_err(invalid.0)
     }
 }
 
-/// The library's names (`f32`, `f16`, `bf16`) and the usual long ones.
-pub fn parse_dtype(text: &str) -> PyResult<DType> {
-    let lower = text.trim().to_ascii_lowercase();
-    let name = match lower.as_str() {
-        "float32" | "float" => "f32",
-        "float16" | "half" => "f16",
-        "bfloat16" => "bf16",
-        other => other,
+/// The options every collective takes.
+fn options(algorithm: &str, zero_copy: bool) -> PyResult<CallOptions> {
+    Ok(CallOptions {
+        algorithm: checks::algorithm(algorithm)?,
+        zero_copy,
+    })
+}
+
+fn address(value: &Bound<'_, PyAny>, name: &str) -> PyResult<u64> {
+    non_negative(value, name, "a device address")
+}
+
+fn element_count(value: &Bound<'_, PyAny>, name: &str) -> PyResult<usize> {
+    Ok(checks::count(
+        non_negative(value, name, "an element count")?,
+        name,
+    )?)
+}
+
+/// An all-reduce's arguments.
+pub fn all_reduce(
+    dtype: &str,
+    input_ptr: &Bound<'_, PyAny>,
+    output_ptr: &Bound<'_, PyAny>,
+    count: &Bound<'_, PyAny>,
+    algorithm: &str,
+    zero_copy: bool,
+) -> PyResult<Call> {
+    let dtype = checks::dtype(dtype)?;
+    let options = options(algorithm, zero_copy)?;
+    let count = element_count(count, "count")?;
+    let input = address(input_ptr, "input_ptr")?;
+    let output = address(output_ptr, "output_ptr")?;
+    Ok(Call::new(dtype, (input, output), count, options)?)
+}
+
+/// A fused all-reduce, residual add and RMSNorm's arguments: the
+/// (input, residual, out) addresses and count, the weight's address and
+/// hidden size, as the library's call takes them.
+pub fn fused_norm(
+    dtype: &str,
+    (input_ptr, residual_ptr, out_ptr): (&Bound<'_, PyAny>, &Bound<'_, PyAny>, &Bound<'_, PyAny>),
+    count: &Bound<'_, PyAny>,
+    (weight_ptr, hidden): (&Bound<'_, PyAny>, &Bound<'_, PyAny>),
+    eps: &Bound<'_, PyAny>,
+    algorithm: &str,
+    zero_copy: bool,
+) -> PyResult<NormCall> {
+    let dtype = checks::dtype(dtype)?;
+    let options = options(algorithm, zero_copy)?;
+    let count = element_count(count, "count")?;
+    let hidden = element_count(hidden, "hidden")?;
+    let buffers = (
+        address(input_ptr, "input_ptr")?,
+        address(residual_ptr, "residual_ptr")?,
+        address(out_ptr, "out_ptr")?,
+    );
+    let weight = (address(weight_ptr, "weight_ptr")?, hidden);
+    let eps = eps.extract::<f64>().map_err(|_| {
+        PyTypeError::new_err(format!("eps must be a float, got {}", type_name(eps)))
+    })?;
+    Ok(NormCall::new(dtype, buffers, count, weight, eps, options)?)
+}
+
+/// A reduce-scatter's or all-gather's arguments on `world_size` ranks;
+/// `count` is one rank's block (the reduce-scatter's `recv_count`, the
+/// all-gather's `send_count`).
+pub fn scatter_gather(
+    op: ScatterGather,
+    dtype: &str,
+    (send_ptr, recv_ptr): (&Bound<'_, PyAny>, &Bound<'_, PyAny>),
+    count: &Bound<'_, PyAny>,
+    world_size: usize,
+    algorithm: &str,
+    zero_copy: bool,
+) -> PyResult<ScatterGatherCall> {
+    let dtype = checks::dtype(dtype)?;
+    let options = options(algorithm, zero_copy)?;
+    let count_name = match op {
+        ScatterGather::ReduceScatter => "recv_count",
+        ScatterGather::AllGather => "send_count",
     };
-    name.parse().map_err(|_| unknown_dtype(text))
+    let count = element_count(count, count_name)?;
+    let buffers = (
+        address(send_ptr, "send_ptr")?,
+        address(recv_ptr, "recv_ptr")?,
+    );
+    Ok(ScatterGatherCall::new(
+        op,
+        dtype,
+        buffers,
+        (count, world_size),
+        options,
+    )?)
 }
 
-fn unknown_dtype(text: &str) -> PyErr {
-    PyValueError::new_err(format!(
-        "unknown dtype {text:?}: linkreduce reduces f32, f16 and bf16 (also written float32, \
-         float16, bfloat16); reduce other types with torch.distributed or NCCL"
-    ))
-}
-
-/// `auto`, `nccl`, or one of the library's algorithm names.
-pub fn parse_algorithm(text: &str) -> PyResult<AlgorithmChoice> {
-    match text.trim().to_ascii_lowercase().as_str() {
-        "auto" => return Ok(AlgorithmChoice::Auto),
-        "nccl" => return Ok(AlgorithmChoice::Nccl),
-        _ => {}
-    }
-    text.trim()
-        .parse::<Algorithm>()
-        .map(AlgorithmChoice::Force)
-        .map_err(|message| PyValueError::new_err(format!("{message} (or auto, nccl)")))
+/// A raw CUstream handle, or None for the communicator's own stream.
+pub fn stream(value: Option<&Bound<'_, PyAny>>) -> PyResult<Option<u64>> {
+    value
+        .map(|s| non_negative(s, "stream", "a CUstream handle"))
+        .transpose()
 }
 
 /// A Python int in `0..=u64::MAX`: an address, a count, a stream handle.
@@ -127,18 +147,6 @@ fn type_name(value: &Bound<'_, PyAny>) -> String {
         .unwrap_or_else(|_| "an object of unknown type".into())
 }
 
-/// A positive, finite number of seconds.
-fn seconds(value: f64, name: &str) -> PyResult<Duration> {
-    if !(value.is_finite() && value > 0.0) {
-        return Err(PyValueError::new_err(format!(
-            "{name} must be a positive number of seconds, got {value}"
-        )));
-    }
-    Duration::try_from_secs_f64(value).map_err(|_| {
-        PyValueError::new_err(format!("{name}={value} is not a usable number of seconds"))
-    })
-}
-
 /// The `Config` a constructor's keyword arguments describe (the library's
 /// defaults for those not given). Every rank must pass the same values;
 /// set-up checks that they do.
@@ -150,10 +158,10 @@ pub fn config(
 ) -> PyResult<Config> {
     let mut config = Config::default();
     if let Some(value) = timeout_s {
-        config.timeout = seconds(value, "timeout_s")?;
+        config.timeout = checks::seconds(value, "timeout_s")?;
     }
     if let Some(value) = rendezvous_timeout_s {
-        config.rendezvous_timeout = seconds(value, "rendezvous_timeout_s")?;
+        config.rendezvous_timeout = checks::seconds(value, "rendezvous_timeout_s")?;
     }
     if let Some(value) = staging_bytes {
         let bytes = non_negative(value, "staging_bytes", "a size in bytes")?;

@@ -9,11 +9,13 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use cudarc::driver::sys::CUstream;
-use linkreduce::{Communicator, Error};
+use cudarc::driver::CudaStream;
+use linkreduce::{Communicator, Error, ScatterGather};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 
-use crate::args::{self, Call};
+use crate::args;
+use crate::checks::ScatterGatherCall;
 use crate::errors::{to_py, Failure};
 use crate::rendezvous::CallableRendezvous;
 
@@ -70,6 +72,79 @@ impl PyCommunicator {
             Some(communicator) => f(communicator).map_err(Failure::Library),
         });
         result.map_err(|failure| self.raise(py, failure))
+    }
+
+    /// Runs `call` on the stream the caller named (its raw handle) or, for
+    /// None, on this communicator's own, detached from the interpreter.
+    fn enqueue<F>(&self, py: Python<'_>, stream: Option<u64>, call: F) -> PyResult<()>
+    where
+        F: FnOnce(&mut Communicator, &Arc<CudaStream>) -> Result<(), Error> + Send,
+    {
+        self.with(py, move |communicator| {
+            let stream = match stream {
+                None => communicator.stream().clone(),
+                // SAFETY: the caller of every method that takes `stream`
+                // vouches that it is a live stream of this device's primary
+                // context (the communicator's context) and stays alive
+                // while the call or a graph captured with it may run
+                // (all_reduce's docstring); 0 is CUDA's legacy default
+                // stream, valid in every context.
+                Some(raw) => unsafe { communicator.borrow_stream(raw as usize as CUstream) },
+            };
+            call(communicator, &stream)
+        })
+    }
+
+    /// A reduce-scatter or all-gather from Python's arguments: checked,
+    /// then enqueued. `count` is one rank's block; `options` the algorithm
+    /// and zero_copy.
+    #[allow(clippy::too_many_arguments)]
+    fn scatter_gather(
+        &self,
+        py: Python<'_>,
+        op: ScatterGather,
+        dtype: &str,
+        buffers: (&Bound<'_, PyAny>, &Bound<'_, PyAny>),
+        count: &Bound<'_, PyAny>,
+        stream: Option<&Bound<'_, PyAny>>,
+        (algorithm, zero_copy): (&str, bool),
+    ) -> PyResult<()> {
+        let call = args::scatter_gather(
+            op,
+            dtype,
+            buffers,
+            count,
+            self.world_size,
+            algorithm,
+            zero_copy,
+        )?;
+        self.enqueue(py, args::stream(stream)?, move |communicator, stream| {
+            let ScatterGatherCall {
+                dtype,
+                send,
+                recv,
+                count,
+                options,
+                ..
+            } = call;
+            // SAFETY: the caller vouches that `send` and `recv` are on this
+            // communicator's device and hold NCCL's lengths for `count`
+            // elements per block (the larger one world size blocks),
+            // readable (send) and writable (recv) until the call has run on
+            // `stream` (reduce_scatter's docstring). ScatterGatherCall::new
+            // checked that neither range wraps around the address space;
+            // the library refuses overlaps other than the in-place layout.
+            unsafe {
+                match op {
+                    ScatterGather::ReduceScatter => {
+                        communicator.reduce_scatter_raw(stream, dtype, send, recv, count, options)
+                    }
+                    ScatterGather::AllGather => {
+                        communicator.all_gather_raw(stream, dtype, send, recv, count, options)
+                    }
+                }
+            }
+        })
     }
 
     fn raise(&self, py: Python<'_>, failure: Failure) -> PyErr {
@@ -233,29 +308,17 @@ impl PyCommunicator {
         algorithm: &str,
         zero_copy: bool,
     ) -> PyResult<()> {
-        let call = Call::parse(dtype, input_ptr, output_ptr, count, algorithm, zero_copy)?;
-        let stream = stream
-            .map(|s| args::non_negative(s, "stream", "a CUstream handle"))
-            .transpose()?;
-        self.with(py, move |communicator| {
-            let stream = match stream {
-                None => communicator.stream().clone(),
-                // SAFETY: the caller vouches that `stream` is a live stream
-                // of this device's primary context (the communicator's
-                // context) and stays alive while this call or a graph
-                // captured with it may run (all_reduce's docstring); 0 is
-                // CUDA's legacy default stream, valid in every context.
-                Some(raw) => unsafe { communicator.borrow_stream(raw as usize as CUstream) },
-            };
+        let call = args::all_reduce(dtype, input_ptr, output_ptr, count, algorithm, zero_copy)?;
+        self.enqueue(py, args::stream(stream)?, move |communicator, stream| {
             // SAFETY: the caller vouches that both addresses are on this
             // communicator's device, readable (input) and writable (output)
             // for `count` elements of `dtype` until the call has run on
             // `stream`, and equal or disjoint (all_reduce's docstring).
-            // Call::parse checked that neither range wraps around the
+            // Call::new checked that neither range wraps around the
             // address space; the library refuses a partial overlap.
             unsafe {
                 communicator.all_reduce_raw(
-                    &stream,
+                    stream,
                     call.dtype,
                     call.input,
                     call.output,
@@ -266,11 +329,161 @@ impl PyCommunicator {
         })
     }
 
+    /// all_reduce_add_rms_norm(dtype, input_ptr, residual_ptr, out_ptr,
+    ///                         count, weight_ptr, hidden, eps, stream=None,
+    ///                         algorithm="auto", zero_copy=False)
+    ///
+    /// The all-reduce fused with a residual add and RMSNorm, per row of
+    /// `hidden` elements (`count` is rows x hidden): sums `input_ptr` over
+    /// all ranks, adds the sum into `residual_ptr` in place, and writes
+    /// `residual / sqrt(mean(residual^2) + eps) * weight` into `out_ptr`,
+    /// with the weight's `hidden` elements at `weight_ptr`. `dtype` is
+    /// "f16" or "bf16", for all four buffers; `eps` a finite, non-negative
+    /// float (used as an f32). Where the all-reduce's path for these bytes
+    /// is one-stage this is one kernel; on the other paths it is the
+    /// all-reduce into `out_ptr`, then a norm kernel. Both round at the same
+    /// points (docs/fused.md), so every rank and path gets the same bits.
+    /// `stream`, `algorithm` and `zero_copy` (for the input) as for
+    /// `all_reduce`; collective like it.
+    ///
+    /// The caller vouches, as for `all_reduce`: every address lies on this
+    /// communicator's device; input and weight are readable, residual and
+    /// output writable, for their elements until the call has run on
+    /// `stream`. Overlapping buffers (other than input with weight) raise
+    /// LinkreduceError (kind "BuffersOverlap"), as does a row longer than
+    /// one launch takes ("RowTooLong"). Argument errors
+    /// (validate_all_reduce_add_rms_norm's checks) raise ValueError or
+    /// TypeError before anything is enqueued.
+    #[pyo3(signature = (dtype, input_ptr, residual_ptr, out_ptr, count, weight_ptr, hidden, eps, stream = None, algorithm = "auto", zero_copy = false))]
+    #[allow(clippy::too_many_arguments)]
+    fn all_reduce_add_rms_norm(
+        &self,
+        py: Python<'_>,
+        dtype: &str,
+        input_ptr: &Bound<'_, PyAny>,
+        residual_ptr: &Bound<'_, PyAny>,
+        out_ptr: &Bound<'_, PyAny>,
+        count: &Bound<'_, PyAny>,
+        weight_ptr: &Bound<'_, PyAny>,
+        hidden: &Bound<'_, PyAny>,
+        eps: &Bound<'_, PyAny>,
+        stream: Option<&Bound<'_, PyAny>>,
+        algorithm: &str,
+        zero_copy: bool,
+    ) -> PyResult<()> {
+        let call = args::fused_norm(
+            dtype,
+            (input_ptr, residual_ptr, out_ptr),
+            count,
+            (weight_ptr, hidden),
+            eps,
+            algorithm,
+            zero_copy,
+        )?;
+        self.enqueue(py, args::stream(stream)?, move |communicator, stream| {
+            // SAFETY: the caller vouches that every address is on this
+            // communicator's device, holding `count` elements (the weight
+            // `hidden`) of `dtype`, readable or writable as the call needs
+            // until it has run on `stream` (all_reduce_add_rms_norm's
+            // docstring). NormCall::new checked that no range wraps around
+            // the address space; the library refuses overlaps.
+            unsafe {
+                communicator.all_reduce_add_rms_norm_raw(
+                    stream,
+                    call.dtype,
+                    (call.input, call.residual, call.out),
+                    call.count,
+                    (call.weight, call.hidden),
+                    call.eps,
+                    call.options,
+                )
+            }
+        })
+    }
+
+    /// reduce_scatter(dtype, send_ptr, recv_ptr, recv_count, stream=None,
+    ///                algorithm="auto", zero_copy=False)
+    ///
+    /// NCCL's reduce-scatter (sum): `send_ptr` holds world_size x
+    /// `recv_count` elements; rank r receives at `recv_ptr` the sum over
+    /// ranks of block r (elements r x recv_count onwards) of every rank's
+    /// send buffer, accumulated in f32 in rank order and rounded once, like
+    /// the all-reduce. In place in NCCL's layout: `recv_ptr` = `send_ptr` +
+    /// rank x recv_count elements. `algorithm`: "auto" (the kernels, or NCCL
+    /// where `scatter_gather_path_for` says so), "nccl", or any kernel
+    /// algorithm's name for the kernels (they have one for this
+    /// collective). `stream`, `zero_copy` and the caller's promises as for
+    /// `all_reduce`; collective like it. Buffers that overlap other than in
+    /// the in-place layout raise LinkreduceError (kind
+    /// "ScatterGatherOverlap"). Argument errors (validate_reduce_scatter's
+    /// checks) raise ValueError or TypeError before anything is enqueued.
+    #[pyo3(signature = (dtype, send_ptr, recv_ptr, recv_count, stream = None, algorithm = "auto", zero_copy = false))]
+    #[allow(clippy::too_many_arguments)]
+    fn reduce_scatter(
+        &self,
+        py: Python<'_>,
+        dtype: &str,
+        send_ptr: &Bound<'_, PyAny>,
+        recv_ptr: &Bound<'_, PyAny>,
+        recv_count: &Bound<'_, PyAny>,
+        stream: Option<&Bound<'_, PyAny>>,
+        algorithm: &str,
+        zero_copy: bool,
+    ) -> PyResult<()> {
+        let op = ScatterGather::ReduceScatter;
+        let options = (algorithm, zero_copy);
+        self.scatter_gather(
+            py,
+            op,
+            dtype,
+            (send_ptr, recv_ptr),
+            recv_count,
+            stream,
+            options,
+        )
+    }
+
+    /// all_gather(dtype, send_ptr, recv_ptr, send_count, stream=None,
+    ///            algorithm="auto", zero_copy=False)
+    ///
+    /// NCCL's all-gather: `recv_ptr` holds world_size x `send_count`
+    /// elements; block r of every rank's receive buffer gets rank r's
+    /// `send_count` elements at `send_ptr`, bit for bit. In place in NCCL's
+    /// layout: `send_ptr` = `recv_ptr` + rank x send_count elements.
+    /// Everything else as for `reduce_scatter` (validate_all_gather's
+    /// checks).
+    #[pyo3(signature = (dtype, send_ptr, recv_ptr, send_count, stream = None, algorithm = "auto", zero_copy = false))]
+    #[allow(clippy::too_many_arguments)]
+    fn all_gather(
+        &self,
+        py: Python<'_>,
+        dtype: &str,
+        send_ptr: &Bound<'_, PyAny>,
+        recv_ptr: &Bound<'_, PyAny>,
+        send_count: &Bound<'_, PyAny>,
+        stream: Option<&Bound<'_, PyAny>>,
+        algorithm: &str,
+        zero_copy: bool,
+    ) -> PyResult<()> {
+        let op = ScatterGather::AllGather;
+        let options = (algorithm, zero_copy);
+        self.scatter_gather(
+            py,
+            op,
+            dtype,
+            (send_ptr, recv_ptr),
+            send_count,
+            stream,
+            options,
+        )
+    }
+
     /// register_graph_buffers() -> int
     ///
-    /// After capturing CUDA graphs with all_reduce calls, and before their
-    /// first replay: shares the input buffers the captured calls read, so
-    /// the replays read them in place. Collective. Returns how many this
+    /// After capturing CUDA graphs with calls of this communicator
+    /// (all_reduce, all_reduce_add_rms_norm, reduce_scatter, all_gather),
+    /// and before their first replay: shares the input buffers the captured
+    /// calls read, so the replays read them in place. Collective. Returns how many this
     /// rank had. A failure here leaves the communicator unusable.
     fn register_graph_buffers(&self, py: Python<'_>) -> PyResult<usize> {
         self.with(py, |communicator| communicator.register_graph_buffers())
@@ -312,6 +525,37 @@ impl PyCommunicator {
         let bytes = message_bytes(nbytes)?;
         self.with(py, move |communicator| {
             Ok(communicator.path_for(bytes).to_string())
+        })
+    }
+
+    /// scatter_gather_algorithm_for(nbytes) -> str
+    ///
+    /// The path an automatic reduce_scatter or all_gather takes whose
+    /// larger buffer (world_size x block) holds `nbytes` bytes: "one-stage"
+    /// (the kernels) or "nccl".
+    fn scatter_gather_algorithm_for(
+        &self,
+        py: Python<'_>,
+        nbytes: &Bound<'_, PyAny>,
+    ) -> PyResult<&'static str> {
+        let bytes = message_bytes(nbytes)?;
+        self.with(py, move |communicator| {
+            Ok(communicator.scatter_gather_path_for(bytes).name())
+        })
+    }
+
+    /// scatter_gather_path_for(nbytes) -> str
+    ///
+    /// Like `scatter_gather_algorithm_for`, with the reason where the call
+    /// takes NCCL.
+    fn scatter_gather_path_for(
+        &self,
+        py: Python<'_>,
+        nbytes: &Bound<'_, PyAny>,
+    ) -> PyResult<String> {
+        let bytes = message_bytes(nbytes)?;
+        self.with(py, move |communicator| {
+            Ok(communicator.scatter_gather_path_for(bytes).to_string())
         })
     }
 

@@ -7,14 +7,16 @@
 //!
 //! - [`communicator`]: the `Communicator` class;
 //! - [`rendezvous`]: a `Rendezvous` over a Python all-gather callable;
-//! - [`args`]: the checks of Python arguments (they raise `ValueError` or
-//!   `TypeError` before anything touches a GPU);
+//! - [`args`]: Python arguments into Rust values (`TypeError` for what is
+//!   not an int), judged by [`checks`] (`ValueError`), before anything
+//!   touches a GPU;
 //! - [`errors`]: `LinkreduceError`, which carries the library's message.
 //!
 //! Nothing a caller passes makes this module panic: arguments are checked
 //! into Rust types first, and the library returns errors, not panics.
 
 mod args;
+mod checks;
 mod communicator;
 mod errors;
 mod rendezvous;
@@ -43,8 +45,82 @@ fn validate_all_reduce(
     count: &Bound<'_, PyAny>,
     algorithm: &str,
 ) -> PyResult<usize> {
-    let call = args::Call::parse(dtype, input_ptr, output_ptr, count, algorithm, false)?;
+    let call = args::all_reduce(dtype, input_ptr, output_ptr, count, algorithm, false)?;
     Ok(call.bytes)
+}
+
+/// validate_all_reduce_add_rms_norm(dtype, input_ptr, residual_ptr, out_ptr,
+///                                  count, weight_ptr, hidden, eps,
+///                                  algorithm="auto") -> int
+///
+/// The argument checks `Communicator.all_reduce_add_rms_norm` makes before
+/// it touches a GPU: those of `validate_all_reduce` for each buffer (the
+/// weight's `hidden` elements read only where there are rows), plus a
+/// dtype other than f16 and bf16, a `count` that is not a whole number of
+/// rows of `hidden` > 0 elements, and an `eps` that is negative or not
+/// finite as an f32. Returns the input's size in bytes (what the path
+/// choice goes by).
+#[pyfunction]
+#[pyo3(signature = (dtype, input_ptr, residual_ptr, out_ptr, count, weight_ptr, hidden, eps, algorithm = "auto"))]
+#[allow(clippy::too_many_arguments)]
+fn validate_all_reduce_add_rms_norm(
+    dtype: &str,
+    input_ptr: &Bound<'_, PyAny>,
+    residual_ptr: &Bound<'_, PyAny>,
+    out_ptr: &Bound<'_, PyAny>,
+    count: &Bound<'_, PyAny>,
+    weight_ptr: &Bound<'_, PyAny>,
+    hidden: &Bound<'_, PyAny>,
+    eps: &Bound<'_, PyAny>,
+    algorithm: &str,
+) -> PyResult<usize> {
+    let buffers = (input_ptr, residual_ptr, out_ptr);
+    let weight = (weight_ptr, hidden);
+    let call = args::fused_norm(dtype, buffers, count, weight, eps, algorithm, false)?;
+    Ok(call.bytes)
+}
+
+/// validate_reduce_scatter(dtype, send_ptr, recv_ptr, recv_count,
+///                         world_size, algorithm="auto") -> int
+///
+/// The argument checks `Communicator.reduce_scatter` makes before it
+/// touches a GPU, for a group of `world_size` ranks: those of
+/// `validate_all_reduce`, with `send_ptr` holding world_size x
+/// `recv_count` elements. Returns the send buffer's size in bytes (what
+/// `scatter_gather_path_for` and `max_size` go by).
+#[pyfunction]
+#[pyo3(signature = (dtype, send_ptr, recv_ptr, recv_count, world_size, algorithm = "auto"))]
+fn validate_reduce_scatter(
+    dtype: &str,
+    send_ptr: &Bound<'_, PyAny>,
+    recv_ptr: &Bound<'_, PyAny>,
+    recv_count: &Bound<'_, PyAny>,
+    world_size: usize,
+    algorithm: &str,
+) -> PyResult<usize> {
+    let op = linkreduce::ScatterGather::ReduceScatter;
+    let buffers = (send_ptr, recv_ptr);
+    Ok(args::scatter_gather(op, dtype, buffers, recv_count, world_size, algorithm, false)?.bytes)
+}
+
+/// validate_all_gather(dtype, send_ptr, recv_ptr, send_count, world_size,
+///                     algorithm="auto") -> int
+///
+/// As `validate_reduce_scatter`, for `Communicator.all_gather`: `recv_ptr`
+/// holds world_size x `send_count` elements. Returns its size in bytes.
+#[pyfunction]
+#[pyo3(signature = (dtype, send_ptr, recv_ptr, send_count, world_size, algorithm = "auto"))]
+fn validate_all_gather(
+    dtype: &str,
+    send_ptr: &Bound<'_, PyAny>,
+    recv_ptr: &Bound<'_, PyAny>,
+    send_count: &Bound<'_, PyAny>,
+    world_size: usize,
+    algorithm: &str,
+) -> PyResult<usize> {
+    let op = linkreduce::ScatterGather::AllGather;
+    let buffers = (send_ptr, recv_ptr);
+    Ok(args::scatter_gather(op, dtype, buffers, send_count, world_size, algorithm, false)?.bytes)
 }
 
 /// _rendezvous_all_gather(rank, world_size, all_gather, data) -> list of bytes
@@ -81,6 +157,9 @@ fn _linkreduce(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<communicator::PyCommunicator>()?;
     m.add_function(wrap_pyfunction!(version, m)?)?;
     m.add_function(wrap_pyfunction!(validate_all_reduce, m)?)?;
+    m.add_function(wrap_pyfunction!(validate_all_reduce_add_rms_norm, m)?)?;
+    m.add_function(wrap_pyfunction!(validate_reduce_scatter, m)?)?;
+    m.add_function(wrap_pyfunction!(validate_all_gather, m)?)?;
     m.add_function(wrap_pyfunction!(_rendezvous_all_gather, m)?)?;
     let dtypes: Vec<&str> = linkreduce::DType::ALL.iter().map(|d| d.name()).collect();
     m.add("DTYPES", pyo3::types::PyTuple::new(py, dtypes)?)?;
