@@ -1,6 +1,7 @@
 """python -m linkreduce.bench: linkreduce beside PyTorch's all-reduces.
 
     torchrun --nproc-per-node 2 -m linkreduce.bench [--sizes 1K:64M] [--dtype bf16]
+    torchrun --nproc-per-node 2 -m linkreduce.bench --op fused-norm|reduce-scatter|all-gather
 
 At every size, in the same run and on the same buffers' values:
 
@@ -20,6 +21,19 @@ NCCL's in the same mode (above 1: faster than NCCL). The in-place ones
 (nccl, symm-two-shot) are checked on their first call; repeated calls sum
 their own outputs, which does not change their speed.
 
+``--op`` times another collective of ``CustomAllreduce`` against its
+torch.distributed counterpart (``linkreduce`` and ``nccl`` only):
+
+- ``fused-norm``: ``all_reduce_add_rms_norm`` on rows of ``--hidden``
+  elements against ``torch.distributed.all_reduce`` followed by the
+  residual add and RMSNorm in torch; checked within an ulp (the fused
+  kernel rounds in its own order, docs/fused.md), on the first call only
+  (the residual keeps growing);
+- ``reduce-scatter`` and ``all-gather``: ``reduce_scatter_tensor`` and
+  ``all_gather_into_tensor`` against torch.distributed's; a size is one
+  rank's block, and bandwidths are NCCL's (algbw = world size x block /
+  time).
+
 Exits with 1 when any result was wrong, 2 when it cannot run.
 """
 
@@ -27,12 +41,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
 
 IMPLEMENTATIONS = ("nccl", "linkreduce", "symm-one-shot", "symm-two-shot")
 DTYPES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
+OPS = ("all-reduce", "fused-norm", "reduce-scatter", "all-gather")
+EPS = 1e-6
 
 
 def parse_size(text):
@@ -69,6 +86,10 @@ def parse_args(argv):
     parser.add_argument("--sizes", type=parse_sizes, default=parse_sizes("1K:64M"),
                         help="message sizes in bytes: lists and LOW:HIGH doubling ranges")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    parser.add_argument("--op", choices=OPS, default="all-reduce",
+                        help="the collective; the symm-* implementations time all-reduce only")
+    parser.add_argument("--hidden", type=int, default=8192,
+                        help="fused-norm: elements per row (a size is rounded to whole rows)")
     parser.add_argument("--implementations", default=",".join(IMPLEMENTATIONS),
                         help=f"comma-separated, of {', '.join(IMPLEMENTATIONS)}")
     parser.add_argument("--modes", default="graph,eager", help="graph, eager or both")
@@ -89,6 +110,14 @@ def parse_args(argv):
         parser.error("--modes takes graph, eager or graph,eager")
     if args.iterations < 1 or args.repetitions < 1:
         parser.error("--iterations and --repetitions must be positive")
+    if args.hidden < 1:
+        parser.error("--hidden must be positive")
+    if args.op == "fused-norm" and args.dtype == "f32":
+        parser.error("fused-norm takes f16 and bf16 (--dtype)")
+    if args.op != "all-reduce":
+        args.implementations = [i for i in args.implementations if not i.startswith("symm-")]
+        if not args.implementations:
+            parser.error(f"--op {args.op} times nccl and linkreduce only")
     return args
 
 
@@ -125,7 +154,10 @@ class Bench:
         from .torch import CustomAllreduce
 
         group = self.dist.new_group(backend="gloo") if self.args.group == "gloo" else None
-        return CustomAllreduce(group=group, device=self.device, max_size=max(self.args.sizes),
+        # A reduce-scatter's or all-gather's size is one rank's block; the
+        # custom path's max_size goes by the larger buffer.
+        return CustomAllreduce(group=group, device=self.device,
+                               max_size=max(self.args.sizes) * self.world_size,
                                algorithm=self.args.algorithm)
 
     def symmetric_buffer(self, count):
@@ -157,6 +189,10 @@ class Bench:
 
     def implementations(self, ca, x, count):
         """The implementations to time at this size, on input `x`."""
+        if self.args.op == "fused-norm":
+            return self.fused_implementations(ca, x)
+        if self.args.op != "all-reduce":
+            return self.scatter_gather_implementations(ca, x, count)
         torch, ops = self.torch, getattr(self.torch.ops, "symm_mem", None)
         result = []
         for name in self.args.implementations:
@@ -186,12 +222,92 @@ class Bench:
                         in_place=True))
         return result
 
+    def norm_state(self, x):
+        """The fused norm's residual (small integers, so its add is exact)
+        and weight (ones), alike on every rank."""
+        torch = self.torch
+        index = torch.arange(x.numel(), device=self.device, dtype=torch.int64).view(x.shape)
+        residual = ((index * 3 + 1) % 5 - 2).to(self.dtype)
+        return residual, torch.ones(x.shape[-1], dtype=self.dtype, device=self.device)
+
+    def torch_norm(self, residual, weight):
+        wide = residual.float()
+        inv_rms = self.torch.rsqrt(wide.square().mean(-1, keepdim=True) + EPS)
+        return (wide * inv_rms * weight.float()).to(self.dtype)
+
+    def fused_implementations(self, ca, x):
+        torch, dist = self.torch, self.dist
+        residual0, weight = self.norm_state(x)
+        result = []
+        for name in self.args.implementations:
+            residual, out = torch.empty_like(x), torch.empty_like(x)
+            if name == "nccl":
+                summed = torch.empty_like(x)
+
+                def reset(s=summed, r=residual):
+                    s.copy_(x)
+                    r.copy_(residual0)
+
+                def run(s=summed, r=residual, o=out):
+                    dist.all_reduce(s)  # in place, as a model's layer would
+                    r.add_(s)
+                    o.copy_(self.torch_norm(r, weight))
+
+                result.append(Implementation(name, reset, run, out, in_place=True))
+            elif name == "linkreduce":
+                result.append(Implementation(
+                    name, lambda r=residual: r.copy_(residual0),
+                    lambda r=residual, o=out: ca.all_reduce_add_rms_norm(x, r, weight, EPS, out=o),
+                    out, capture=ca.capture, in_place=True))
+        return result
+
+    def scatter_gather_implementations(self, ca, x, count):
+        torch = self.torch
+        reduce = self.args.op == "reduce-scatter"
+        out_count = count if reduce else count * self.world_size
+        method = "reduce_scatter_tensor" if reduce else "all_gather_into_tensor"
+        result = []
+        for name in self.args.implementations:
+            out = torch.empty(out_count, dtype=self.dtype, device=self.device)
+            if name == "nccl":
+                call = getattr(self.dist, method)
+                result.append(Implementation(name, lambda: None, lambda o=out: call(o, x), out))
+            elif name == "linkreduce":
+                call = getattr(ca, method)
+                result.append(Implementation(name, lambda: None, lambda o=out: call(o, x), out,
+                                             capture=ca.capture))
+        return result
+
+    def expected(self, x, count):
+        """The op's result on `x` through torch.distributed (NCCL)."""
+        torch, dist, op = self.torch, self.dist, self.args.op
+        if op == "reduce-scatter":
+            result = torch.empty(count, dtype=self.dtype, device=self.device)
+            dist.reduce_scatter_tensor(result, x)
+            return result
+        if op == "all-gather":
+            result = torch.empty(count * self.world_size, dtype=self.dtype, device=self.device)
+            dist.all_gather_into_tensor(result, x)
+            return result
+        result = x.clone()
+        dist.all_reduce(result)
+        if op == "fused-norm":
+            residual, weight = self.norm_state(x)
+            return self.torch_norm(residual + result, weight)
+        return result
+
     # ---- measuring ----------------------------------------------------
 
     def wrong(self, impl, expected):
         """Elements of `impl`'s output that differ from `expected`, on all ranks."""
-        self.torch.cuda.synchronize()
-        count = (impl.output != expected).sum().to(self.torch.int64).reshape(1)
+        torch = self.torch
+        torch.cuda.synchronize()
+        if self.args.op == "fused-norm":  # within an ulp: see the module's docstring
+            difference = (impl.output.float() - expected.float()).abs()
+            bad = difference > torch.finfo(self.dtype).eps * expected.float().abs() + 1e-6
+        else:
+            bad = impl.output != expected
+        count = bad.sum().to(torch.int64).reshape(1)
         self.dist.all_reduce(count)
         return int(count.item())
 
@@ -247,11 +363,16 @@ class Bench:
         torch = self.torch
         element = torch.tensor([], dtype=self.dtype).element_size()
         count = max(1, nbytes // element)
-        index = torch.arange(count, device=self.device, dtype=torch.int64)
+        shape = (count,)
+        if self.args.op == "fused-norm":
+            shape = (max(1, count // self.args.hidden), self.args.hidden)
+            count = shape[0] * shape[1]
+        elif self.args.op == "reduce-scatter":
+            shape = (count * self.world_size,)
+        index = torch.arange(math.prod(shape), device=self.device, dtype=torch.int64)
         # Small integers: every sum over 8 ranks is exact in bf16.
-        x = ((index + self.rank) % 7 - 3).to(self.dtype)
-        expected = x.clone()
-        self.dist.all_reduce(expected)
+        x = ((index + self.rank) % 7 - 3).to(self.dtype).view(shape)
+        expected = self.expected(x, count)
         rows, graphs = [], []
         for impl in self.implementations(ca, x, count):
             impl.reset()
@@ -274,9 +395,16 @@ class Bench:
         return rows
 
     def row(self, nbytes, count, name, mode, time_us, wrong):
-        algbw = count * self.torch.tensor([], dtype=self.dtype).element_size() / time_us / 1e3
-        busbw = algbw * 2 * (self.world_size - 1) / self.world_size
-        return {"bytes": nbytes, "count": count, "dtype": self.args.dtype, "impl": name,
+        """A result; bandwidths as NCCL's tests count them for the op."""
+        moved = count * self.torch.tensor([], dtype=self.dtype).element_size()
+        factor = 2 * (self.world_size - 1) / self.world_size
+        if self.args.op in ("reduce-scatter", "all-gather"):
+            moved *= self.world_size
+            factor /= 2
+        algbw = moved / time_us / 1e3
+        busbw = algbw * factor
+        return {"op": self.args.op, "bytes": nbytes, "count": count, "dtype": self.args.dtype,
+                "impl": name,
                 "mode": mode, "time_us": time_us, "algbw_gbps": algbw, "busbw_gbps": busbw,
                 "wrong": wrong}
 
@@ -337,7 +465,8 @@ def main(argv=None):
         ca = bench.custom_allreduce() if "linkreduce" in args.implementations else None
         if bench.rank == 0:
             names = sorted({torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())})
-            print(f"linkreduce {version()}, torch {torch.__version__}, {bench.world_size} ranks "
+            print(f"{args.op}: linkreduce {version()}, torch {torch.__version__}, "
+                  f"{bench.world_size} ranks "
                   f"on {', '.join(names)}; {args.iterations} calls x {args.repetitions} "
                   f"repetitions, median of the slowest rank")
             if bench.symm_reason:

@@ -393,8 +393,12 @@ class Bench(unittest.TestCase):
         self.assertEqual(parse_sizes("1K:4K,3000,1M"), [1024, 2048, 4096, 3000, 1 << 20])
         args = parse_args(["--implementations", "nccl,linkreduce", "--modes", "graph"])
         self.assertEqual((args.implementations, args.modes), (["nccl", "linkreduce"], ["graph"]))
+        args = parse_args(["--op", "reduce-scatter"])
+        self.assertEqual((args.op, args.implementations), ("reduce-scatter", ["nccl", "linkreduce"]))
         with open(os.devnull, "w") as devnull, contextlib.redirect_stderr(devnull):
-            for bad in (["--sizes", "4K:1K"], ["--implementations", "gloo"], ["--modes", "x"]):
+            for bad in (["--sizes", "4K:1K"], ["--implementations", "gloo"], ["--modes", "x"],
+                        ["--op", "fused-norm", "--dtype", "f32"], ["--hidden", "0"],
+                        ["--op", "all-gather", "--implementations", "symm-one-shot"]):
                 with self.subTest(bad=bad), self.assertRaises(SystemExit):
                     parse_args(bad)
 
