@@ -214,7 +214,7 @@ class CustomAllreduce:
         self._torch = torch
         self._comm = None
         self._capturing = False
-        self._nccl_sizes = {}
+        self._nccl_paths = {}
         self._nccl_only = None
         self.disabled = True
         self.max_size = int(max_size)
@@ -280,8 +280,8 @@ class CustomAllreduce:
     def should_custom_scatter_gather(self, output, input):
         """Whether ``reduce_scatter_tensor(output, input)`` or
         ``all_gather_into_tensor(output, input)`` goes through linkreduce:
-        as ``should_custom_ar``, for both tensors, with ``max_size`` and the
-        path (``scatter_gather_algorithm_for``) going by the larger one."""
+        as ``should_custom_ar``, for both tensors, with ``max_size`` going by
+        the larger one (the path is the same at every size)."""
         nbytes = max(output.numel(), input.numel()) * input.element_size()
         return self._takes_custom((output, input), self._names, "scatter_gather", nbytes)
 
@@ -298,22 +298,23 @@ class CustomAllreduce:
 
     def _takes_nccl(self, kind, nbytes):
         """Whether a call of ``nbytes`` would take linkreduce's NCCL path
-        (the same on every rank; remembered per size): ``kind`` is
-        "all_reduce" (the fused norm follows the all-reduce's path) or
-        "scatter_gather". A forced algorithm takes the kernels, unless they
-        cannot serve the group at all."""
+        (the same on every rank; remembered): ``kind`` is "all_reduce" (the
+        fused norm follows the all-reduce's path, which depends on the
+        size) or "scatter_gather" (one path at every size). A forced
+        algorithm takes the kernels, unless they cannot serve the group at
+        all."""
         if self.algorithm != "auto":
             if self._nccl_only is None:
                 self._nccl_only = self._comm.nccl_only()
             return self._nccl_only
-        known = self._nccl_sizes.get((kind, nbytes))
+        key = (kind, nbytes if kind == "all_reduce" else None)
+        known = self._nccl_paths.get(key)
         if known is None:
-            path_of = (
-                self._comm.algorithm_for
-                if kind == "all_reduce"
-                else self._comm.scatter_gather_algorithm_for
-            )
-            known = self._nccl_sizes[(kind, nbytes)] = path_of(nbytes) == "nccl"
+            if kind == "all_reduce":
+                path = self._comm.algorithm_for(nbytes)
+            else:
+                path = self._comm.scatter_gather_algorithm()
+            known = self._nccl_paths[key] = path == "nccl"
         return known
 
     def all_reduce(self, tensor, out=None):

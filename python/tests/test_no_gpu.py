@@ -97,7 +97,7 @@ class Import(unittest.TestCase):
         import linkreduce.torch as lt
 
         for name in ("all_reduce", "all_reduce_add_rms_norm", "reduce_scatter", "all_gather",
-                     "scatter_gather_algorithm_for", "scatter_gather_path_for"):
+                     "scatter_gather_algorithm", "scatter_gather_path"):
             self.assertTrue(callable(getattr(Communicator, name, None)), name)
         for name in ("all_reduce", "all_reduce_add_rms_norm", "reduce_scatter_tensor",
                      "all_gather_into_tensor", "should_custom_norm",

@@ -12,13 +12,14 @@ Checks, against torch.distributed (NCCL) on the same group:
   two values in f32 and rounds once, as linkreduce does, so results must
   match it bitwise.
 - all_reduce_add_rms_norm (f16, bf16; odd hidden sizes): output and
-  residual bitwise the same on every rank and equal to the unfused
-  sequence (a communicator forced to two-stage runs the all-reduce, then
-  the norm kernel); the residual updated in place (bitwise
-  residual + NCCL's sum on two ranks); the output close to an f32 torch
-  reference (not bitwise: docs/fused.md's summation order is not torch's);
-  views at storage offsets, the output over the input, a graph, and the
-  torch fallback for f32 and non-contiguous tensors.
+  residual bitwise the same on every rank and equal to every forced
+  algorithm's (one-stage, two-stage and push fuse; "nccl" runs NCCL's
+  all-reduce, then the norm kernel: the unfused sequence, compared on two
+  ranks, where NCCL's sum is the kernels'); the residual updated in place
+  (bitwise residual + NCCL's sum on two ranks); the output close to an f32
+  torch reference (not bitwise: docs/fused.md's summation order is not
+  torch's); views at storage offsets, the output over the input, a graph,
+  and the torch fallback for f32 and non-contiguous tensors.
 - reduce_scatter_tensor and all_gather_into_tensor: bitwise equal to
   NCCL's (random data on two ranks, where the sum of two values rounded
   once is NCCL's too; small integers on more, exact in any order) at odd
@@ -207,7 +208,8 @@ def norm_inputs(rows, hidden, dtype, seed, rank):
     return x, shared_input((rows, hidden), dtype, seed + 1), norm_weight(hidden, dtype, seed + 2)
 
 
-def fused_norm(ca, unfused, verdicts, cpu_group):
+def fused_norm(ca, forced, verdicts, cpu_group):
+    """`forced`: communicators forced to each algorithm, by name."""
     rank = dist.get_rank()
     for dtype in NORM_DTYPES:
         for rows, hidden in NORM_SHAPES:
@@ -227,12 +229,15 @@ def fused_norm(ca, unfused, verdicts, cpu_group):
             same_residual = same_on_every_rank(residual, cpu_group)
             verdicts.check(f"{name}: output and residual the same on every rank",
                            same_out and same_residual)
-            unfused_residual = residual0.clone()
-            unfused_out = unfused.all_reduce_add_rms_norm(x, unfused_residual, weight, EPS)
-            torch.cuda.synchronize()
-            verdicts.check(f"{name}: equals the unfused sequence (two-stage, then norm) bitwise",
-                           bitwise_equal(out, unfused_out)
-                           and bitwise_equal(residual, unfused_residual))
+            for algorithm, other in forced.items():
+                if algorithm == "nccl" and dist.get_world_size() > 2:
+                    continue  # NCCL sums more ranks in its own order
+                other_residual = residual0.clone()
+                other_out = other.all_reduce_add_rms_norm(x, other_residual, weight, EPS)
+                torch.cuda.synchronize()
+                verdicts.check(f"{name}: equals {algorithm} bitwise",
+                               bitwise_equal(out, other_out)
+                               and bitwise_equal(residual, other_residual))
 
 
 def fused_views(ca, verdicts):
@@ -507,11 +512,14 @@ def main():
         correctness(ca, verdicts, cpu_group)
         fallbacks(ca, verdicts)
         graphs(ca, verdicts, args.replays)
-        # Forced two-stage, the fused norm runs the all-reduce, then the
-        # norm kernel: the unfused sequence the fused kernel must equal.
-        with CustomAllreduce(dist.group.WORLD, device=local_rank, timeout_s=timeout_s,
-                             algorithm="two-stage") as unfused:
-            fused_norm(ca, unfused, verdicts, cpu_group)
+        # Every kernel algorithm fuses; "nccl" runs NCCL's all-reduce, then
+        # the norm kernel (the unfused sequence). All must give ca's bits.
+        forced = {name: CustomAllreduce(dist.group.WORLD, device=local_rank,
+                                        timeout_s=timeout_s, algorithm=name)
+                  for name in ("one-stage", "two-stage", "push", "nccl")}
+        fused_norm(ca, forced, verdicts, cpu_group)
+        for other in forced.values():
+            other.close()
         fused_views(ca, verdicts)
         fused_graph(ca, verdicts, max(1, args.replays // 10))
         fused_fallbacks(ca, verdicts)

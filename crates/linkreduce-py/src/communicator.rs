@@ -410,7 +410,7 @@ impl PyCommunicator {
     /// send buffer, accumulated in f32 in rank order and rounded once, like
     /// the all-reduce. In place in NCCL's layout: `recv_ptr` = `send_ptr` +
     /// rank x recv_count elements. `algorithm`: "auto" (the kernels, or NCCL
-    /// where `scatter_gather_path_for` says so), "nccl", or any kernel
+    /// where `scatter_gather_path()` says so), "nccl", or any kernel
     /// algorithm's name for the kernels (they have one for this
     /// collective). `stream`, `zero_copy` and the caller's promises as for
     /// `all_reduce`; collective like it. Buffers that overlap other than in
@@ -528,34 +528,24 @@ impl PyCommunicator {
         })
     }
 
-    /// scatter_gather_algorithm_for(nbytes) -> str
+    /// scatter_gather_algorithm() -> str
     ///
-    /// The path an automatic reduce_scatter or all_gather takes whose
-    /// larger buffer (world_size x block) holds `nbytes` bytes: "one-stage"
-    /// (the kernels) or "nccl".
-    fn scatter_gather_algorithm_for(
-        &self,
-        py: Python<'_>,
-        nbytes: &Bound<'_, PyAny>,
-    ) -> PyResult<&'static str> {
-        let bytes = message_bytes(nbytes)?;
-        self.with(py, move |communicator| {
-            Ok(communicator.scatter_gather_path_for(bytes).name())
+    /// The path automatic reduce_scatter and all_gather calls take, at
+    /// every size: "one-stage" (the kernels) or "nccl" (a group the kernels
+    /// cannot serve).
+    fn scatter_gather_algorithm(&self, py: Python<'_>) -> PyResult<&'static str> {
+        self.with(py, |communicator| {
+            Ok(communicator.scatter_gather_path().name())
         })
     }
 
-    /// scatter_gather_path_for(nbytes) -> str
+    /// scatter_gather_path() -> str
     ///
-    /// Like `scatter_gather_algorithm_for`, with the reason where the call
-    /// takes NCCL.
-    fn scatter_gather_path_for(
-        &self,
-        py: Python<'_>,
-        nbytes: &Bound<'_, PyAny>,
-    ) -> PyResult<String> {
-        let bytes = message_bytes(nbytes)?;
-        self.with(py, move |communicator| {
-            Ok(communicator.scatter_gather_path_for(bytes).to_string())
+    /// Like `scatter_gather_algorithm`, with the reason where the calls
+    /// take NCCL.
+    fn scatter_gather_path(&self, py: Python<'_>) -> PyResult<String> {
+        self.with(py, |communicator| {
+            Ok(communicator.scatter_gather_path().to_string())
         })
     }
 

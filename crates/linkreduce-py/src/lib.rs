@@ -87,7 +87,7 @@ fn validate_all_reduce_add_rms_norm(
 /// touches a GPU, for a group of `world_size` ranks: those of
 /// `validate_all_reduce`, with `send_ptr` holding world_size x
 /// `recv_count` elements. Returns the send buffer's size in bytes (what
-/// `scatter_gather_path_for` and `max_size` go by).
+/// CustomAllreduce's `max_size` goes by).
 #[pyfunction]
 #[pyo3(signature = (dtype, send_ptr, recv_ptr, recv_count, world_size, algorithm = "auto"))]
 fn validate_reduce_scatter(
