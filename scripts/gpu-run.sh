@@ -5,8 +5,12 @@
 # processes. Logs go to $OUT (or ./gpu-logs).
 #
 # Usage: bash scripts/gpu-run.sh [info tests check check-processes soak soak-processes
-#          sanitize bench bench-fused bench-processes tune python ...]
-#          (default: all but sanitize, tune and python)
+#          sanitize bench bench-pdl bench-fused bench-processes tune python ...]
+#          (default: all but sanitize, bench-pdl, tune and python)
+# bench-pdl is bench with the all-reduce kernels launched as programmatic
+# dependent launches (bench --pdl), same sizes and BENCH_ARGS, into
+# bench-pdl.json: run `bench bench-pdl` for an A/B in one go. To check or
+# soak with them, add --pdl to CHECK_ARGS, CHECK_PROCESSES_ARGS or SOAK_ARGS.
 # Environment: TEST_TIMEOUT, CHECK_TIMEOUT, BENCH_TIMEOUT, SOAK_TIMEOUT,
 #   SANITIZE_TIMEOUT (seconds per step),
 #   SOAK_CASES (random cases per world size; default 20000), SOAK_WORLDS
@@ -60,6 +64,7 @@ for step in "${steps[@]}"; do
     check) run check "${CHECK_TIMEOUT:-900}" stage/linkreduce check ${CHECK_ARGS:-} ;;
     check-processes) run check-processes "${CHECK_TIMEOUT:-900}" stage/linkreduce check --mode processes ${CHECK_PROCESSES_ARGS:---worlds 2,3,4 --graph-replays 50} ;;
     bench) run bench "${BENCH_TIMEOUT:-900}" stage/linkreduce bench --json "$out/bench.json" --sizes "$sizes" ${BENCH_ARGS:-} ;;
+    bench-pdl) run bench-pdl "${BENCH_TIMEOUT:-900}" stage/linkreduce bench --pdl --json "$out/bench-pdl.json" --sizes "$sizes" ${BENCH_ARGS:-} ;;
     bench-fused) run bench-fused "${BENCH_TIMEOUT:-900}" stage/linkreduce bench --op fused-norm --json "$out/bench-fused.json" ${BENCH_FUSED_ARGS:-} ;;
     bench-processes) run bench-processes "${BENCH_TIMEOUT:-900}" stage/linkreduce bench --mode processes --json "$out/bench-processes.json" --sizes "$sizes" ${BENCH_ARGS:-} ;;
     soak) run soak "${SOAK_TIMEOUT:-900}" stage/linkreduce check --random "${SOAK_CASES:-20000}" --worlds "${SOAK_WORLDS:-2,3,4}" ${SOAK_ARGS:-} ;;

@@ -86,6 +86,12 @@ pub struct Args {
     /// place, registered or not); the first is also replayed in graphs.
     #[arg(long, value_delimiter = ',', default_value = "65539,1,7,4097,1048579")]
     sg_counts: Vec<usize>,
+    /// Launch the all-reduce kernels as programmatic dependent launches
+    /// (Config::programmatic_launch): only worlds with one rank per GPU on
+    /// sm_90 and newer get them; each world says whether it did. Without
+    /// it LINKREDUCE_PDL decides (default off).
+    #[arg(long)]
+    pdl: bool,
 }
 
 /// ROWSxHIDDEN.
@@ -103,18 +109,12 @@ pub fn run(mut args: Args) -> Result<ExitCode> {
     if args.random.is_some() && args.seed.is_none() {
         args.seed = Some(soak_seed());
     }
-    let mut config = Config {
-        timeout: Duration::from_millis(args.timeout_ms.max(1)),
-        ..Config::default()
-    };
-    config.set_staging_bytes(args.staging_bytes);
-    if let Some(blocks) = args.max_blocks {
-        config.max_blocks = blocks;
-    }
+    let config = config_of(&args);
     let mut failed_worlds = Vec::new();
     for &world in &args.worlds {
         let started = Instant::now();
         let passed = on_ranks(args.mode, &gpus, world, config.clone(), |comm| {
+            say_how_kernels_launch(comm);
             match args.random {
                 Some(cases) => soak_world(comm, &args, &gpus, cases),
                 None => check_world(comm, &args),
@@ -148,6 +148,41 @@ pub fn run(mut args: Args) -> Result<ExitCode> {
         }
     }
     Ok(exit_code(failed_worlds.is_empty()))
+}
+
+/// The communicators' configuration the options ask for.
+fn config_of(args: &Args) -> Config {
+    let mut config = Config {
+        timeout: Duration::from_millis(args.timeout_ms.max(1)),
+        ..Config::default()
+    };
+    config.set_staging_bytes(args.staging_bytes);
+    if let Some(blocks) = args.max_blocks {
+        config.max_blocks = blocks;
+    }
+    if args.pdl {
+        config.programmatic_launch = Some(true);
+    }
+    config
+}
+
+/// Rank 0 says whether this world's all-reduce kernels are launched
+/// programmatically, where that was asked for: worlds of ranks sharing a
+/// GPU are not, so a `--pdl` run shows which worlds tested it.
+fn say_how_kernels_launch(comm: &Communicator) {
+    // Set-up refused a bad LINKREDUCE_PDL already.
+    let wanted = comm.config().wants_programmatic_launch().unwrap_or(false);
+    if comm.rank() == 0 && wanted {
+        let how = if comm.programmatic_launch() {
+            "as programmatic dependent launches"
+        } else {
+            "plainly (programmatic launches need sm_90 or newer and one rank per GPU)"
+        };
+        println!(
+            "world {}: all-reduce kernels launched {how}",
+            comm.world_size()
+        );
+    }
 }
 
 /// The seed of a soak run without `--seed`: the one the parent process
@@ -206,12 +241,13 @@ fn soak_world(comm: &mut Communicator, args: &Args, gpus: &[usize], cases: u64) 
     if let Some((case, why)) = &report.failure {
         let devices: Vec<String> = gpus.iter().map(usize::to_string).collect();
         let common = format!(
-            "--seed {} --worlds {world} --devices {} --mode {} --max-len {} --staging-bytes {}",
+            "--seed {} --worlds {world} --devices {} --mode {} --max-len {} --staging-bytes {}{}",
             options.seed,
             devices.join(","),
             args.mode.name(),
             options.max_len,
-            args.staging_bytes
+            args.staging_bytes,
+            if args.pdl { " --pdl" } else { "" }
         );
         println!("MISMATCH world {world} {case}: {why}");
         println!(
@@ -344,7 +380,25 @@ fn check_world(comm: &mut Communicator, args: &Args) -> Result<bool> {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_shape;
+    use super::{config_of, parse_shape, Args};
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Command {
+        #[command(flatten)]
+        args: Args,
+    }
+
+    #[test]
+    fn pdl_asks_for_programmatic_launches_and_its_absence_leaves_the_variable_to_decide() {
+        let config = |line: &[&str]| {
+            let words = std::iter::once("check").chain(line.iter().copied());
+            config_of(&Command::parse_from(words).args)
+        };
+        assert_eq!(config(&["--pdl"]).programmatic_launch, Some(true));
+        assert_eq!(config(&[]).programmatic_launch, None);
+        assert_eq!(config(&["--max-blocks", "4"]).max_blocks, 4);
+    }
 
     #[test]
     fn shapes_parse_as_rows_by_hidden() {

@@ -1,6 +1,7 @@
 //! The CUDA driver calls that cudarc's result layer lacks: CUDA IPC, peer
 //! access, pool access, pointer attributes, host-mapped pointers, 32-bit
-//! memsets, and the device facts `linkreduce info` reports.
+//! memsets, programmatic launches, and the device facts `linkreduce info`
+//! reports.
 //!
 //! Each is a thin wrapper in the manner of `cudarc::driver::result`: it
 //! turns the driver's status into a [`DriverError`] and states its contract
@@ -132,6 +133,51 @@ pub(crate) fn ipc_open_mem_handle(handle: sys::CUipcMemHandle) -> DriverResult<s
 pub(crate) unsafe fn ipc_close_mem_handle(base: sys::CUdeviceptr) -> DriverResult<()> {
     // SAFETY: the caller vouches for `base`.
     unsafe { sys::cuIpcCloseMemHandle(base) }.result()
+}
+
+/// Launches `function` with its one parameter `arg` as a programmatic
+/// dependent launch (`CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION`):
+/// the grid may start before the kernel ahead of it on `stream` has ended,
+/// so the kernel itself waits for that one (`griddepcontrol.wait`) before
+/// it touches anything the other may write. cudarc's launch builder has no
+/// launch attributes, hence this call.
+///
+/// # Safety
+/// `function` must take exactly one parameter, laid out as `T`; the memory
+/// it touches must stay valid until `stream` reaches it; it must wait for
+/// the previous kernel as above; the current context must be `stream`'s.
+pub(crate) unsafe fn launch_programmatic<T>(
+    function: sys::CUfunction,
+    stream: sys::CUstream,
+    (blocks, threads): (u32, u32),
+    arg: &T,
+) -> DriverResult<()> {
+    let mut value = sys::CUlaunchAttributeValue { pad: [0; 64] };
+    value.programmaticStreamSerializationAllowed = 1;
+    let mut attribute = sys::CUlaunchAttribute {
+        id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
+        pad: [0; 4],
+        value,
+    };
+    let config = sys::CUlaunchConfig {
+        gridDimX: blocks,
+        gridDimY: 1,
+        gridDimZ: 1,
+        blockDimX: threads,
+        blockDimY: 1,
+        blockDimZ: 1,
+        sharedMemBytes: 0,
+        hStream: stream,
+        attrs: &mut attribute,
+        numAttrs: 1,
+    };
+    let mut params = [arg as *const T as *mut c_void];
+    // SAFETY: `config`, the attribute it points to and `params` live until
+    // the call returns, and the driver copies the parameter's bytes at
+    // launch, so `arg` need not outlive it; the caller vouches for the
+    // function, its parameter, its memory and the context.
+    unsafe { sys::cuLaunchKernelEx(&config, function, params.as_mut_ptr(), std::ptr::null_mut()) }
+        .result()
 }
 
 /// The CUDA version the driver supports, as 1000 * major + 10 * minor.

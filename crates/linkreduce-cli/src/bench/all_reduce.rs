@@ -286,12 +286,17 @@ fn write_tuning(report: &Report<Row>, path: &std::path::Path) -> Result<()> {
     let winners: Vec<(usize, TunedPath)> = fastest.iter().map(|f| (f.0, f.1)).collect();
     let tuning = linkreduce::Tuning {
         measured_on: format!(
-            "{} x {}, {} ranks as {}, commit {}",
+            "{} x {}, {} ranks as {}, commit {}{}",
             facts.gpus.len(),
             facts.gpus.first().map_or("?", String::as_str),
             facts.world_size,
             facts.mode,
-            facts.commit.as_deref().unwrap_or("unknown")
+            facts.commit.as_deref().unwrap_or("unknown"),
+            if facts.programmatic_launch {
+                ", programmatic launches"
+            } else {
+                ""
+            }
         ),
         entries: linkreduce::Tuning::from_fastest(facts.world_size, &winners),
     };
@@ -345,6 +350,7 @@ mod tests {
             nccl: String::new(),
             world_size: 2,
             max_blocks: Some(1),
+            programmatic_launch: false,
         }
     }
 
@@ -401,6 +407,7 @@ mod tests {
         let json = serde_json::to_value(&report).unwrap();
         assert_eq!(json["op"], "all-reduce");
         assert_eq!(json["world_size"], 2);
+        assert_eq!(json["programmatic_launch"], false);
         assert_eq!(json["gpus"][1], "GPU");
         assert_eq!(json["rows"][0]["implementation"], "auto");
         assert_eq!(json["rows"][0]["mode"], "graph");

@@ -78,6 +78,12 @@ pub struct Args {
     /// results only).
     #[arg(long)]
     tune_out: Option<std::path::PathBuf>,
+    /// Launch the all-reduce kernels as programmatic dependent launches
+    /// (Config::programmatic_launch; sm_90 and newer, one rank per GPU).
+    /// Without it LINKREDUCE_PDL decides (default off). The report says
+    /// whether the ranks did.
+    #[arg(long)]
+    pdl: bool,
 }
 
 /// The operations `bench` times. Another op is a variant here, its
@@ -225,6 +231,9 @@ pub fn run(args: Args) -> Result<ExitCode> {
     if let Some(blocks) = args.max_blocks {
         config.max_blocks = blocks;
     }
+    if args.pdl {
+        config.programmatic_launch = Some(true);
+    }
     let passed = on_ranks(args.mode, &devices, world, config, |comm| match &workload {
         Workload::AllReduce(sweep) => all_reduce::bench_rank(comm, &args, sweep),
         Workload::FusedNorm(shapes) => fused_norm::bench_rank(comm, &args, shapes),
@@ -275,13 +284,28 @@ struct RunFacts {
     world_size: usize,
     /// The largest grid of the kernels; None where every call took NCCL.
     max_blocks: Option<u32>,
+    /// Whether every rank launched its all-reduce kernels as programmatic
+    /// dependent launches (`--pdl` or LINKREDUCE_PDL=1, where allowed).
+    programmatic_launch: bool,
 }
 
 impl RunFacts {
     /// The facts of this run. Collective: the ranks' GPUs are gathered.
     fn gather(comm: &Communicator, mode: RankMode) -> Result<RunFacts> {
-        let identities = gather_strings(comm.rendezvous().as_ref(), &gpu_identity(comm))?;
+        let rendezvous = comm.rendezvous().as_ref();
+        let identities = gather_strings(rendezvous, &gpu_identity(comm))?;
         let (gpus, rank_gpus) = distinct_gpus(&identities);
+        let programmatic = gather_strings(rendezvous, &comm.programmatic_launch().to_string())?;
+        let programmatic_launch = programmatic.iter().all(|p| p == "true");
+        let wanted = comm.config().wants_programmatic_launch().unwrap_or(false);
+        if comm.rank() == 0 && programmatic_launch {
+            println!("all-reduce kernels launched as programmatic dependent launches (PDL)");
+        } else if comm.rank() == 0 && wanted {
+            eprintln!(
+                "linkreduce: programmatic launches were asked for but are off on some rank \
+                 (they need sm_90 or newer, a CUDA 12.3 driver and one rank per GPU)"
+            );
+        }
         Ok(RunFacts {
             command: std::env::args().collect::<Vec<_>>().join(" "),
             commit: std::env::var("LINKREDUCE_COMMIT").ok(),
@@ -294,6 +318,7 @@ impl RunFacts {
                 .unwrap_or_else(|e| e.to_string()),
             world_size: comm.world_size(),
             max_blocks: comm.max_blocks(),
+            programmatic_launch,
         })
     }
 }

@@ -37,6 +37,14 @@ pub struct Config {
     /// half its SMs: docs/design.md, "Ranks sharing a GPU"). Large messages need many blocks to reach
     /// NVLink bandwidth; small ones use few whatever this is.
     pub max_blocks: u32,
+    /// Launch the all-reduce kernels as programmatic dependent launches, so
+    /// that each may start while the kernel before it on the stream ends
+    /// (docs/design.md, "Programmatic dependent launch"). None reads
+    /// `LINKREDUCE_PDL` (0 or 1), off where it is not set. Only on sm_90
+    /// and newer with one rank per GPU; elsewhere ignored
+    /// ([`Communicator::programmatic_launch`](crate::Communicator::programmatic_launch)
+    /// says what a rank does).
+    pub programmatic_launch: Option<bool>,
 }
 
 impl Default for Config {
@@ -50,6 +58,7 @@ impl Default for Config {
             max_records: 65536,
             tuning: None,
             max_blocks: MAX_BLOCKS as u32,
+            programmatic_launch: None,
         }
     }
 }
@@ -63,8 +72,22 @@ impl Config {
         self.push_bytes = self.push_bytes.min(bytes);
     }
 
+    /// The variable [`programmatic_launch`](Self::programmatic_launch)
+    /// falls back on.
+    pub const PDL_VAR: &'static str = "LINKREDUCE_PDL";
+
+    /// Whether the caller asked for programmatic launches: the field where
+    /// set, else `LINKREDUCE_PDL`, else no.
+    pub fn wants_programmatic_launch(&self) -> Result<bool> {
+        match self.programmatic_launch {
+            Some(wanted) => Ok(wanted),
+            None => switch_from_var(Self::PDL_VAR, std::env::var_os(Self::PDL_VAR)),
+        }
+    }
+
     pub(crate) fn validate(&self) -> Result<()> {
         let bad = |what: String| Err(Error::InvalidConfig(what));
+        self.wants_programmatic_launch()?;
         if self.timeout.is_zero() {
             return bad("timeout must be positive".into());
         }
@@ -97,6 +120,20 @@ impl Config {
     }
 }
 
+/// An on/off variable: 1 or 0; unset or empty means off. Anything else is
+/// refused rather than guessed at, so that a typo cannot silently time the
+/// wrong configuration.
+fn switch_from_var(name: &str, value: Option<std::ffi::OsString>) -> Result<bool> {
+    match value.as_ref().map(|v| v.to_str()) {
+        None | Some(Some("" | "0")) => Ok(false),
+        Some(Some("1")) => Ok(true),
+        Some(_) => Err(Error::InvalidConfig(format!(
+            "{name}={:?}: set it to 1 (on) or 0 (off)",
+            value.unwrap_or_default()
+        ))),
+    }
+}
+
 /// The largest push segment: 3 x 8 x this stays far from overflow and
 /// within reason for a buffer every peer maps.
 const MAX_PUSH_BYTES: usize = 64 << 20;
@@ -126,5 +163,39 @@ mod tests {
         assert!(config.validate().is_ok());
         config.set_staging_bytes(64 << 20);
         assert_eq!(config.push_bytes, 64 << 10, "never raised");
+    }
+
+    #[test]
+    fn the_pdl_variable_is_1_or_0_and_off_when_unset() {
+        let var = |value: Option<&str>| switch_from_var("LINKREDUCE_PDL", value.map(Into::into));
+        assert_eq!(var(None).ok(), Some(false));
+        assert_eq!(var(Some("")).ok(), Some(false));
+        assert_eq!(var(Some("0")).ok(), Some(false));
+        assert_eq!(var(Some("1")).ok(), Some(true));
+        for bad in ["yes", "on", "2", " 1", "true"] {
+            let error = var(Some(bad)).map_err(|e| e.to_string());
+            assert_eq!(
+                error,
+                Err(format!(
+                    "invalid configuration: LINKREDUCE_PDL={bad:?}: set it to 1 (on) or 0 (off)"
+                )),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_config_field_overrides_the_variable_and_defaults_to_it() {
+        // The variable is not read where the field decides, so these hold
+        // whatever the environment says.
+        for wanted in [true, false] {
+            let config = Config {
+                programmatic_launch: Some(wanted),
+                ..Config::default()
+            };
+            assert_eq!(config.wants_programmatic_launch().ok(), Some(wanted));
+            assert!(config.validate().is_ok());
+        }
+        assert_eq!(Config::default().programmatic_launch, None);
     }
 }

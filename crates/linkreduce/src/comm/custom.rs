@@ -13,11 +13,12 @@ use sha2::{Digest, Sha256};
 use super::register::Buffers;
 use super::{Config, Gpu};
 use crate::algorithm::Tuning;
+use crate::driver::driver_version;
 use crate::error::{Error, Result};
 use crate::kernels::{
-    load_kernels, load_norm_kernels, load_scatter_gather_kernels, Fault, Kernels, NormKernels,
-    ScatterGatherKernels, MAX_RANKS, PACKET_BYTES, PUSH_EMPTY, PUSH_HEADER, PUSH_SLOTS,
-    SCRATCH_OFFSET, THREADS_PER_BLOCK,
+    load_kernels, load_norm_kernels, load_scatter_gather_kernels, programmatic_launch, Fault,
+    Kernels, NormKernels, ScatterGatherKernels, MAX_RANKS, PACKET_BYTES, PUSH_EMPTY, PUSH_HEADER,
+    PUSH_SLOTS, SCRATCH_OFFSET, THREADS_PER_BLOCK,
 };
 use crate::memory::{gpu_uuid, DeviceMemory, HostMapped};
 use crate::registry::{Registry, STAGING_INDEX};
@@ -35,6 +36,9 @@ pub(super) struct CustomPath {
     pub buffers: Buffers,
     /// Measured choices for automatic calls (the same on every rank).
     pub tuning: Option<Tuning>,
+    /// Whether this rank launches its all-reduce kernels programmatically
+    /// (kernels/launch.rs).
+    pub programmatic: bool,
 }
 
 /// A rank's memory that kernels use besides the caller's buffers.
@@ -146,6 +150,11 @@ impl CustomPath {
                 ),
             });
         }
+        // Where ranks share a GPU, none launches programmatically
+        // (kernels/launch.rs says why).
+        let shares_gpu = peers
+            .iter()
+            .any(|p| peers.iter().filter(|q| q[..2] == p[..2]).count() > 1);
         // Ranks that share a GPU spin on each other, so all their blocks
         // must be resident at once, and the work each queues before its
         // kernel must still find room beside its co-tenants' spinning
@@ -222,6 +231,12 @@ impl CustomPath {
             },
             buffers: Buffers::new(registry, transport),
             tuning: local.tuning,
+            programmatic: programmatic_launch(
+                local.wants_programmatic,
+                local.compute_capability,
+                local.driver,
+                shares_gpu,
+            ),
         };
         // Nobody launches before every signal region is zeroed, every table
         // knows every staging buffer, and every rank is ready.
@@ -255,6 +270,10 @@ struct LocalSetup {
     tuning_digest: u64,
     table: DeviceMemory,
     fault: HostMapped<Fault>,
+    /// What decides programmatic launches besides the group.
+    wants_programmatic: bool,
+    compute_capability: (i32, i32),
+    driver: i32,
 }
 
 impl LocalSetup {
@@ -298,6 +317,10 @@ impl LocalSetup {
         push.fill_words(stream, PUSH_HEADER, PUSH_EMPTY)?;
         let table = DeviceMemory::zeroed(stream, world_size * config.max_records * 8)?;
         let fault = HostMapped::<Fault>::new(ctx)?;
+        let compute_capability = ctx
+            .compute_capability()
+            .map_err(Error::driver("cuDeviceGetAttribute"))?;
+        let driver = driver_version().map_err(Error::driver("cuDriverGetVersion"))?;
         // Peers use the signal region as soon as they learn its address.
         stream
             .synchronize()
@@ -317,6 +340,9 @@ impl LocalSetup {
             tuning_digest,
             table,
             fault,
+            wants_programmatic: config.wants_programmatic_launch()?,
+            compute_capability,
+            driver,
         })
     }
 }

@@ -12,8 +12,6 @@
 //! launches, the grid) depends only on the call's length and dtype and on
 //! settings checked equal at set-up.
 
-use cudarc::driver::{LaunchConfig, PushKernelArg};
-
 use std::sync::Arc;
 
 use cudarc::driver::CudaStream;
@@ -25,7 +23,7 @@ use crate::comm::CallOptions;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::kernels::{
-    source_word, AllReduceArgs, BarrierArgs, PushArgs, PACKET_BYTES, SCRATCH_TAIL_BYTES,
+    launch, source_word, AllReduceArgs, BarrierArgs, PushArgs, PACKET_BYTES, SCRATCH_TAIL_BYTES,
     THREADS_PER_BLOCK,
 };
 use crate::path::CallPath;
@@ -374,21 +372,30 @@ impl Communicator {
             THREADS_PER_BLOCK,
             custom.max_blocks,
         );
-        let barrier = self.barrier_args(custom);
+        let programmatic = custom.programmatic;
+        let barrier = BarrierArgs {
+            programmatic: programmatic.into(),
+            ..self.barrier_args(custom)
+        };
         let function = custom.kernels.get(&(algorithm, dtype)).ok_or_else(|| {
             Error::InvalidConfig(format!("no {algorithm} kernel for {dtype} was loaded"))
         })?;
-        let config = LaunchConfig {
-            grid_dim: (blocks, 1, 1),
-            block_dim: (THREADS_PER_BLOCK, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let mut launch = stream.launch_builder(function);
-        let table_args;
-        let push_args;
+        // What makes both launches below sound: the one-stage and two-stage
+        // kernels take exactly one `AllReduceArgs` by value, the push
+        // kernels one `PushArgs`; which one `input` says (locate_input
+        // gives push inputs by address, the others through the table).
+        // Their pointers are valid: signal regions, push areas and the
+        // table live as long as their communicators (collectively
+        // dropped); every table entry a peer can name holds a buffer
+        // checked shareable when it was shared; a push input holds `count`
+        // elements and fits the push segment (chunks are cut to it); the
+        // output holds `count` elements (the caller's slice, or the bounce
+        // buffer, which holds a whole chunk). Each kernel waits for the
+        // previous one before it reads anything (lr_wait_for_previous_kernel),
+        // and `programmatic` holds only where set-up allowed it.
         match input {
             LaunchInput::Table(source) => {
-                table_args = AllReduceArgs {
+                let args = AllReduceArgs {
                     barrier,
                     table: custom.regions.table.ptr(),
                     source,
@@ -396,10 +403,12 @@ impl Communicator {
                     count: count as u64,
                     capacity: custom.regions.table_capacity as u32,
                 };
-                launch.arg(&table_args);
+                // SAFETY: a one-stage or two-stage kernel with its
+                // `AllReduceArgs` (above).
+                unsafe { launch(stream, function, blocks, &args, programmatic) }
             }
             LaunchInput::Address(input) => {
-                push_args = PushArgs {
+                let args = PushArgs {
                     barrier,
                     push: custom.regions.push_peers,
                     input,
@@ -407,33 +416,35 @@ impl Communicator {
                     count: count as u64,
                     segment_bytes: custom.regions.push_segment as u64,
                 };
-                launch.arg(&push_args);
+                // SAFETY: a push kernel with its `PushArgs` (above).
+                unsafe { launch(stream, function, blocks, &args, programmatic) }
             }
         }
-        // SAFETY: the one-stage and two-stage kernels take exactly one
-        // `AllReduceArgs` by value, the push kernels one `PushArgs`; which
-        // one `input` says (locate_input gives push inputs by address, the
-        // others through the table). Their pointers are valid: signal
-        // regions, push areas and the table live as long as their
-        // communicators (collectively dropped); every table entry a peer
-        // can name holds a buffer checked shareable when it was shared; a
-        // push input holds `count` elements and fits the push segment
-        // (chunks are cut to it); the output holds `count` elements (the
-        // caller's slice, or the bounce buffer, which holds a whole chunk).
-        unsafe { launch.launch(config) }
-            .map(|_| ())
-            .map_err(Error::driver("cuLaunchKernel"))
+    }
+
+    /// Whether this rank launches its all-reduce kernels as programmatic
+    /// dependent launches: asked for ([`Config::programmatic_launch`] or
+    /// `LINKREDUCE_PDL`) and allowed here (sm_90 or newer, a CUDA 12.3
+    /// driver, one rank per GPU). False where every call takes NCCL.
+    ///
+    /// [`Config::programmatic_launch`]: crate::Config::programmatic_launch
+    pub fn programmatic_launch(&self) -> bool {
+        self.custom
+            .as_ref()
+            .is_some_and(|custom| custom.programmatic)
     }
 }
 
 impl Communicator {
-    /// What every kernel that meets peers needs for its barriers.
+    /// What every kernel that meets peers needs for its barriers, for a
+    /// launch that is not programmatic.
     pub(super) fn barrier_args(&self, custom: &CustomPath) -> BarrierArgs {
         BarrierArgs {
             peers: custom.regions.signal_peers,
             fault: custom.regions.fault.device_ptr(),
             timeout_ns: self.config.timeout.as_nanos().min(u64::MAX as u128) as u64,
             rank: self.rank as u32,
+            programmatic: 0,
         }
     }
 }

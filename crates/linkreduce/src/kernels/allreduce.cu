@@ -42,7 +42,7 @@ static __device__ __forceinline__ typename D::Bits lr_reduce_one(const char* con
 // the peer's own block in the reduce-scatter), with its arrival, and turns
 // rank t's source into an address this rank can read: `inputs[t]`, in
 // shared memory, valid for the block once it returns true. No
-// __syncthreads first: nothing precedes it.
+// __syncthreads first: only the wait for the previous kernel precedes it.
 template <int W, typename SourceFor>
 static __device__ __forceinline__ bool lr_start_from(const AllReduceArgs& a, u32 epoch,
                                                      const char** inputs, SourceFor source_for) {
@@ -74,14 +74,16 @@ static __device__ __forceinline__ char* lr_scratch(const AllReduceArgs& a, int r
   return (char*)a.bar.peers.rank[rank] + LR_SCRATCH_OFFSET;
 }
 
-// The frame of a one-stage kernel: the start barrier (sources as in
-// lr_start_from), `body(src)` with every rank's input readable at
-// src[rank], the end barrier. The fused kernels (fused.cu) and the
+// The frame of a one-stage kernel: the wait for the previous kernel
+// (barrier.cu), the start barrier (sources as in lr_start_from),
+// `body(src)` with every rank's input readable at src[rank], the end
+// barrier, before which a programmatic launch lets the next kernel launch. The fused kernels (fused.cu) and the
 // reduce-scatter and all-gather (scatter_gather.cu) put their own body in
 // the same frame.
 template <int W, typename SourceFor, typename Body>
 static __device__ __forceinline__ void lr_one_stage_frame_from(const AllReduceArgs& a,
                                                                SourceFor source_for, Body body) {
+  lr_wait_for_previous_kernel();
   const u32 epoch = a.bar.peers.rank[a.bar.rank]->epoch[blockIdx.x];
   __shared__ const char* inputs[W];
   if (!lr_start_from<W>(a, epoch + 1, inputs, source_for)) return;
@@ -89,6 +91,7 @@ static __device__ __forceinline__ void lr_one_stage_frame_from(const AllReduceAr
 #pragma unroll
   for (int r = 0; r < W; ++r) src[r] = inputs[r];
   body(src);
+  lr_launch_dependents(a.bar);
 
   // Keeps this rank from returning (and its caller from overwriting the
   // input) while peers still read it.
@@ -147,6 +150,7 @@ static __device__ __forceinline__ void lr_one_stage(const AllReduceArgs& a) {
 // publishing barrier.
 template <typename D, int W>
 static __device__ __forceinline__ void lr_two_stage(const AllReduceArgs& a) {
+  lr_wait_for_previous_kernel();
   const u32 epoch = a.bar.peers.rank[a.bar.rank]->epoch[blockIdx.x];
   __shared__ const char* inputs[W];
   if (!lr_start<W>(a, epoch + 1, inputs)) return;
@@ -176,6 +180,8 @@ static __device__ __forceinline__ void lr_two_stage(const AllReduceArgs& a) {
   }
 
   if (!lr_barrier<W, true>(a.bar, epoch + 2, 1)) return;
+  // The last phase: the all-gather and the end barrier.
+  lr_launch_dependents(a.bar);
 
   const Pack* slices[W];
 #pragma unroll

@@ -44,7 +44,49 @@ struct BarrierArgs {
   Fault* fault;
   u64 timeout_ns;
   u32 rank;
+  // 1 where the host launched this kernel as a programmatic dependent
+  // launch (and so launches the next all-reduce alike): the kernel then
+  // lets the next kernel launch before it ends (lr_launch_dependents).
+  u32 programmatic;
 };
+
+// Programmatic dependent launch (docs/design.md, "Programmatic dependent
+// launch"): a kernel launched with it may start while the kernel before it
+// on the stream still runs. griddepcontrol exists from sm_90 on; the host
+// launches programmatically only there, and below it both helpers are
+// empty.
+
+// Returns once the kernel before this one on the stream has completed and
+// its memory operations are performed and visible to this grid: what a
+// kernel boundary promises without programmatic launch. Every kernel that
+// may be launched programmatically calls it first, in every thread, before
+// it reads anything: its epochs, counters, push header, table and inputs
+// may all be the previous kernel's work. A no-op where the launch was not
+// programmatic.
+static __device__ __forceinline__ void lr_wait_for_previous_kernel() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+// Lets the next kernel on the stream, if it was launched programmatically,
+// start launching once every block of this grid has called this or exited.
+// Safe at any point of this kernel: the next kernel may then occupy SMs,
+// but every block of this grid is already resident (the trigger needs them
+// all), and its first act is lr_wait_for_previous_kernel, which returns
+// only after this whole grid has completed and its writes are visible; so
+// it cannot overtake anything this kernel still does with its peers. Where
+// the callers place it only decides how much of the next launch hides
+// behind this kernel's tail: once a block has begun its last phase. Ranks
+// sharing a GPU never launch programmatically (early blocks of one rank's
+// next kernel could keep a co-tenant's blocks from becoming resident while
+// this kernel waits for them). Only launches that asked for it trigger, so
+// without programmatic launch the kernels behave exactly as before.
+static __device__ __forceinline__ void lr_launch_dependents(const BarrierArgs& a) {
+#if __CUDA_ARCH__ >= 900
+  if (a.programmatic) asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
 
 static __device__ __forceinline__ u64 lr_now_ns() {
   u64 t;

@@ -5,6 +5,7 @@
 //! a user needs at run time.
 
 mod compile;
+mod launch;
 mod load;
 mod norm;
 mod scatter_gather;
@@ -15,6 +16,7 @@ use crate::algorithm::Algorithm;
 use crate::dtype::DType;
 
 pub use compile::{compile_cubin, nvrtc_version, Arch};
+pub(crate) use launch::{launch, programmatic_launch};
 pub use load::{kernel_resources, KernelResources};
 pub(crate) use load::{load_check_kernels, load_kernels, CheckKernels, Kernels};
 pub(crate) use norm::{
@@ -252,6 +254,9 @@ pub(crate) struct BarrierArgs {
     pub fault: u64,
     pub timeout_ns: u64,
     pub rank: u32,
+    /// 1 where the kernel is launched programmatically (`launch.rs`), so
+    /// that it lets the next kernel launch early; 0 elsewhere.
+    pub programmatic: u32,
 }
 
 /// Mirrors `AllReduceArgs`: the kernels' only parameter, passed by value.
@@ -307,9 +312,10 @@ mod tests {
             [
                 offset_of!(BarrierArgs, fault),
                 offset_of!(BarrierArgs, timeout_ns),
-                offset_of!(BarrierArgs, rank)
+                offset_of!(BarrierArgs, rank),
+                offset_of!(BarrierArgs, programmatic)
             ],
-            [64, 72, 80]
+            [64, 72, 80, 84]
         );
         assert_eq!(
             [

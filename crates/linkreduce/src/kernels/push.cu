@@ -13,7 +13,9 @@
 // s of a peer at call n only after finishing call n-1, which needed the
 // peer's data of call n-1, which the peer sent after finishing call n-2 and
 // with it the reset of the slot it used then: one slot of margin is needed,
-// three give two.
+// three give two. A programmatic launch (barrier.cu) may start call n's
+// kernel before call n-1's has ended, but it waits for it before touching
+// anything, so "after finishing" still holds.
 //
 // Values equal to the marker are rewritten before they are sent: -0.0
 // becomes +0.0 in f16 and bf16, and the f32 denormal 0x80008000 becomes
@@ -182,6 +184,8 @@ static __device__ __forceinline__ void lr_push_finish(const PushArgs& a, bool ti
 
 template <typename D, int W>
 static __device__ __forceinline__ void lr_push(const PushArgs& a) {
+  // Before the header: the previous call's last block advanced it.
+  lr_wait_for_previous_kernel();
   const int rank = (int)a.bar.rank;
   const u32 slot = lr_push_slot(a.push[rank]);
   const u64 packs = (a.count + D::PER_PACK - 1) / D::PER_PACK;
@@ -191,11 +195,20 @@ static __device__ __forceinline__ void lr_push(const PushArgs& a) {
     const u64 left = a.count - j * D::PER_PACK;
     return left < (u64)D::PER_PACK ? left : (u64)D::PER_PACK;
   };
+  // This rank's packet j as it is sent.
+  const auto mine = [&](u64 j) { return lr_without_empty<D>(lr_load_input<D>(a, j, valid(j))); };
 
-  // Send: this rank's packets into its segment of every peer's slot.
-  for (u64 j = first; j < packs; j += stride) {
-    lr_push_send<W>(a, slot, j, lr_without_empty<D>(lr_load_input<D>(a, j, valid(j))));
+  // Send: this rank's packets into its segment of every peer's slot. The
+  // thread's first packet stays in registers for its sum below, so a
+  // message of at most one packet per thread (every small one) reads its
+  // input once. In place stays safe: each packet is still read before the
+  // same thread writes its sum.
+  Pack kept = {};
+  if (first < packs) {
+    kept = mine(first);
+    lr_push_send<W>(a, slot, first, kept);
   }
+  for (u64 j = first + stride; j < packs; j += stride) lr_push_send<W>(a, slot, j, mine(j));
 
   // Receive: wait for every peer's packet j, sum in rank order, reset.
   bool timed_out = false;
@@ -203,13 +216,14 @@ static __device__ __forceinline__ void lr_push(const PushArgs& a) {
     Pack p[W];
 #pragma unroll
     for (int r = 0; r < W; ++r) {
-      p[r] = r == rank ? lr_without_empty<D>(lr_load_input<D>(a, j, valid(j)))
-                       : lr_push_wait<D, W>(a, slot, j, r, timed_out);
+      p[r] = r != rank ? lr_push_wait<D, W>(a, slot, j, r, timed_out) : j == first ? kept : mine(j);
     }
     if (timed_out) break;
     lr_store_output<D>(a, j, valid(j), lr_reduce<D, W>(p));
     lr_push_reset<W>(a, slot, j);
   }
+  // The last phase: this thread is done waiting for its peers.
+  lr_launch_dependents(a.bar);
   lr_push_finish(a, timed_out);
 }
 

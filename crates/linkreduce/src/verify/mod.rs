@@ -628,7 +628,7 @@ fn check_graph_typed<T: Element>(
 
 /// What `calls` enqueue on `stream`, captured into a graph (not yet
 /// launched; the caller registers its buffers).
-fn capture(stream: &Arc<CudaStream>, calls: impl FnOnce() -> Result<()>) -> Result<CudaGraph> {
+pub fn capture(stream: &Arc<CudaStream>, calls: impl FnOnce() -> Result<()>) -> Result<CudaGraph> {
     stream
         .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
         .map_err(Error::driver("cuStreamBeginCapture"))?;
