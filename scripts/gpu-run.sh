@@ -5,7 +5,8 @@
 # processes. Logs go to $OUT (or ./gpu-logs).
 #
 # Usage: bash scripts/gpu-run.sh [info tests check check-processes soak soak-processes
-#          sanitize bench bench-pdl bench-fused bench-processes tune python ...]
+#          sanitize bench bench-pdl bench-fused bench-fused-forced bench-processes tune
+#          python ...]
 #          (default: all but sanitize, bench-pdl, tune and python)
 # bench-pdl is bench with the all-reduce kernels launched as programmatic
 # dependent launches (bench --pdl), same sizes and BENCH_ARGS, into
@@ -65,6 +66,18 @@ for step in "${steps[@]}"; do
     check-processes) run check-processes "${CHECK_TIMEOUT:-900}" stage/linkreduce check --mode processes ${CHECK_PROCESSES_ARGS:---worlds 2,3,4 --graph-replays 50} ;;
     bench) run bench "${BENCH_TIMEOUT:-900}" stage/linkreduce bench --json "$out/bench.json" --sizes "$sizes" ${BENCH_ARGS:-} ;;
     bench-pdl) run bench-pdl "${BENCH_TIMEOUT:-900}" stage/linkreduce bench --pdl --json "$out/bench-pdl.json" --sizes "$sizes" ${BENCH_ARGS:-} ;;
+    bench-fused-forced)
+      # The fused op with one kernel algorithm at every size, through a
+      # tuning table that both `fused` and `lr+norm` follow: fused against
+      # unfused for each algorithm, also those the automatic choice skips
+      # on this machine.
+      for algorithm in push one-stage two-stage; do
+        table="/tmp/linkreduce-tuning-$algorithm.json"
+        entries=$(for w in 2 3 4 5 6 7 8; do printf '{"world_size":%d,"up_to_bytes":null,"algorithm":"%s"}\n' "$w" "$algorithm"; done | paste -sd, -)
+        echo "{\"measured_on\":\"forced by gpu-run.sh\",\"entries\":[$entries]}" > "$table"
+        run "bench-fused-$algorithm" "${BENCH_TIMEOUT:-900}" env LINKREDUCE_TUNING="$table" \
+          stage/linkreduce bench --op fused-norm --json "$out/bench-fused-$algorithm.json" ${BENCH_FUSED_ARGS:-}
+      done ;;
     bench-fused) run bench-fused "${BENCH_TIMEOUT:-900}" stage/linkreduce bench --op fused-norm --json "$out/bench-fused.json" ${BENCH_FUSED_ARGS:-} ;;
     bench-processes) run bench-processes "${BENCH_TIMEOUT:-900}" stage/linkreduce bench --mode processes --json "$out/bench-processes.json" --sizes "$sizes" ${BENCH_ARGS:-} ;;
     soak) run soak "${SOAK_TIMEOUT:-900}" stage/linkreduce check --random "${SOAK_CASES:-20000}" --worlds "${SOAK_WORLDS:-2,3,4}" ${SOAK_ARGS:-} ;;
