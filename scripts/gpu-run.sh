@@ -5,13 +5,14 @@
 # processes. Logs go to $OUT (or ./gpu-logs).
 #
 # Usage: bash scripts/gpu-run.sh [info tests check check-processes soak soak-processes
-#          sanitize bench bench-pdl bench-fused bench-fused-forced bench-processes tune
-#          python ...]
-#          (default: all but sanitize, bench-pdl, tune and python)
-# bench-pdl is bench with the all-reduce kernels launched as programmatic
-# dependent launches (bench --pdl), same sizes and BENCH_ARGS, into
-# bench-pdl.json: run `bench bench-pdl` for an A/B in one go. To check or
-# soak with them, add --pdl to CHECK_ARGS, CHECK_PROCESSES_ARGS or SOAK_ARGS.
+#          sanitize bench bench-no-pdl bench-fused bench-fused-forced bench-processes
+#          tune python ...]
+#          (default: all but sanitize, bench-no-pdl, tune and python)
+# bench-no-pdl is bench with the all-reduce kernels launched without
+# programmatic dependent launch (bench --pdl off; on is the default where
+# the GPU allows it), same sizes and BENCH_ARGS, into bench-no-pdl.json:
+# run `bench bench-no-pdl` for an A/B in one go. To check or soak without
+# it, add "--pdl off" to CHECK_ARGS, CHECK_PROCESSES_ARGS or SOAK_ARGS.
 # Environment: TEST_TIMEOUT, CHECK_TIMEOUT, BENCH_TIMEOUT, SOAK_TIMEOUT,
 #   SANITIZE_TIMEOUT (seconds per step),
 #   SOAK_CASES (random cases per world size; default 20000), SOAK_WORLDS
@@ -65,7 +66,7 @@ for step in "${steps[@]}"; do
     check) run check "${CHECK_TIMEOUT:-900}" stage/linkreduce check ${CHECK_ARGS:-} ;;
     check-processes) run check-processes "${CHECK_TIMEOUT:-900}" stage/linkreduce check --mode processes ${CHECK_PROCESSES_ARGS:---worlds 2,3,4 --graph-replays 50} ;;
     bench) run bench "${BENCH_TIMEOUT:-900}" stage/linkreduce bench --json "$out/bench.json" --sizes "$sizes" ${BENCH_ARGS:-} ;;
-    bench-pdl) run bench-pdl "${BENCH_TIMEOUT:-900}" stage/linkreduce bench --pdl --json "$out/bench-pdl.json" --sizes "$sizes" ${BENCH_ARGS:-} ;;
+    bench-no-pdl) run bench-no-pdl "${BENCH_TIMEOUT:-900}" stage/linkreduce bench --pdl off --json "$out/bench-no-pdl.json" --sizes "$sizes" ${BENCH_ARGS:-} ;;
     bench-fused-forced)
       # The fused op with one kernel algorithm at every size, through a
       # tuning table that both `fused` and `lr+norm` follow: fused against

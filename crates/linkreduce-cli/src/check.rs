@@ -14,6 +14,7 @@ use linkreduce::verify::{check_case_on_rank, check_graph_on_rank, sweep_cases};
 use linkreduce::{Algorithm, AlgorithmChoice, Communicator, Config, DType, ScatterGather};
 
 use crate::error::Result;
+use crate::pdl::Pdl;
 
 use crate::ranks::{exit_code, is_worker, on_ranks, placement, Mode};
 
@@ -89,9 +90,9 @@ pub struct Args {
     /// Launch the all-reduce kernels as programmatic dependent launches
     /// (Config::programmatic_launch): only worlds with one rank per GPU on
     /// sm_90 and newer get them; each world says whether it did. Without
-    /// it LINKREDUCE_PDL decides (default off).
-    #[arg(long)]
-    pdl: bool,
+    /// it LINKREDUCE_PDL decides (on where unset).
+    #[arg(long, value_enum)]
+    pdl: Option<Pdl>,
 }
 
 /// ROWSxHIDDEN.
@@ -160,15 +161,13 @@ fn config_of(args: &Args) -> Config {
     if let Some(blocks) = args.max_blocks {
         config.max_blocks = blocks;
     }
-    if args.pdl {
-        config.programmatic_launch = Some(true);
-    }
+    Pdl::apply(args.pdl, &mut config);
     config
 }
 
 /// Rank 0 says whether this world's all-reduce kernels are launched
 /// programmatically, where that was asked for: worlds of ranks sharing a
-/// GPU are not, so a `--pdl` run shows which worlds tested it.
+/// GPU are not, so a run shows which worlds tested it.
 fn say_how_kernels_launch(comm: &Communicator) {
     // Set-up refused a bad LINKREDUCE_PDL already.
     let wanted = comm.config().wants_programmatic_launch().unwrap_or(false);
@@ -247,7 +246,7 @@ fn soak_world(comm: &mut Communicator, args: &Args, gpus: &[usize], cases: u64) 
             args.mode.name(),
             options.max_len,
             args.staging_bytes,
-            if args.pdl { " --pdl" } else { "" }
+            Pdl::flag(args.pdl)
         );
         println!("MISMATCH world {world} {case}: {why}");
         println!(
@@ -395,7 +394,8 @@ mod tests {
             let words = std::iter::once("check").chain(line.iter().copied());
             config_of(&Command::parse_from(words).args)
         };
-        assert_eq!(config(&["--pdl"]).programmatic_launch, Some(true));
+        assert_eq!(config(&["--pdl", "on"]).programmatic_launch, Some(true));
+        assert_eq!(config(&["--pdl", "off"]).programmatic_launch, Some(false));
         assert_eq!(config(&[]).programmatic_launch, None);
         assert_eq!(config(&["--max-blocks", "4"]).max_blocks, 4);
     }

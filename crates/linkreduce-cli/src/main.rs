@@ -6,6 +6,7 @@ mod check;
 mod error;
 mod info;
 mod launch;
+mod pdl;
 mod plot;
 mod ranks;
 mod sizes;

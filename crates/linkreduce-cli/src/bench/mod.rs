@@ -80,10 +80,10 @@ pub struct Args {
     tune_out: Option<std::path::PathBuf>,
     /// Launch the all-reduce kernels as programmatic dependent launches
     /// (Config::programmatic_launch; sm_90 and newer, one rank per GPU).
-    /// Without it LINKREDUCE_PDL decides (default off). The report says
+    /// Without it LINKREDUCE_PDL decides (on where unset). The report says
     /// whether the ranks did.
-    #[arg(long)]
-    pdl: bool,
+    #[arg(long, value_enum)]
+    pdl: Option<crate::pdl::Pdl>,
 }
 
 /// The operations `bench` times. Another op is a variant here, its
@@ -231,9 +231,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
     if let Some(blocks) = args.max_blocks {
         config.max_blocks = blocks;
     }
-    if args.pdl {
-        config.programmatic_launch = Some(true);
-    }
+    crate::pdl::Pdl::apply(args.pdl, &mut config);
     let passed = on_ranks(args.mode, &devices, world, config, |comm| match &workload {
         Workload::AllReduce(sweep) => all_reduce::bench_rank(comm, &args, sweep),
         Workload::FusedNorm(shapes) => fused_norm::bench_rank(comm, &args, shapes),
@@ -285,7 +283,8 @@ struct RunFacts {
     /// The largest grid of the kernels; None where every call took NCCL.
     max_blocks: Option<u32>,
     /// Whether every rank launched its all-reduce kernels as programmatic
-    /// dependent launches (`--pdl` or LINKREDUCE_PDL=1, where allowed).
+    /// dependent launches (the default where allowed; `--pdl off` or
+    /// LINKREDUCE_PDL=0 turn them off).
     programmatic_launch: bool,
 }
 

@@ -40,7 +40,7 @@ pub struct Config {
     /// Launch the all-reduce kernels as programmatic dependent launches, so
     /// that each may start while the kernel before it on the stream ends
     /// (docs/design.md, "Programmatic dependent launch"). None reads
-    /// `LINKREDUCE_PDL` (0 or 1), off where it is not set. Only on sm_90
+    /// `LINKREDUCE_PDL` (0 or 1), on where it is not set. Only on sm_90
     /// and newer with one rank per GPU; elsewhere ignored
     /// ([`Communicator::programmatic_launch`](crate::Communicator::programmatic_launch)
     /// says what a rank does).
@@ -77,7 +77,8 @@ impl Config {
     pub const PDL_VAR: &'static str = "LINKREDUCE_PDL";
 
     /// Whether the caller asked for programmatic launches: the field where
-    /// set, else `LINKREDUCE_PDL`, else no.
+    /// set, else `LINKREDUCE_PDL`, else yes (measured faster on 2 x H200:
+    /// docs/design.md, "Programmatic dependent launch").
     pub fn wants_programmatic_launch(&self) -> Result<bool> {
         match self.programmatic_launch {
             Some(wanted) => Ok(wanted),
@@ -120,13 +121,13 @@ impl Config {
     }
 }
 
-/// An on/off variable: 1 or 0; unset or empty means off. Anything else is
+/// An on/off variable: 1 or 0; unset or empty means on. Anything else is
 /// refused rather than guessed at, so that a typo cannot silently time the
 /// wrong configuration.
 fn switch_from_var(name: &str, value: Option<std::ffi::OsString>) -> Result<bool> {
     match value.as_ref().map(|v| v.to_str()) {
-        None | Some(Some("" | "0")) => Ok(false),
-        Some(Some("1")) => Ok(true),
+        Some(Some("0")) => Ok(false),
+        None | Some(Some("" | "1")) => Ok(true),
         Some(_) => Err(Error::InvalidConfig(format!(
             "{name}={:?}: set it to 1 (on) or 0 (off)",
             value.unwrap_or_default()
@@ -166,10 +167,10 @@ mod tests {
     }
 
     #[test]
-    fn the_pdl_variable_is_1_or_0_and_off_when_unset() {
+    fn the_pdl_variable_is_1_or_0_and_on_when_unset() {
         let var = |value: Option<&str>| switch_from_var("LINKREDUCE_PDL", value.map(Into::into));
-        assert_eq!(var(None).ok(), Some(false));
-        assert_eq!(var(Some("")).ok(), Some(false));
+        assert_eq!(var(None).ok(), Some(true));
+        assert_eq!(var(Some("")).ok(), Some(true));
         assert_eq!(var(Some("0")).ok(), Some(false));
         assert_eq!(var(Some("1")).ok(), Some(true));
         for bad in ["yes", "on", "2", " 1", "true"] {
