@@ -113,11 +113,18 @@ pub enum TuningSource {
 
 /// Tables measured on machines we had: (device name as CUDA reports it,
 /// world size, table). Each must parse (a unit test checks).
-const BUILTIN_TABLES: [(&str, usize, &str); 1] = [(
-    "NVIDIA H200",
-    2,
-    include_str!("../tuning/nvidia-h200-2-ranks.json"),
-)];
+const BUILTIN_TABLES: [(&str, usize, &str); 2] = [
+    (
+        "NVIDIA H200",
+        2,
+        include_str!("../tuning/nvidia-h200-2-ranks.json"),
+    ),
+    (
+        "NVIDIA H200",
+        4,
+        include_str!("../tuning/nvidia-h200-4-ranks.json"),
+    ),
+];
 
 /// What a tuning entry names: one of the kernels' algorithms, or NCCL
 /// (past a measured crossover). Written as the algorithm's name or `nccl`,
@@ -197,6 +204,11 @@ impl Tuning {
             .filter(|e| e.world_size == world_size && e.up_to_bytes.is_none_or(|up| bytes <= up))
             .min_by_key(|e| e.up_to_bytes.unwrap_or(usize::MAX))
             .map(|e| e.algorithm)
+    }
+
+    /// Whether some size on `world_size` ranks takes NCCL.
+    pub fn names_nccl(&self, world_size: usize) -> bool {
+        (self.entries.iter()).any(|e| e.world_size == world_size && e.algorithm == TunedPath::Nccl)
     }
 
     /// The table for one world size from the fastest path measured at each
@@ -309,6 +321,17 @@ mod tests {
             h200.pick(2, 65537),
             Some(TunedPath::Custom(Algorithm::OneStage))
         );
+        assert!(!h200.names_nccl(2));
+        let four = Tuning::builtin("NVIDIA H200", 4).expect("shipped");
+        let path = |bytes| four.pick(4, bytes);
+        assert_eq!(
+            path(512 << 10),
+            Some(TunedPath::Custom(Algorithm::OneStage))
+        );
+        assert_eq!(path(1 << 20), Some(TunedPath::Custom(Algorithm::TwoStage)));
+        assert_eq!(path(32 << 20), Some(TunedPath::Custom(Algorithm::TwoStage)));
+        assert_eq!(path((32 << 20) + 1), Some(TunedPath::Nccl));
+        assert!(four.names_nccl(4) && !four.names_nccl(2));
     }
 
     #[test]

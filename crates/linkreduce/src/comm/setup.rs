@@ -51,7 +51,14 @@ impl Communicator {
             rendezvous,
             poisoned: None,
         };
-        if communicator.plan.nccl_only() {
+        // NCCL is connected here where some automatic calls will take it,
+        // so that they work inside CUDA graphs too (NCCL cannot be set up
+        // during a capture); elsewhere on the first call that needs it.
+        let tuned_to_nccl = communicator.plan.shared_gpu.is_none()
+            && communicator
+                .tuning()
+                .is_some_and(|tuning| tuning.names_nccl(world_size));
+        if communicator.plan.nccl_only() || tuned_to_nccl {
             communicator.prepare_nccl()?;
         }
         Ok(communicator)
@@ -99,7 +106,8 @@ impl Communicator {
 impl Communicator {
     /// Sets up the NCCL communicator that calls on the NCCL path use, on
     /// the same ranks (nothing when it exists). Collective. Set-up already
-    /// did it where every call takes NCCL; elsewhere the first call on the
+    /// did it where every call takes NCCL or the tuning table sends some
+    /// sizes to NCCL; elsewhere the first call on the
     /// NCCL path does it, which cannot happen during a CUDA-graph capture:
     /// call this before capturing calls that may take NCCL
     /// ([`path_for`](Self::path_for) says which do).
