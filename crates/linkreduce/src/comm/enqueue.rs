@@ -372,7 +372,11 @@ impl Communicator {
             THREADS_PER_BLOCK,
             custom.max_blocks,
         );
-        let programmatic = custom.programmatic;
+        // Not for a launch with a partial last packet: on 4 x H200 such a
+        // launch (3000 bytes) took 4.91 us programmatically against 4.47
+        // without, where 2992 and 3008 bytes gained (4.43 to 4.08 us;
+        // docs/design.md, "Programmatic dependent launch"). Why is not known.
+        let programmatic = custom.programmatic && (count * dtype.size()) % PACKET_BYTES == 0;
         let barrier = BarrierArgs {
             programmatic: programmatic.into(),
             ..self.barrier_args(custom)

@@ -106,8 +106,7 @@ static __device__ __forceinline__ void lr_one_stage_frame(const AllReduceArgs& a
 
 // Grid-stride over `count` elements of every src[r]: `packet(i, p)` with
 // packet i of each for the packets this thread takes, then `element(e)`
-// for the element of the tail (under one packet) it takes, if any. Each
-// element is read and written by one thread.
+// for the element of the tail (under one packet) it takes, if any.
 template <typename D, int W, typename Packet, typename Element>
 static __device__ __forceinline__ void lr_for_packets(const char* const (&src)[W], u64 count,
                                                       Packet packet, Element element) {
@@ -120,12 +119,8 @@ static __device__ __forceinline__ void lr_for_packets(const char* const (&src)[W
     for (int r = 0; r < W; ++r) p[r] = ((const Pack*)src[r])[i];
     packet(i, p);
   }
-  // The tail goes to the threads after the one with the last packet: they
-  // have one packet fewer (small messages: none), so the tail's loads do
-  // not wait behind a packet's round trip to the peers.
   const u64 tail = count - packs * D::PER_PACK;
-  const u64 k = (first + stride - packs % stride) % stride;
-  if (k < tail) element(packs * D::PER_PACK + k);
+  if (first < tail) element(packs * D::PER_PACK + first);
 }
 
 // Writes the rank-order sum of `count` elements of every src[r] into
