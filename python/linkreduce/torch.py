@@ -393,11 +393,11 @@ class CustomAllreduce:
         dtype and device; ``weight``: ``[hidden]`` of that dtype; ``eps``:
         a finite, non-negative float. Tensors ``should_custom_norm`` takes
         (f16 or bf16, contiguous, at most ``max_size`` bytes) run
-        linkreduce's kernels: one fused kernel where the all-reduce's path
-        is one-stage, the all-reduce and a norm kernel on the others, which
-        round alike (docs/fused.md), so every rank and path gets the same
-        bits. Other calls (f32, non-contiguous tensors, larger messages,
-        sizes or groups linkreduce leaves to NCCL) run
+        linkreduce's kernels as one fused kernel, whichever algorithm the
+        size takes; they round alike (docs/fused.md), so every rank and
+        algorithm gets the same bits. Other calls (f32, non-contiguous
+        tensors, larger messages, sizes or groups linkreduce leaves to
+        NCCL) run
         ``torch.distributed.all_reduce`` and then the same arithmetic in
         torch, which is not bit-identical to the kernels: the residual add
         rounds alike, but torch sums the squares in another order and uses

@@ -173,7 +173,12 @@ impl NormCall {
         span("out_ptr", out, count, bytes)?;
         // Only read when there are rows: an empty call may pass a null weight.
         let weight_elements = if count > 0 { hidden } else { 0 };
-        span("weight_ptr", weight, weight_elements, hidden * dtype.size())?;
+        span(
+            "weight_ptr",
+            weight,
+            weight_elements,
+            bytes_of(hidden, dtype, "hidden")?,
+        )?;
         Ok(NormCall {
             dtype,
             input,
@@ -323,6 +328,9 @@ mod tests {
         // No rows: nothing is read, so null addresses are fine.
         let empty = NormCall::new(DType::F16, (0, 0, 0), 0, (0, 4), 1e-5, AUTO);
         assert_eq!(empty.unwrap().bytes, 0);
+        // A weight longer than the address space: an error, not a panic.
+        let huge = NormCall::new(DType::F16, (0, 0, 0), 0, (0, 1 << 63), 1e-5, AUTO);
+        assert!(message(huge).starts_with("hidden of"));
     }
 
     #[test]

@@ -340,8 +340,8 @@ impl PyCommunicator {
     /// with the weight's `hidden` elements at `weight_ptr`. `dtype` is
     /// "f16" or "bf16", for all four buffers; `eps` a finite, non-negative
     /// float (used as an f32). Where the all-reduce's path for these bytes
-    /// is one-stage this is one kernel; on the other paths it is the
-    /// all-reduce into `out_ptr`, then a norm kernel. Both round at the same
+    /// is one of the kernels' algorithms this is one kernel; on NCCL it is
+    /// the all-reduce into `out_ptr`, then a norm kernel. Both round at the same
     /// points (docs/fused.md), so every rank and path gets the same bits.
     /// `stream`, `algorithm` and `zero_copy` (for the input) as for
     /// `all_reduce`; collective like it.

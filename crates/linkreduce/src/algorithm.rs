@@ -206,11 +206,6 @@ impl Tuning {
             .map(|e| e.algorithm)
     }
 
-    /// Whether some size on `world_size` ranks takes NCCL.
-    pub fn names_nccl(&self, world_size: usize) -> bool {
-        (self.entries.iter()).any(|e| e.world_size == world_size && e.algorithm == TunedPath::Nccl)
-    }
-
     /// The table for one world size from the fastest path measured at each
     /// size: runs of sizes with the same winner become one entry, the last
     /// bounded by the largest size measured.
@@ -321,7 +316,6 @@ mod tests {
             h200.pick(2, 65537),
             Some(TunedPath::Custom(Algorithm::OneStage))
         );
-        assert!(!h200.names_nccl(2));
         let four = Tuning::builtin("NVIDIA H200", 4).expect("shipped");
         let path = |bytes| four.pick(4, bytes);
         assert_eq!(
@@ -331,7 +325,6 @@ mod tests {
         assert_eq!(path(1 << 20), Some(TunedPath::Custom(Algorithm::TwoStage)));
         assert_eq!(path(32 << 20), Some(TunedPath::Custom(Algorithm::TwoStage)));
         assert_eq!(path((32 << 20) + 1), Some(TunedPath::Nccl));
-        assert!(four.names_nccl(4) && !four.names_nccl(2));
     }
 
     #[test]

@@ -179,8 +179,9 @@ impl Communicator {
 
     /// Like [`all_reduce_add_rms_norm`](Self::all_reduce_add_rms_norm), on
     /// `stream` as [`all_reduce_on`](Self::all_reduce_on) is (graphs
-    /// included). `options.algorithm` picks the all-reduce: one-stage and
-    /// push run fused; two-stage runs the all-reduce, then the plain kernel.
+    /// included). `options.algorithm` picks the all-reduce: each of the
+    /// kernels' algorithms runs fused; NCCL (and push rows longer than a
+    /// push segment) run the all-reduce, then the plain kernel.
     pub fn all_reduce_add_rms_norm_on<T: Element, W: DevicePtr<T>>(
         &mut self,
         stream: &Arc<CudaStream>,

@@ -51,14 +51,7 @@ impl Communicator {
             rendezvous,
             poisoned: None,
         };
-        // NCCL is connected here where some automatic calls will take it,
-        // so that they work inside CUDA graphs too (NCCL cannot be set up
-        // during a capture); elsewhere on the first call that needs it.
-        let tuned_to_nccl = communicator.plan.shared_gpu.is_none()
-            && communicator
-                .tuning()
-                .is_some_and(|tuning| tuning.names_nccl(world_size));
-        if communicator.plan.nccl_only() || tuned_to_nccl {
+        if communicator.plan.nccl_only() {
             communicator.prepare_nccl()?;
         }
         Ok(communicator)
@@ -106,8 +99,9 @@ impl Communicator {
 impl Communicator {
     /// Sets up the NCCL communicator that calls on the NCCL path use, on
     /// the same ranks (nothing when it exists). Collective. Set-up already
-    /// did it where every call takes NCCL or the tuning table sends some
-    /// sizes to NCCL; elsewhere the first call on the
+    /// did it where every call takes NCCL; elsewhere (a tuning table that
+    /// sends large sizes to NCCL, as the one shipped for 4 x H200 does) the
+    /// first call on the
     /// NCCL path does it, which cannot happen during a CUDA-graph capture:
     /// call this before capturing calls that may take NCCL
     /// ([`path_for`](Self::path_for) says which do).

@@ -134,7 +134,9 @@ static __device__ __forceinline__ void lr_fused_push(const FusedPushArgs& a) {
   }
 
   // Receive and normalise. A thread that timed out stops waiting but keeps
-  // taking part in the block's sums (they hold __syncthreads).
+  // taking part in the block's sums (they hold __syncthreads). After each
+  // row the whole block learns of a timeout, so a dead peer costs the block
+  // one deadline, not one per row.
   bool timed_out = false;
   for (u64 row = blockIdx.x; row < norm.rows; row += gridDim.x) {
     lr_add_rms_norm_row<D>(norm, row, warp_sums, [&](u64 e, u64 n) {
@@ -147,6 +149,7 @@ static __device__ __forceinline__ void lr_fused_push(const FusedPushArgs& a) {
       if (!timed_out) lr_push_reset<W>(push, slot, j);
       return lr_reduce<D, W>(p);
     });
+    timed_out = __syncthreads_or(timed_out);
   }
   lr_push_finish(push, timed_out);
 }
