@@ -14,11 +14,13 @@ use linkreduce::verify::on_every_rank;
 use linkreduce::{Algorithm, AlgorithmChoice, Communicator, Config, DType, Error, RmsNorm};
 
 /// `world` ranks round-robin over (at most two of) the GPUs, with staging
-/// small enough that long calls take several launches.
+/// and push segments small enough that long calls take several launches
+/// (fused push takes calls up to 1 MiB; 64 KiB segments cut them).
 fn group(world: usize, gpus: usize) -> Vec<Communicator> {
     let devices: Vec<usize> = (0..world).map(|rank| rank % 2 % gpus).collect();
     let config = Config {
         staging_bytes: 2 << 20,
+        push_bytes: 64 << 10,
         ..Config::default()
     };
     in_process(&devices, config).unwrap_or_else(|e| panic!("devices {devices:?}: {e}"))
@@ -82,8 +84,9 @@ fn graphs_replayed_with_fresh_data_stay_exact() {
         AlgorithmChoice::Force(Algorithm::TwoStage),
         AlgorithmChoice::Force(Algorithm::Push),
     ] {
-        // 300 x 8192 takes several push launches (64 rows fill a segment).
-        for (rows, hidden) in [(8, 4096), (300, 8192), (3, 4099)] {
+        // Push: 8 x 4096 fills one 64 KiB segment; 3 x 4099 pads its rows;
+        // 300 x 8192 is past what push fuses, so it runs unfused.
+        for (rows, hidden) in [(8, 4096), (300, 8192), (3, 4099), (60, 1000)] {
             cases.push(NormCase {
                 dtype: DType::F16,
                 rows,

@@ -21,6 +21,19 @@ use crate::kernels::{
 };
 use crate::path::CallPath;
 
+/// The largest call push runs fused. Beyond it the fused kernel, one block
+/// per row, was slower than push + norm on 2 x H200 (0.86x at 2 MiB, 0.75x
+/// at 32 MiB), while up to it fused gained 1.02x-1.13x (0.99x at 512 KiB
+/// with 8192-element rows; docs/fused.md, "Benchmark").
+const FUSED_PUSH_MAX_BYTES: usize = 1 << 20;
+
+/// Whether a push call of `rows` runs fused, given the rows one fused push
+/// launch takes (0: a row does not fit a push segment). The same on every
+/// rank: both depend only on the call's shape and shared settings.
+fn fuses_push(rows: Rows, rows_per_launch: usize) -> bool {
+    rows_per_launch > 0 && rows.bytes() <= FUSED_PUSH_MAX_BYTES
+}
+
 /// Rows a plain launch takes at most (blocks stride over the rest).
 const PLAIN_MAX_BLOCKS: usize = 65535;
 
@@ -280,12 +293,14 @@ impl Communicator {
             CallPath::Custom(algorithm @ (Algorithm::OneStage | Algorithm::TwoStage)) => {
                 self.enqueue_fused_pull(stream, algorithm, (rows, input, buffers), options)
             }
-            CallPath::Custom(Algorithm::Push) if self.push_rows_per_launch(rows)? > 0 => {
+            CallPath::Custom(Algorithm::Push)
+                if fuses_push(rows, self.push_rows_per_launch(rows)?) =>
+            {
                 self.enqueue_fused_push(stream, (rows, input, buffers))
             }
             other => {
-                // Not fused (NCCL, or push rows longer than a push
-                // segment): the all-reduce into the output, then the
+                // Not fused (NCCL, or push where fusing does not pay):
+                // the all-reduce into the output, then the
                 // plain kernel there; the own stream waits for both
                 // (on_stream).
                 let forced = CallOptions {
@@ -618,6 +633,15 @@ mod tests {
         ));
         let rows = Rows::of(DType::BF16, 12, 12, 3, 12).unwrap();
         assert_eq!((rows.rows, rows.hidden, rows.bytes()), (4, 3, 24));
+    }
+
+    #[test]
+    fn push_fuses_up_to_a_mebibyte_of_rows_that_fit_a_segment() {
+        let rows = |count, hidden| Rows::of(DType::BF16, count, count, hidden, count).unwrap();
+        assert!(fuses_push(rows(8 * 4096, 4096), 8));
+        assert!(fuses_push(rows(128 * 4096, 4096), 128));
+        assert!(!fuses_push(rows(129 * 4096, 4096), 128));
+        assert!(!fuses_push(rows(4096, 4096), 0));
     }
 
     #[test]
