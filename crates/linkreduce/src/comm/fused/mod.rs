@@ -17,9 +17,12 @@ use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
 use crate::kernels::{
     load_norm_kernels, AddRmsNormArgs, AllReduceArgs, FusedNormArgs, FusedPushArgs, NormArgs,
-    NormKernel, PushArgs, NORM_DTYPES, PACKET_BYTES, SCRATCH_TAIL_BYTES, THREADS_PER_BLOCK,
+    NormKernel, PushArgs, PACKET_BYTES, SCRATCH_TAIL_BYTES, THREADS_PER_BLOCK,
 };
 use crate::path::CallPath;
+use rows::{NormBuffers, Rows};
+
+mod rows;
 
 /// The largest call push runs fused. Beyond it the fused kernel, one block
 /// per row, was slower than push + norm on 2 x H200 (0.86x at 2 MiB, 0.75x
@@ -40,128 +43,6 @@ const PLAIN_MAX_BLOCKS: usize = 65535;
 /// Launches of a call with more rows than fit one launch take a multiple
 /// of this many rows, so that each starts on a packet (docs/fused.md).
 const ROWS_PER_PACKET: usize = 8;
-
-/// The rows of one call: `rows` rows of `hidden` elements of `dtype`.
-#[derive(Debug, Clone, Copy)]
-struct Rows {
-    dtype: DType,
-    rows: usize,
-    hidden: usize,
-}
-
-impl Rows {
-    /// Checks the lengths of a call's buffers against each other; `len` is
-    /// the input's (or the sum's) length, `weight` the weight's.
-    fn of(dtype: DType, len: usize, residual: usize, weight: usize, out: usize) -> Result<Rows> {
-        if !NORM_DTYPES.contains(&dtype) {
-            return Err(Error::UnsupportedDType {
-                op: "residual add and RMSNorm",
-                dtype,
-            });
-        }
-        if weight == 0 || len % weight != 0 {
-            return Err(Error::RowLength {
-                len,
-                hidden: weight,
-            });
-        }
-        for (what, other) in [("residual", residual), ("normed output", out)] {
-            if other != len {
-                return Err(Error::NormBufferLength {
-                    what,
-                    len: other,
-                    expected: len,
-                });
-            }
-        }
-        Ok(Rows {
-            dtype,
-            rows: len / weight,
-            hidden: weight,
-        })
-    }
-
-    fn elements(&self) -> usize {
-        self.rows * self.hidden
-    }
-
-    fn bytes(&self) -> usize {
-        self.elements() * self.dtype.size()
-    }
-
-    fn row_bytes(&self) -> usize {
-        self.hidden * self.dtype.size()
-    }
-
-    /// The launches of a call cut into `per_launch` rows (at least one):
-    /// each launch's first row and its rows.
-    fn launches(self, per_launch: usize) -> impl Iterator<Item = (usize, usize)> {
-        (0..self.rows)
-            .step_by(per_launch.max(1))
-            .map(move |first| (first, per_launch.min(self.rows - first)))
-    }
-}
-
-/// The buffers of the norm, as device addresses.
-#[derive(Debug, Clone, Copy)]
-struct NormBuffers {
-    residual: u64,
-    weight: u64,
-    out: u64,
-    eps: f32,
-}
-
-impl NormBuffers {
-    /// Refuses a bad eps and buffers that overlap where the kernels need
-    /// them apart; `input` is the all-reduce's input or the plain
-    /// kernel's sum, which may be the output only if `input_may_be_out`.
-    fn check(&self, rows: Rows, input: u64, input_may_be_out: bool) -> Result<()> {
-        if !self.eps.is_finite() || self.eps < 0.0 {
-            return Err(Error::InvalidEps(self.eps));
-        }
-        let bytes = rows.bytes() as u64;
-        let weight_bytes = (rows.hidden * rows.dtype.size()) as u64;
-        let buffers = [
-            ("input", input, bytes),
-            ("residual", self.residual, bytes),
-            ("weight", self.weight, weight_bytes),
-            ("normed output", self.out, bytes),
-        ];
-        for (i, &(first, a, a_len)) in buffers.iter().enumerate() {
-            for &(second, b, b_len) in &buffers[i + 1..] {
-                let overlap = a < b + b_len && b < a + a_len;
-                let allowed = match (first, second) {
-                    ("input", "weight") => true,
-                    ("input", "normed output") => input_may_be_out && a == b,
-                    _ => false,
-                };
-                if overlap && !allowed {
-                    return Err(Error::BuffersOverlap { first, second });
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// The kernels' view of `rows` rows from row `first`.
-    fn args(&self, rows: Rows, first: usize, count: usize, sum: Option<u64>) -> NormArgs {
-        let offset = (first * rows.row_bytes()) as u64;
-        let per_pack = PACKET_BYTES / rows.dtype.size();
-        let aligned = [self.residual, self.weight, self.out]
-            .into_iter()
-            .chain(sum)
-            .all(|ptr| (ptr + offset) % PACKET_BYTES as u64 == 0);
-        NormArgs {
-            residual: self.residual + offset,
-            weight: self.weight,
-            out: self.out + offset,
-            rows: count as u64,
-            hidden: rows.hidden as u64,
-            eps: self.eps,
-            vector: u32::from(aligned && rows.hidden % per_pack == 0),
-        }
-    }
-}
 
 impl Communicator {
     /// Sums `input` over all ranks, adds the sum into `residual` in place,
@@ -604,36 +485,9 @@ fn grid(blocks: usize) -> LaunchConfig {
         shared_mem_bytes: 0,
     }
 }
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn rows_must_be_whole_and_buffers_as_long_as_the_input() {
-        assert!(matches!(
-            Rows::of(DType::F32, 8, 8, 4, 8),
-            Err(Error::UnsupportedDType { .. })
-        ));
-        assert!(matches!(
-            Rows::of(DType::BF16, 10, 10, 4, 10),
-            Err(Error::RowLength { len: 10, hidden: 4 })
-        ));
-        assert!(matches!(
-            Rows::of(DType::F16, 8, 8, 0, 8),
-            Err(Error::RowLength { hidden: 0, .. })
-        ));
-        assert!(matches!(
-            Rows::of(DType::F16, 8, 8, 4, 12),
-            Err(Error::NormBufferLength {
-                what: "normed output",
-                len: 12,
-                expected: 8
-            })
-        ));
-        let rows = Rows::of(DType::BF16, 12, 12, 3, 12).unwrap();
-        assert_eq!((rows.rows, rows.hidden, rows.bytes()), (4, 3, 24));
-    }
 
     #[test]
     fn push_fuses_up_to_a_mebibyte_of_rows_that_fit_a_segment() {
@@ -642,61 +496,5 @@ mod tests {
         assert!(fuses_push(rows(128 * 4096, 4096), 128));
         assert!(!fuses_push(rows(129 * 4096, 4096), 128));
         assert!(!fuses_push(rows(4096, 4096), 0));
-    }
-
-    #[test]
-    fn overlapping_buffers_and_bad_eps_are_refused() {
-        let rows = Rows::of(DType::BF16, 64, 64, 16, 64).unwrap();
-        let apart = NormBuffers {
-            residual: 0x10000,
-            weight: 0x20000,
-            out: 0x30000,
-            eps: 1e-6,
-        };
-        assert!(apart.check(rows, 0x40000, false).is_ok());
-        // Reading the weight as input is harmless; the sum may be the output.
-        assert!(apart.check(rows, 0x20000, false).is_ok());
-        assert!(apart.check(rows, 0x30000, true).is_ok());
-        assert!(matches!(
-            apart.check(rows, 0x30000, false),
-            Err(Error::BuffersOverlap {
-                first: "input",
-                second: "normed output"
-            })
-        ));
-        let shifted = NormBuffers {
-            out: 0x10000 + 64,
-            ..apart
-        };
-        assert!(matches!(
-            shifted.check(rows, 0x40000, false),
-            Err(Error::BuffersOverlap {
-                first: "residual",
-                second: "normed output"
-            })
-        ));
-        for eps in [-1.0, f32::NAN, f32::INFINITY] {
-            let bad = NormBuffers { eps, ..apart };
-            assert!(matches!(
-                bad.check(rows, 0x40000, false),
-                Err(Error::InvalidEps(_))
-            ));
-        }
-    }
-
-    #[test]
-    fn whole_packets_only_where_every_buffer_and_row_allows() {
-        let rows = Rows::of(DType::F16, 64, 64, 16, 64).unwrap();
-        let buffers = NormBuffers {
-            residual: 0x10000,
-            weight: 0x20000,
-            out: 0x30000,
-            eps: 0.0,
-        };
-        assert_eq!(buffers.args(rows, 1, 2, None).vector, 1);
-        assert_eq!(buffers.args(rows, 1, 2, None).residual, 0x10000 + 32);
-        assert_eq!(buffers.args(rows, 0, 4, Some(0x40002)).vector, 0);
-        let odd = Rows::of(DType::F16, 60, 60, 12, 60).unwrap();
-        assert_eq!(buffers.args(odd, 0, 5, None).vector, 0);
     }
 }
