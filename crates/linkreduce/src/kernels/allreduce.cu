@@ -142,6 +142,36 @@ static __device__ __forceinline__ void lr_one_stage(const AllReduceArgs& a) {
       a, [&](const char* const (&src)[W]) { lr_sum_into<D, W>(src, a.output, a.count); });
 }
 
+// The frame of a two-stage kernel: the wait for the previous kernel, the
+// start barrier, `reduce(src)` into this rank's scratch with every rank's
+// input readable at src[rank], the publishing barrier (after which a
+// programmatic launch lets the next kernel launch), `gather()` from the
+// ranks' scratch, the end barrier. A barrier orders block b here only after
+// block b on the peers, so a block may gather only what its own index
+// reduced there. The fused two-stage kernel (fused.cu) puts its own stages
+// in the same frame.
+template <int W, typename Reduce, typename Gather>
+static __device__ __forceinline__ void lr_two_stage_frame(const AllReduceArgs& a, Reduce reduce,
+                                                          Gather gather) {
+  lr_wait_for_previous_kernel();
+  const u32 epoch = a.bar.peers.rank[a.bar.rank]->epoch[blockIdx.x];
+  __shared__ const char* inputs[W];
+  if (!lr_start<W>(a, epoch + 1, inputs)) return;
+  const char* src[W];
+#pragma unroll
+  for (int r = 0; r < W; ++r) src[r] = inputs[r];
+  reduce(src);
+
+  if (!lr_barrier<W, true>(a.bar, epoch + 2, 1)) return;
+  // The last phase: the gather and the end barrier.
+  lr_launch_dependents(a.bar);
+  gather();
+
+  // Keeps this rank's scratch and input alive until peers finished reading.
+  if (!lr_barrier<W, false>(a.bar, epoch + 3, 2)) return;
+  lr_finish_epochs(a.bar, epoch + 3);
+}
+
 // Two-stage: reduce-scatter into each rank's scratch, then all-gather.
 // Slice r (packets [r*part, r*part+len_r)) is reduced by rank r; the last
 // slice takes the remainder, and the last rank also reduces the tail.
@@ -150,67 +180,58 @@ static __device__ __forceinline__ void lr_one_stage(const AllReduceArgs& a) {
 // publishing barrier.
 template <typename D, int W>
 static __device__ __forceinline__ void lr_two_stage(const AllReduceArgs& a) {
-  lr_wait_for_previous_kernel();
-  const u32 epoch = a.bar.peers.rank[a.bar.rank]->epoch[blockIdx.x];
-  __shared__ const char* inputs[W];
-  if (!lr_start<W>(a, epoch + 1, inputs)) return;
-  const char* src[W];
-#pragma unroll
-  for (int r = 0; r < W; ++r) src[r] = inputs[r];
   const int rank = (int)a.bar.rank;
   const u64 packs = a.count / D::PER_PACK;
   const u64 part = packs / W;
   const u64 last_len = packs - (W - 1) * part;
-  const u64 my_len = rank == W - 1 ? last_len : part;
-  const u64 my_start = (u64)rank * part;
   const u64 tail = a.count - packs * D::PER_PACK;
   const u64 first = (u64)blockIdx.x * blockDim.x + threadIdx.x;
   const u64 stride = (u64)gridDim.x * blockDim.x;
 
-  Pack* mine = (Pack*)lr_scratch(a, rank);
-  for (u64 j = first; j < my_len; j += stride) {
-    Pack p[W];
-#pragma unroll
-    for (int r = 0; r < W; ++r) p[r] = ((const Pack*)src[r])[my_start + j];
-    mine[j] = lr_reduce<D, W>(p);
-  }
-  if (rank == W - 1 && first < tail) {
-    const u64 e = packs * D::PER_PACK + first;
-    ((typename D::Bits*)(mine + last_len))[first] = lr_reduce_one<D, W>(src, e);
-  }
-
-  if (!lr_barrier<W, true>(a.bar, epoch + 2, 1)) return;
-  // The last phase: the all-gather and the end barrier.
-  lr_launch_dependents(a.bar);
-
-  const Pack* slices[W];
-#pragma unroll
-  for (int r = 0; r < W; ++r) slices[r] = (const Pack*)lr_scratch(a, r);
-  Pack* out = (Pack*)a.output;
-  // Same packet-to-thread mapping as the reduce-scatter above (j from
-  // `first` by `stride`, the last slice's extra packets included): the
-  // barrier only orders block b here after block b on the peers, so this
-  // thread may only read what its block index reduced there, and (in
-  // place) only overwrite inputs its block index has finished reading.
-  for (u64 j = first; j < last_len; j += stride) {
-    if (j < part) {
+  const auto reduce = [&](const char* const (&src)[W]) {
+    const u64 my_len = rank == W - 1 ? last_len : part;
+    const u64 my_start = (u64)rank * part;
+    Pack* mine = (Pack*)lr_scratch(a, rank);
+    for (u64 j = first; j < my_len; j += stride) {
       Pack p[W];
 #pragma unroll
-      for (int r = 0; r < W; ++r) p[r] = slices[r][j];
-#pragma unroll
-      for (int r = 0; r < W; ++r) out[(u64)r * part + j] = p[r];
-    } else {
-      out[(u64)(W - 1) * part + j] = slices[W - 1][j];
+      for (int r = 0; r < W; ++r) p[r] = ((const Pack*)src[r])[my_start + j];
+      mine[j] = lr_reduce<D, W>(p);
     }
-  }
-  if (first < tail) {
-    const typename D::Bits* reduced_tail = (const typename D::Bits*)(slices[W - 1] + last_len);
-    ((typename D::Bits*)a.output)[packs * D::PER_PACK + first] = reduced_tail[first];
-  }
+    if (rank == W - 1 && first < tail) {
+      const u64 e = packs * D::PER_PACK + first;
+      ((typename D::Bits*)(mine + last_len))[first] = lr_reduce_one<D, W>(src, e);
+    }
+  };
 
-  // Keeps this rank's scratch and input alive until peers finished reading.
-  if (!lr_barrier<W, false>(a.bar, epoch + 3, 2)) return;
-  lr_finish_epochs(a.bar, epoch + 3);
+  const auto gather = [&]() {
+    const Pack* slices[W];
+#pragma unroll
+    for (int r = 0; r < W; ++r) slices[r] = (const Pack*)lr_scratch(a, r);
+    Pack* out = (Pack*)a.output;
+    // Same packet-to-thread mapping as the reduce-scatter above (j from
+    // `first` by `stride`, the last slice's extra packets included): this
+    // thread may only read what its block index reduced on the peers, and
+    // (in place) only overwrite inputs its block index has finished
+    // reading.
+    for (u64 j = first; j < last_len; j += stride) {
+      if (j < part) {
+        Pack p[W];
+#pragma unroll
+        for (int r = 0; r < W; ++r) p[r] = slices[r][j];
+#pragma unroll
+        for (int r = 0; r < W; ++r) out[(u64)r * part + j] = p[r];
+      } else {
+        out[(u64)(W - 1) * part + j] = slices[W - 1][j];
+      }
+    }
+    if (first < tail) {
+      const typename D::Bits* reduced_tail = (const typename D::Bits*)(slices[W - 1] + last_len);
+      ((typename D::Bits*)a.output)[packs * D::PER_PACK + first] = reduced_tail[first];
+    }
+  };
+
+  lr_two_stage_frame<W>(a, reduce, gather);
 }
 
 // `__grid_constant__`: threads read the argument where the launch put it.

@@ -8,8 +8,9 @@
 // normalises exactly as the plain kernel does (norm.cu). No rank writes
 // anything a peer reads, so the residual and the output may be anywhere.
 //
-// Two-stage: the two-stage frame (start barrier, reduce-scatter into
-// scratch, publishing barrier, gather, end barrier) with rows: each row's
+// Two-stage: the two-stage frame (lr_two_stage_frame in allreduce.cu:
+// start barrier, reduce into scratch, publishing barrier, gather, end
+// barrier) with rows: each row's
 // groups are cut into W runs of `share = ceil(groups / W)` groups, and rank
 // k reduces run k of every row (its owner). Block b takes rows b, b + grid,
 // ... in both stages, since a barrier orders block b here only after block
@@ -55,56 +56,51 @@ static __device__ __forceinline__ void lr_fused_one_stage(const FusedNormArgs& a
 template <typename D, int W>
 static __device__ __forceinline__ void lr_fused_two_stage(const FusedNormArgs& a) {
   __shared__ float warp_sums[LR_WARPS];
-  __shared__ const char* inputs[W];
   const AllReduceArgs& ar = a.all_reduce;
   const NormArgs& norm = a.norm;
-  const u32 epoch = ar.bar.peers.rank[ar.bar.rank]->epoch[blockIdx.x];
-  if (!lr_start<W>(ar, epoch + 1, inputs)) return;
-  const char* src[W];
-#pragma unroll
-  for (int r = 0; r < W; ++r) src[r] = inputs[r];
   const int rank = (int)ar.bar.rank;
   const u64 groups = (norm.hidden + D::PER_PACK - 1) / D::PER_PACK;
   const u64 share = (groups + W - 1) / W;
-  // As in the one-stage body: peers' inputs start on a packet.
-  const u32 rows_aligned = norm.hidden % D::PER_PACK == 0;
 
-  // This rank's run of each row: groups [own_first, own_first + own).
-  // The block's rows' runs are one list, so that short runs (many ranks,
-  // short rows) still keep every thread busy.
-  Pack* mine = (Pack*)lr_scratch(ar, rank);
-  const u64 own_first = (u64)rank * share;
-  const u64 own = own_first >= groups ? 0 : (groups - own_first < share ? groups - own_first : share);
-  const u64 block_rows =
-      blockIdx.x < norm.rows ? (norm.rows - blockIdx.x + gridDim.x - 1) / gridDim.x : 0;
-  for (u64 i = threadIdx.x; i < block_rows * own; i += LR_THREADS) {
-    const u64 row = blockIdx.x + (i / own) * gridDim.x;
-    const u64 g = own_first + i % own;
-    const u64 e = row * norm.hidden + g * D::PER_PACK;
-    const u64 n = lr_group_lanes<D>(norm, g);
-    Pack p[W];
+  const auto reduce = [&](const char* const (&src)[W]) {
+    // As in the one-stage body: peers' inputs start on a packet.
+    const u32 rows_aligned = norm.hidden % D::PER_PACK == 0;
+    // This rank's run of each row: groups [own_first, own_first + own).
+    // The block's rows' runs are one list, so that short runs (many ranks,
+    // short rows) still keep every thread busy.
+    Pack* mine = (Pack*)lr_scratch(ar, rank);
+    const u64 own_first = (u64)rank * share;
+    const u64 own =
+        own_first >= groups ? 0 : (groups - own_first < share ? groups - own_first : share);
+    const u64 block_rows =
+        blockIdx.x < norm.rows ? (norm.rows - blockIdx.x + gridDim.x - 1) / gridDim.x : 0;
+    for (u64 i = threadIdx.x; i < block_rows * own; i += LR_THREADS) {
+      const u64 row = blockIdx.x + (i / own) * gridDim.x;
+      const u64 g = own_first + i % own;
+      const u64 e = row * norm.hidden + g * D::PER_PACK;
+      const u64 n = lr_group_lanes<D>(norm, g);
+      Pack p[W];
 #pragma unroll
-    for (int r = 0; r < W; ++r) p[r] = lr_load_group<D>(src[r], e, n, rows_aligned);
-    mine[row * share + (g - own_first)] = lr_reduce<D, W>(p);
-  }
+      for (int r = 0; r < W; ++r) p[r] = lr_load_group<D>(src[r], e, n, rows_aligned);
+      mine[row * share + (g - own_first)] = lr_reduce<D, W>(p);
+    }
+  };
 
-  if (!lr_barrier<W, true>(ar.bar, epoch + 2, 1)) return;
+  const auto gather = [&]() {
+    // The owner's scratch straight from the (grid-constant) argument: an
+    // array of the W addresses indexed at run time would live in local
+    // memory.
+    for (u64 row = blockIdx.x; row < norm.rows; row += gridDim.x) {
+      lr_add_rms_norm_row<D>(norm, row, warp_sums, [&](u64 e, u64) {
+        const u64 g = (e - row * norm.hidden) / D::PER_PACK;
+        const u64 owner = g / share;
+        const Pack* run = (const Pack*)lr_scratch(ar, (int)owner);
+        return run[row * share + (g - owner * share)];
+      });
+    }
+  };
 
-  // The owner's scratch straight from the (grid-constant) argument: an
-  // array of the W addresses indexed at run time would live in local
-  // memory.
-  for (u64 row = blockIdx.x; row < norm.rows; row += gridDim.x) {
-    lr_add_rms_norm_row<D>(norm, row, warp_sums, [&](u64 e, u64) {
-      const u64 g = (e - row * norm.hidden) / D::PER_PACK;
-      const u64 owner = g / share;
-      const Pack* run = (const Pack*)lr_scratch(ar, (int)owner);
-      return run[row * share + (g - owner * share)];
-    });
-  }
-
-  // Keeps this rank's scratch and input alive until peers finished reading.
-  if (!lr_barrier<W, false>(ar.bar, epoch + 3, 2)) return;
-  lr_finish_epochs(ar.bar, epoch + 3);
+  lr_two_stage_frame<W>(ar, reduce, gather);
 }
 
 struct FusedPushArgs {

@@ -170,20 +170,25 @@ impl Communicator {
             .ctx
             .bind_to_thread()
             .map_err(Error::driver("cuCtxSetCurrent"))?;
-        match self.call_path(rows.bytes(), options.algorithm)? {
-            CallPath::Custom(algorithm @ (Algorithm::OneStage | Algorithm::TwoStage)) => {
+        let path = self.call_path(rows.bytes(), options.algorithm)?;
+        let fused_push = match path {
+            CallPath::Custom(Algorithm::Push) => {
+                let per_launch = self.push_rows_per_launch(rows)?;
+                fuses_push(rows, per_launch).then_some(per_launch)
+            }
+            _ => None,
+        };
+        match (path, fused_push) {
+            (CallPath::Custom(algorithm @ (Algorithm::OneStage | Algorithm::TwoStage)), _) => {
                 self.enqueue_fused_pull(stream, algorithm, (rows, input, buffers), options)
             }
-            CallPath::Custom(Algorithm::Push)
-                if fuses_push(rows, self.push_rows_per_launch(rows)?) =>
-            {
-                self.enqueue_fused_push(stream, (rows, input, buffers))
+            (_, Some(per_launch)) => {
+                self.enqueue_fused_push(stream, (rows, input, buffers), per_launch)
             }
-            other => {
+            (other, None) => {
                 // Not fused (NCCL, or push where fusing does not pay):
-                // the all-reduce into the output, then the
-                // plain kernel there; the own stream waits for both
-                // (on_stream).
+                // the all-reduce into the output, then the plain kernel
+                // there; the own stream waits for both (on_stream).
                 let forced = CallOptions {
                     algorithm: match other {
                         CallPath::Custom(algorithm) => AlgorithmChoice::Force(algorithm),
@@ -257,14 +262,14 @@ impl Communicator {
     }
 
     /// The push fused kernel: only this rank reads its input, at any
-    /// address, so nothing is registered or staged; each launch takes the
-    /// rows whose packets fit a push segment (docs/fused.md).
+    /// address, so nothing is registered or staged; each launch takes
+    /// `per_launch` rows, whose packets fit a push segment (docs/fused.md).
     fn enqueue_fused_push(
         &mut self,
         stream: &Arc<CudaStream>,
         (rows, input, buffers): (Rows, u64, NormBuffers),
+        per_launch: usize,
     ) -> Result<()> {
-        let per_launch = self.push_rows_per_launch(rows)?;
         self.on_stream(stream, |comm, _| {
             tracing::trace!(
                 rank = comm.rank,
