@@ -187,7 +187,7 @@ class CustomAllreduce:
     current device, or LOCAL_RANK's with the TCP rendezvous). ``max_size``:
     the largest message in bytes of the custom path (for reduce-scatter and
     all-gather, the larger buffer). ``algorithm``: "auto", "one-stage",
-    "two-stage" or "push" (reduce-scatter and all-gather have one kernel,
+    "two-stage", "push" or "chunked-push" (reduce-scatter and all-gather have one kernel,
     which any forced name takes).
     ``timeout_s``: how long a kernel waits for a dead or hung peer before the
     call fails naming it (default 5 s). Building it is collective.

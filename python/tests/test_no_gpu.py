@@ -79,7 +79,7 @@ class Import(unittest.TestCase):
         self.assertEqual(linkreduce.version(), linkreduce.__version__)
         self.assertEqual(linkreduce.DTYPES, ("f32", "f16", "bf16"))
         self.assertEqual(linkreduce.ALGORITHMS,
-                         ("auto", "one-stage", "two-stage", "push", "nccl"))
+                         ("auto", "one-stage", "two-stage", "push", "chunked-push", "nccl"))
         self.assertEqual(linkreduce._linkreduce.__name__, "linkreduce._linkreduce")
 
     def test_the_error_is_a_runtime_error_with_attributes(self):
@@ -271,7 +271,7 @@ class Arguments(unittest.TestCase):
             (("f32", 16, 16, -1), ValueError, "count must be a non-negative int"),
             (("f32", 16, 16, 1.5), TypeError, "count must be an int"),
             (("f32", 16, 16, 1, "fastest"), ValueError,
-             'unknown algorithm "fastest": expected one-stage, two-stage or push \\(or auto, nccl\\)'),
+             'unknown algorithm "fastest": expected one-stage, two-stage, push or chunked-push \\(or auto, nccl\\)'),
             (("f32", 0, 16, 1), ValueError, "input_ptr is 0 \\(a null pointer\\)"),
             (("f32", 16, 0, 1), ValueError, "output_ptr is 0 \\(a null pointer\\)"),
             (("f32", -16, 16, 1), ValueError, "input_ptr must be a non-negative int"),

@@ -283,8 +283,8 @@ impl PyCommunicator {
     /// Collective on the GPU: every rank makes the same calls with the same
     /// counts, dtypes and algorithms, in the same order. `algorithm` is
     /// "auto" (linkreduce's kernels where they serve the group, NCCL
-    /// elsewhere: `path_for` says which), "one-stage", "two-stage", "push"
-    /// or "nccl"; `zero_copy` refuses an input peers cannot read in place
+    /// elsewhere: `path_for` says which), "one-stage", "two-stage", "push",
+    /// "chunked-push" or "nccl"; `zero_copy` refuses an input peers cannot read in place
     /// instead of copying it to staging.
     ///
     /// The caller vouches (nothing checks it; breaking it is undefined
@@ -509,7 +509,7 @@ impl PyCommunicator {
     /// algorithm_for(nbytes) -> str
     ///
     /// The path an automatic call of `nbytes` bytes takes: the algorithm of
-    /// linkreduce's kernels ("one-stage", "two-stage", "push"), or "nccl".
+    /// linkreduce's kernels ("one-stage", "two-stage", "push", "chunked-push"), or "nccl".
     fn algorithm_for(&self, py: Python<'_>, nbytes: &Bound<'_, PyAny>) -> PyResult<&'static str> {
         let bytes = message_bytes(nbytes)?;
         self.with(py, move |communicator| {

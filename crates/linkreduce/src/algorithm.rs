@@ -5,6 +5,8 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::kernels::CHUNK_BLOCKS;
+
 /// The data-movement schemes the kernels implement (docs/design.md,
 /// "Algorithms").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -21,17 +23,35 @@ pub enum Algorithm {
     /// data marks its own arrival). For small messages, where a tuning
     /// table picks it (the shipped 2 x H200 table: up to 64 KiB).
     Push,
+    /// Every rank writes its input, chunk by chunk, into a ring in every
+    /// peer's scratch, with one flag per chunk, and sums the chunks as
+    /// they land: (W-1) x N bytes pushed per rank, no barrier. For large
+    /// messages on two GPUs, where stores reach more NVLink bandwidth than
+    /// one-stage's loads, and where a tuning table picks it.
+    ChunkedPush,
 }
 
 impl Algorithm {
-    pub const ALL: [Algorithm; 3] = [Algorithm::OneStage, Algorithm::TwoStage, Algorithm::Push];
+    pub const ALL: [Algorithm; 4] = [
+        Algorithm::OneStage,
+        Algorithm::TwoStage,
+        Algorithm::Push,
+        Algorithm::ChunkedPush,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Algorithm::OneStage => "one-stage",
             Algorithm::TwoStage => "two-stage",
             Algorithm::Push => "push",
+            Algorithm::ChunkedPush => "chunked-push",
         }
+    }
+
+    /// Whether only this rank reads its input, by address, with no
+    /// buffer table, registration or barrier (the push kernels).
+    pub(crate) fn reads_input_locally(self) -> bool {
+        matches!(self, Algorithm::Push | Algorithm::ChunkedPush)
     }
 
     /// The prefix of this algorithm's kernel symbols.
@@ -40,6 +60,7 @@ impl Algorithm {
             Algorithm::OneStage => "one_stage",
             Algorithm::TwoStage => "two_stage",
             Algorithm::Push => "push",
+            Algorithm::ChunkedPush => "chunked_push",
         }
     }
 }
@@ -58,8 +79,9 @@ impl FromStr for Algorithm {
             "one-stage" | "one_stage" | "oneshot" | "one-shot" | "1" => Ok(Algorithm::OneStage),
             "two-stage" | "two_stage" | "twoshot" | "two-shot" | "2" => Ok(Algorithm::TwoStage),
             "push" => Ok(Algorithm::Push),
+            "chunked-push" | "chunked_push" => Ok(Algorithm::ChunkedPush),
             _ => Err(format!(
-                "unknown algorithm {s:?}: expected one-stage, two-stage or push"
+                "unknown algorithm {s:?}: expected one-stage, two-stage, push or chunked-push"
             )),
         }
     }
@@ -274,7 +296,8 @@ impl Tuning {
 }
 
 /// How many blocks a launch uses: enough for one packet per thread, at most
-/// `max_blocks` (the group-wide limit that keeps every rank's grid resident).
+/// `max_blocks` (the group-wide limit that keeps every rank's grid resident)
+/// and, for chunked push, at most the blocks its rings are laid out for.
 /// Depends only on values every rank shares, so all ranks launch the same
 /// grid, which the barrier needs.
 pub fn blocks_for(
@@ -285,11 +308,26 @@ pub fn blocks_for(
     max_blocks: u32,
 ) -> u32 {
     let per_rank = match algorithm {
-        Algorithm::OneStage | Algorithm::Push => packets,
+        Algorithm::OneStage | Algorithm::Push | Algorithm::ChunkedPush => packets,
         Algorithm::TwoStage => packets.div_ceil(world_size.max(1)),
     };
+    let limit = match algorithm {
+        Algorithm::ChunkedPush => max_blocks.min(CHUNK_BLOCKS as u32),
+        _ => max_blocks,
+    };
     let wanted = per_rank.div_ceil(threads_per_block as usize).max(1);
-    wanted.min(max_blocks.max(1) as usize) as u32
+    wanted.min(limit.max(1) as usize) as u32
+}
+
+/// Packets per chunk of a chunked push of `packets` over `blocks` blocks:
+/// one chunk per block where a ring slot (`slot_packets`) holds it, else
+/// whole slots, so that large messages pipeline several chunks per block.
+/// Shared by every rank, as the grid is, so that all count chunks alike.
+pub fn chunk_packets(packets: usize, blocks: u32, slot_packets: usize) -> usize {
+    packets
+        .div_ceil(blocks.max(1) as usize)
+        .min(slot_packets)
+        .max(1)
 }
 
 #[cfg(test)]
@@ -336,6 +374,24 @@ mod tests {
         assert_eq!(blocks_for(one, 2, 1 << 30, 512, 36), 36);
         assert_eq!(blocks_for(Algorithm::TwoStage, 4, 4 * 512 + 1, 512, 36), 2);
         assert_eq!(blocks_for(one, 2, 1 << 20, 512, 0), 1);
+        let chunked = Algorithm::ChunkedPush;
+        assert_eq!(
+            blocks_for(chunked, 2, 1 << 24, 512, 256),
+            CHUNK_BLOCKS as u32
+        );
+        assert_eq!(blocks_for(chunked, 2, 1 << 24, 512, 33), 33);
+        assert_eq!(blocks_for(chunked, 2, 4 * 512, 512, 256), 4);
+    }
+
+    #[test]
+    fn chunks_fill_the_grid_and_never_outgrow_a_slot() {
+        // 1 MiB of packets over 128 blocks: one 8 KiB chunk each.
+        assert_eq!(chunk_packets(1 << 16, 128, 4096), 512);
+        // 256 MiB: slots of 64 KiB, 32 chunks per block.
+        assert_eq!(chunk_packets(1 << 24, 128, 4096), 4096);
+        // A partial last chunk, and a message under one packet per block.
+        assert_eq!(chunk_packets(1001, 2, 4096), 501);
+        assert_eq!(chunk_packets(1, 1, 4096), 1);
     }
 
     #[test]

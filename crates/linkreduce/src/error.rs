@@ -79,12 +79,14 @@ pub enum Error {
         rank: usize,
         peer: usize,
         /// Which barrier of the kernel (0: start); 99: a push waiting for
-        /// the peer's data.
+        /// the peer's data; 97 and 98: a chunked push waiting for the
+        /// peer's chunk and for a slot the peer had to free.
         barrier: u32,
         block: u32,
         /// The epoch awaited and the last one the peer's counter showed
-        /// (low 16 bits; 0 for push): they tell a peer that never came
-        /// from one at another step.
+        /// (low 16 bits; 0 for push; for chunked push the chunk numbers,
+        /// low 32 bits): they tell a peer that never came from one at
+        /// another step.
         expected: u32,
         seen: u32,
     },

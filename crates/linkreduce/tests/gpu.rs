@@ -39,10 +39,23 @@ fn group(world: usize, gpus: usize, config: Config) -> Vec<Communicator> {
 const LENGTHS: [usize; 8] = [1, 7, 8, 4097, 65536, 73740, (1 << 20) + 3, 32 << 20];
 
 fn sweep_world(world: usize) {
+    sweep(world, Config::default(), &Algorithm::ALL);
+}
+
+/// Every dtype, length and placement with each of `algorithms` forced, on
+/// `world` ranks with `config`; every case must be bitwise right.
+fn sweep(world: usize, config: Config, algorithms: &[Algorithm]) {
     let Some(gpus) = gpus() else { return };
-    let mut comms = group(world, gpus, Config::default());
+    let mut comms = group(world, gpus, config);
     let started = Instant::now();
-    let cases = sweep_cases(&DType::ALL, &LENGTHS);
+    let cases: Vec<Case> = sweep_cases(&DType::ALL, &LENGTHS)
+        .into_iter()
+        .filter(|case| {
+            algorithms
+                .iter()
+                .any(|&a| case.algorithm == AlgorithmChoice::Force(a))
+        })
+        .collect();
     let mut failures = Vec::new();
     for (seed, &case) in cases.iter().enumerate() {
         let outcome =
@@ -73,6 +86,20 @@ fn world_3_ranks_sharing_gpus() {
 #[test]
 fn world_8_ranks_sharing_gpus() {
     sweep_world(8);
+}
+
+/// Chunked push through rings of a few packets a slot (64 KiB of scratch:
+/// 8 packets at world 2, 4 at world 3): a call cycles every ring many
+/// times, blocks take thousands of chunks, and the partial last chunk and
+/// packet come at every length.
+#[test]
+fn chunked_push_through_the_smallest_rings() {
+    let config = Config {
+        scratch_bytes: 64 << 10,
+        ..Config::default()
+    };
+    sweep(2, config.clone(), &[Algorithm::ChunkedPush]);
+    sweep(3, config, &[Algorithm::ChunkedPush]);
 }
 
 /// Runs random cases `0..warmup` of `seed` (they leave freed, reused and

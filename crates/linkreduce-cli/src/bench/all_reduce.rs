@@ -19,12 +19,13 @@ use crate::error::{CliError, Result};
 
 pub(super) const DEFAULT_SIZES: &str = "1K:256M";
 
-pub(super) const DEFAULT_IMPLEMENTATIONS: [Implementation; 6] = [
+pub(super) const DEFAULT_IMPLEMENTATIONS: [Implementation; 7] = [
     Implementation::Nccl,
     Implementation::Auto,
     Implementation::OneStage,
     Implementation::TwoStage,
     Implementation::Push,
+    Implementation::ChunkedPush,
     Implementation::NcclSymmetric,
 ];
 
@@ -42,6 +43,7 @@ pub(crate) enum Implementation {
     OneStage,
     TwoStage,
     Push,
+    ChunkedPush,
     Nccl,
     NcclSymmetric,
 }
@@ -53,6 +55,7 @@ impl fmt::Display for Implementation {
             Implementation::OneStage => "lr-one-stage",
             Implementation::TwoStage => "lr-two-stage",
             Implementation::Push => "lr-push",
+            Implementation::ChunkedPush => "lr-chunked-push",
             Implementation::Nccl => "nccl",
             Implementation::NcclSymmetric => "nccl-symm",
         })
@@ -71,6 +74,7 @@ impl Implementation {
             Implementation::OneStage => Some(AlgorithmChoice::Force(Algorithm::OneStage)),
             Implementation::TwoStage => Some(AlgorithmChoice::Force(Algorithm::TwoStage)),
             Implementation::Push => Some(AlgorithmChoice::Force(Algorithm::Push)),
+            Implementation::ChunkedPush => Some(AlgorithmChoice::Force(Algorithm::ChunkedPush)),
             Implementation::Nccl | Implementation::NcclSymmetric => None,
         }
     }

@@ -211,6 +211,7 @@ pub fn tune(mut args: Args) -> Result<ExitCode> {
                 Algorithm::OneStage => Implementation::OneStage,
                 Algorithm::TwoStage => Implementation::TwoStage,
                 Algorithm::Push => Implementation::Push,
+                Algorithm::ChunkedPush => Implementation::ChunkedPush,
             })
             .chain([Implementation::Nccl])
             .collect(),

@@ -5,7 +5,10 @@ use std::time::Duration;
 
 use crate::algorithm::{AlgorithmChoice, Tuning};
 use crate::error::{Error, Result};
-use crate::kernels::{MAX_BLOCKS, MAX_RANKS, MAX_TABLE_ENTRIES, PACKET_BYTES, SCRATCH_TAIL_BYTES};
+use crate::kernels::{
+    chunk_slot_bytes_needed, MAX_BLOCKS, MAX_RANKS, MAX_TABLE_ENTRIES, PACKET_BYTES,
+    SCRATCH_TAIL_BYTES,
+};
 
 /// Tunables of a communicator. Every rank must use the same values.
 #[derive(Debug, Clone)]
@@ -95,7 +98,10 @@ impl Config {
         if self.staging_bytes < PACKET_BYTES {
             return bad(format!("staging_bytes must be at least {PACKET_BYTES}"));
         }
-        let least_scratch = (MAX_RANKS + 2) * PACKET_BYTES + SCRATCH_TAIL_BYTES;
+        // Two-stage needs a packet per rank and its tail; chunked push a
+        // packet per slot of every ring (kernels::chunk_slot_bytes).
+        let least_scratch =
+            ((MAX_RANKS + 2) * PACKET_BYTES + SCRATCH_TAIL_BYTES).max(chunk_slot_bytes_needed());
         if self.scratch_bytes < least_scratch {
             return bad(format!("scratch_bytes must be at least {least_scratch}"));
         }

@@ -18,13 +18,13 @@ use cudarc::driver::CudaStream;
 
 use super::custom::CustomPath;
 use super::{capturing, Communicator};
-use crate::algorithm::{blocks_for, Algorithm};
+use crate::algorithm::{blocks_for, chunk_packets, Algorithm};
 use crate::comm::CallOptions;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::kernels::{
-    launch, source_word, AllReduceArgs, BarrierArgs, PushArgs, PACKET_BYTES, SCRATCH_TAIL_BYTES,
-    THREADS_PER_BLOCK,
+    chunk_slot_bytes, launch, source_word, AllReduceArgs, BarrierArgs, ChunkedArgs, PushArgs,
+    PACKET_BYTES, SCRATCH_TAIL_BYTES, THREADS_PER_BLOCK,
 };
 use crate::path::CallPath;
 use crate::registry::{Located, STAGING_INDEX};
@@ -34,7 +34,7 @@ use crate::registry::{Located, STAGING_INDEX};
 pub(super) enum Source {
     /// Where it is, through its buffer-table entry (peers read it too).
     Table(Located),
-    /// Where it is, read by this rank alone (push).
+    /// Where it is, read by this rank alone (the push kernels).
     Local,
     /// A copy in this rank's staging buffer.
     Staged,
@@ -45,7 +45,7 @@ pub(super) enum Source {
 pub(super) enum LaunchInput {
     /// A source word: table index and offset (peers read it too).
     Table(u64),
-    /// This rank's address (push: only this rank reads it).
+    /// This rank's address (the push kernels: only this rank reads it).
     Address(u64),
 }
 
@@ -268,7 +268,7 @@ impl Communicator {
         capturing: bool,
     ) -> Result<Source> {
         let aligned = input % PACKET == 0;
-        if algorithm == Algorithm::Push {
+        if algorithm.reads_input_locally() {
             // Only this rank reads its input, each packet before writing
             // the same packet of the output: in place is safe, and nothing
             // needs registering. Whole packets need 16-byte alignment.
@@ -336,7 +336,9 @@ impl Communicator {
     ) -> usize {
         let staging = custom.regions.staging.bytes() / PACKET_BYTES * PACKET_BYTES;
         let bytes = match algorithm {
-            Algorithm::OneStage => staging,
+            // Chunked push needs no staging for an aligned input, but a
+            // misaligned one is staged, and every rank must cut alike.
+            Algorithm::OneStage | Algorithm::ChunkedPush => staging,
             Algorithm::Push => custom.regions.push_segment.min(staging),
             Algorithm::TwoStage => {
                 let slice_packets = (self.config.scratch_bytes - SCRATCH_TAIL_BYTES) / PACKET_BYTES;
@@ -361,9 +363,10 @@ impl Communicator {
     ) -> Result<()> {
         // Push kernels take the partial last packet as a packet; the others
         // give it to a scalar tail path.
-        let packets = match algorithm {
-            Algorithm::Push => (count * dtype.size()).div_ceil(PACKET_BYTES),
-            _ => count * dtype.size() / PACKET_BYTES,
+        let packets = if algorithm.reads_input_locally() {
+            (count * dtype.size()).div_ceil(PACKET_BYTES)
+        } else {
+            count * dtype.size() / PACKET_BYTES
         };
         let blocks = blocks_for(
             algorithm,
@@ -384,15 +387,18 @@ impl Communicator {
         let function = custom.kernels.get(&(algorithm, dtype)).ok_or_else(|| {
             Error::InvalidConfig(format!("no {algorithm} kernel for {dtype} was loaded"))
         })?;
-        // What makes both launches below sound: the one-stage and two-stage
+        // What makes the launches below sound: the one-stage and two-stage
         // kernels take exactly one `AllReduceArgs` by value, the push
-        // kernels one `PushArgs`; which one `input` says (locate_input
+        // kernels one `PushArgs`, the chunked-push kernels one
+        // `ChunkedArgs`; which one `input` and `algorithm` say (locate_input
         // gives push inputs by address, the others through the table).
-        // Their pointers are valid: signal regions, push areas and the
-        // table live as long as their communicators (collectively
-        // dropped); every table entry a peer can name holds a buffer
-        // checked shareable when it was shared; a push input holds `count`
-        // elements and fits the push segment (chunks are cut to it); the
+        // Their pointers are valid: signal regions (with their scratch),
+        // push areas and the table live as long as their communicators
+        // (collectively dropped); every table entry a peer can name holds
+        // a buffer checked shareable when it was shared; a push input holds
+        // `count` elements and fits the push segment (chunks are cut to
+        // it); a chunked push's slots lie in scratch (chunk_slot_bytes
+        // divides it among the rings) and its chunks fit a slot; the
         // output holds `count` elements (the caller's slice, or the bounce
         // buffer, which holds a whole chunk). Each kernel waits for the
         // previous one before it reads anything (lr_wait_for_previous_kernel),
@@ -409,6 +415,19 @@ impl Communicator {
                 };
                 // SAFETY: a one-stage or two-stage kernel with its
                 // `AllReduceArgs` (above).
+                unsafe { launch(stream, function, blocks, &args, programmatic) }
+            }
+            LaunchInput::Address(input) if algorithm == Algorithm::ChunkedPush => {
+                let slot_bytes = chunk_slot_bytes(self.config.scratch_bytes, self.world_size);
+                let args = ChunkedArgs {
+                    barrier,
+                    input,
+                    output,
+                    count: count as u64,
+                    chunk_packets: chunk_packets(packets, blocks, slot_bytes / PACKET_BYTES) as u64,
+                    slot_bytes: slot_bytes as u64,
+                };
+                // SAFETY: a chunked-push kernel with its `ChunkedArgs` (above).
                 unsafe { launch(stream, function, blocks, &args, programmatic) }
             }
             LaunchInput::Address(input) => {
@@ -502,7 +521,7 @@ impl CustomPath {
                 // The previous launch ended on this stream, so every
                 // peer has finished reading staging.
                 copy(stream, self.regions.staging.ptr(), input + offset, bytes)?;
-                if algorithm == Algorithm::Push {
+                if algorithm.reads_input_locally() {
                     LaunchInput::Address(self.regions.staging.ptr())
                 } else {
                     LaunchInput::Table(STAGING_INDEX as u64)

@@ -70,8 +70,9 @@ static __device__ __forceinline__ bool lr_start(const AllReduceArgs& a, u32 epoc
   return lr_start_from<W>(a, epoch, inputs, [&](u32) { return a.source; });
 }
 
-static __device__ __forceinline__ char* lr_scratch(const AllReduceArgs& a, int rank) {
-  return (char*)a.bar.peers.rank[rank] + LR_SCRATCH_OFFSET;
+// Where rank `rank`'s scratch starts, as this rank reaches it.
+static __device__ __forceinline__ char* lr_scratch(const BarrierArgs& a, int rank) {
+  return (char*)a.peers.rank[rank] + LR_SCRATCH_OFFSET;
 }
 
 // The frame of a one-stage kernel: the wait for the previous kernel
@@ -191,7 +192,7 @@ static __device__ __forceinline__ void lr_two_stage(const AllReduceArgs& a) {
   const auto reduce = [&](const char* const (&src)[W]) {
     const u64 my_len = rank == W - 1 ? last_len : part;
     const u64 my_start = (u64)rank * part;
-    Pack* mine = (Pack*)lr_scratch(a, rank);
+    Pack* mine = (Pack*)lr_scratch(a.bar, rank);
     for (u64 j = first; j < my_len; j += stride) {
       Pack p[W];
 #pragma unroll
@@ -207,7 +208,7 @@ static __device__ __forceinline__ void lr_two_stage(const AllReduceArgs& a) {
   const auto gather = [&]() {
     const Pack* slices[W];
 #pragma unroll
-    for (int r = 0; r < W; ++r) slices[r] = (const Pack*)lr_scratch(a, r);
+    for (int r = 0; r < W; ++r) slices[r] = (const Pack*)lr_scratch(a.bar, r);
     Pack* out = (Pack*)a.output;
     // Same packet-to-thread mapping as the reduce-scatter above (j from
     // `first` by `stride`, the last slice's extra packets included): this

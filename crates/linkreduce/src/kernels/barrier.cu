@@ -16,8 +16,17 @@
 // counters[parity][block][peer] is written by `peer` and read by the owner.
 // Two arrays alternate (by epoch parity) because a fast peer can already be
 // at the next barrier while a slow owner still waits on this one.
+// The chunked push's counters (chunked.cu says how they order a ring's
+// slots), per block of its grid and per peer.
+struct ChunkSignal {
+  u64 ready[LR_CHUNK_BLOCKS][LR_MAX_RANKS];  // by the peer: its chunks in its ring here
+  u64 freed[LR_CHUNK_BLOCKS][LR_MAX_RANKS];  // by the peer: this rank's chunks it is done with
+  u64 sequence[LR_CHUNK_BLOCKS];             // chunks this block moved; only the owner's
+};
+
 struct Signal {
   u64 counters[2][LR_MAX_BLOCKS][LR_MAX_RANKS];
+  ChunkSignal chunks;
   // Per block: the last epoch this block passed. Only the owner touches it.
   u32 epoch[LR_MAX_BLOCKS];
 };

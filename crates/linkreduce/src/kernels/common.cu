@@ -53,14 +53,19 @@ static __device__ __forceinline__ u32 lr_lane(const Pack& p, int i) {
 }
 
 // A packet of the `n` (at most a packet's) elements at `at`, zeros after
-// them: for data that does not start or end on a packet boundary.
+// them: for data that does not start or end on a packet boundary. The loop
+// runs over every lane with `n` as a condition, so that each lane's index
+// is a constant and the packet stays in registers (a loop to `n` indexed
+// it at run time, which put it in local memory).
 template <typename D>
 static __device__ __forceinline__ Pack lr_load_lanes(const typename D::Bits* at, u64 n) {
   Pack p;
 #pragma unroll
   for (int w = 0; w < 4; ++w) p.w[w] = 0;
-  for (u64 i = 0; i < n; ++i) {
-    u32 bits = at[i];
+#pragma unroll
+  for (int i = 0; i < D::PER_PACK; ++i) {
+    if ((u64)i >= n) break;
+    const u32 bits = at[i];
     if (D::BITS == 32) {
       p.w[i] = bits;
     } else {
@@ -70,10 +75,35 @@ static __device__ __forceinline__ Pack lr_load_lanes(const typename D::Bits* at,
   return p;
 }
 
-// Stores the first `n` elements of a packet at `at`.
+// Stores the first `n` elements of a packet at `at` (lanes as above).
 template <typename D>
 static __device__ __forceinline__ void lr_store_lanes(typename D::Bits* at, u64 n, const Pack& p) {
-  for (u64 i = 0; i < n; ++i) at[i] = (typename D::Bits)lr_lane<D>(p, (int)i);
+#pragma unroll
+  for (int i = 0; i < D::PER_PACK; ++i) {
+    if ((u64)i >= n) break;
+    at[i] = (typename D::Bits)lr_lane<D>(p, i);
+  }
+}
+
+// Packet `j` of the `count` elements at `base` (16-byte aligned): whole,
+// or (the last, partial packet) its elements and zeros after them.
+template <typename D>
+static __device__ __forceinline__ Pack lr_load_packet(const char* base, u64 j, u64 count) {
+  const u64 left = count - j * D::PER_PACK;
+  if (left >= (u64)D::PER_PACK) return ((const Pack*)base)[j];
+  return lr_load_lanes<D>((const typename D::Bits*)base + j * D::PER_PACK, left);
+}
+
+// Stores packet `j` of the `count` elements at `base`: whole, or only the
+// elements of the last, partial packet.
+template <typename D>
+static __device__ __forceinline__ void lr_store_packet(char* base, u64 j, u64 count, const Pack& p) {
+  const u64 left = count - j * D::PER_PACK;
+  if (left >= (u64)D::PER_PACK) {
+    ((Pack*)base)[j] = p;
+    return;
+  }
+  lr_store_lanes<D>((typename D::Bits*)base + j * D::PER_PACK, left, p);
 }
 
 // Sums W packets in rank order and rounds once.

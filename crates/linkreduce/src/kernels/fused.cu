@@ -68,7 +68,7 @@ static __device__ __forceinline__ void lr_fused_two_stage(const FusedNormArgs& a
     // This rank's run of each row: groups [own_first, own_first + own).
     // The block's rows' runs are one list, so that short runs (many ranks,
     // short rows) still keep every thread busy.
-    Pack* mine = (Pack*)lr_scratch(ar, rank);
+    Pack* mine = (Pack*)lr_scratch(ar.bar, rank);
     const u64 own_first = (u64)rank * share;
     const u64 own =
         own_first >= groups ? 0 : (groups - own_first < share ? groups - own_first : share);
@@ -94,7 +94,7 @@ static __device__ __forceinline__ void lr_fused_two_stage(const FusedNormArgs& a
       lr_add_rms_norm_row<D>(norm, row, warp_sums, [&](u64 e, u64) {
         const u64 g = (e - row * norm.hidden) / D::PER_PACK;
         const u64 owner = g / share;
-        const Pack* run = (const Pack*)lr_scratch(ar, (int)owner);
+        const Pack* run = (const Pack*)lr_scratch(ar.bar, (int)owner);
         return run[row * share + (g - owner * share)];
       });
     }

@@ -177,6 +177,7 @@ mod tests {
             "linkreduce_one_stage_",
             "linkreduce_two_stage_",
             "linkreduce_push_",
+            "linkreduce_chunked_push_",
         ];
         let sm90 = ptx("compute_90");
         let mut checked = 0;
@@ -202,5 +203,16 @@ mod tests {
         }
         assert_eq!(checked, super::super::all_kernel_names().len());
         assert!(!ptx("compute_80").contains("griddepcontrol"));
+    }
+
+    /// No kernel of the program spills to local memory: a per-thread array
+    /// indexed at run time (a partial packet's lanes, once) ends up there,
+    /// one more memory round trip on a path meant to be at the floor.
+    #[test]
+    fn no_kernel_uses_local_memory() {
+        for (name, body) in entries(&ptx("compute_90")) {
+            let local = body.matches("ld.local").count() + body.matches("st.local").count();
+            assert_eq!(local, 0, "{name} uses local memory");
+        }
     }
 }

@@ -30,13 +30,14 @@ pub use scatter_gather::{scatter_gather_kernel_names, ScatterGather};
 
 /// The all-reduce program's files in compile order: the shared layer, the
 /// barrier protocol, the all-reduce kernels that use it, the barrier-free
-/// push kernels, then residual add and RMSNorm, plain and fused with the
-/// all-reduce, then reduce-scatter and all-gather.
-const ALL_REDUCE_FILES: [&str; 7] = [
+/// push kernels (packets and chunks), then residual add and RMSNorm, plain
+/// and fused with the all-reduce, then reduce-scatter and all-gather.
+const ALL_REDUCE_FILES: [&str; 8] = [
     include_str!("common.cu"),
     include_str!("barrier.cu"),
     include_str!("allreduce.cu"),
     include_str!("push.cu"),
+    include_str!("chunked.cu"),
     include_str!("norm.cu"),
     include_str!("fused.cu"),
     include_str!("scatter_gather.cu"),
@@ -147,7 +148,7 @@ pub const MAX_BLOCKS: usize = 256;
 pub const THREADS_PER_BLOCK: u32 = 512;
 /// `LR_SCRATCH_OFFSET`: counters come first in a signal region, scratch
 /// after (barrier.cu checks that the counters fit).
-pub const SCRATCH_OFFSET: usize = 33792;
+pub const SCRATCH_OFFSET: usize = 51200;
 /// Bytes moved per packet.
 pub const PACKET_BYTES: usize = 16;
 /// Two-stage kernels keep a reduced tail (under one packet) after the slice.
@@ -159,6 +160,32 @@ pub const PUSH_SLOTS: usize = 3;
 pub const PUSH_HEADER: usize = 256;
 /// `LR_PUSH_EMPTY`: what an empty push slot holds, per 32-bit word.
 pub const PUSH_EMPTY: u32 = 0x8000_8000;
+
+/// `LR_CHUNK_BLOCKS`: the largest grid of a chunked push; its rings in
+/// scratch are laid out for this many blocks, whatever a launch uses.
+pub const CHUNK_BLOCKS: usize = 128;
+/// `LR_CHUNK_SLOTS`: slots of each chunked-push ring.
+pub const CHUNK_SLOTS: usize = 4;
+/// `LR_CHUNK_AHEAD`: chunks a chunked-push block sends before it reduces
+/// the first; below `CHUNK_SLOTS`, so that a block never waits for a slot
+/// its peer frees only later in the same step (docs/design.md, "Chunked
+/// push").
+pub const CHUNK_AHEAD: usize = 2;
+const _: () = assert!(CHUNK_BLOCKS <= MAX_BLOCKS && CHUNK_AHEAD < CHUNK_SLOTS);
+
+/// Bytes between the slots of a chunked-push ring, as chunked.cu lays the
+/// rings out in a scratch of `scratch_bytes` for `world_size` ranks: a ring
+/// per peer and per block of [`CHUNK_BLOCKS`], of [`CHUNK_SLOTS`] slots, in
+/// whole packets.
+pub(crate) fn chunk_slot_bytes(scratch_bytes: usize, world_size: usize) -> usize {
+    let slots = world_size.saturating_sub(1).max(1) * CHUNK_BLOCKS * CHUNK_SLOTS;
+    scratch_bytes / slots / PACKET_BYTES * PACKET_BYTES
+}
+
+/// The least scratch that gives every world size a packet per slot.
+pub(crate) fn chunk_slot_bytes_needed() -> usize {
+    (MAX_RANKS - 1) * CHUNK_BLOCKS * CHUNK_SLOTS * PACKET_BYTES
+}
 
 /// `LR_EPOCH_BITS`: a barrier word carries the epoch in this many low bits
 /// and its payload above them.
@@ -196,6 +223,9 @@ fn generated_constants() -> String {
         ("LR_PUSH_SLOTS", PUSH_SLOTS.to_string()),
         ("LR_PUSH_HEADER", format!("{PUSH_HEADER}ull")),
         ("LR_PUSH_EMPTY", format!("{PUSH_EMPTY:#x}u")),
+        ("LR_CHUNK_BLOCKS", CHUNK_BLOCKS.to_string()),
+        ("LR_CHUNK_SLOTS", format!("{CHUNK_SLOTS}ull")),
+        ("LR_CHUNK_AHEAD", format!("{CHUNK_AHEAD}ull")),
         ("LR_CHECK_THREADS", CHECK_THREADS.to_string()),
     ];
     let mut text = String::from("// Generated from the host's constants (src/kernels/mod.rs).\n");
@@ -291,19 +321,38 @@ pub(crate) struct PushArgs {
 // (repr(C), only integers; sizes checked by the test below).
 unsafe impl DeviceRepr for PushArgs {}
 
+/// Mirrors `ChunkedArgs`: the chunked-push kernels' only parameter.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ChunkedArgs {
+    pub barrier: BarrierArgs,
+    pub input: u64,
+    pub output: u64,
+    pub count: u64,
+    pub chunk_packets: u64,
+    pub slot_bytes: u64,
+}
+
+// SAFETY: plain-old-data with the layout of the C struct `ChunkedArgs`
+// (repr(C), only integers; sizes checked by the test below).
+unsafe impl DeviceRepr for ChunkedArgs {}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn host_mirrors_have_the_c_layout() {
-        // Signal: two arrays of u64 counters plus one u32 epoch per block.
-        let signal_bytes = 2 * MAX_BLOCKS * MAX_RANKS * 8 + MAX_BLOCKS * 4;
+        // Signal: two arrays of u64 counters, the chunked push's two arrays
+        // and sequence, one u32 epoch per block (allreduce.cu asserts the fit).
+        let chunk_bytes = 2 * CHUNK_BLOCKS * MAX_RANKS * 8 + CHUNK_BLOCKS * 8;
+        let signal_bytes = 2 * MAX_BLOCKS * MAX_RANKS * 8 + chunk_bytes + MAX_BLOCKS * 4;
         assert!(signal_bytes <= SCRATCH_OFFSET && SCRATCH_OFFSET % 256 == 0);
         assert_eq!(std::mem::size_of::<Fault>(), 28);
         assert_eq!(std::mem::size_of::<BarrierArgs>(), 88);
         assert_eq!(std::mem::size_of::<AllReduceArgs>(), 128);
         assert_eq!(std::mem::size_of::<PushArgs>(), 184);
+        assert_eq!(std::mem::size_of::<ChunkedArgs>(), 128);
         assert_eq!(std::mem::size_of::<CheckArgs>(), 48);
         assert_eq!(std::mem::offset_of!(CheckArgs, result), 40);
         // Field offsets as the C compiler lays the structs out.
@@ -337,6 +386,16 @@ mod tests {
             ],
             [88, 152, 160, 168, 176]
         );
+        assert_eq!(
+            [
+                offset_of!(ChunkedArgs, input),
+                offset_of!(ChunkedArgs, output),
+                offset_of!(ChunkedArgs, count),
+                offset_of!(ChunkedArgs, chunk_packets),
+                offset_of!(ChunkedArgs, slot_bytes)
+            ],
+            [88, 96, 104, 112, 120]
+        );
     }
 
     #[test]
@@ -357,8 +416,9 @@ mod tests {
         assert!(source.contains("linkreduce_one_stage_##NAME##_w##W"));
         assert!(source.contains("linkreduce_two_stage_##NAME##_w##W"));
         assert!(source.contains("linkreduce_push_##NAME##_w##W"));
+        assert!(source.contains("linkreduce_chunked_push_##NAME##_w##W"));
         for dtype in DType::ALL {
-            for kernels in ["LR_KERNELS", "LR_PUSH_KERNELS"] {
+            for kernels in ["LR_KERNELS", "LR_PUSH_KERNELS", "LR_CHUNKED_KERNELS"] {
                 let line = format!("LR_FOR_WORLDS({kernels}, {},", dtype.name());
                 assert!(source.contains(&line), "source lacks `{line}`");
             }
@@ -367,7 +427,7 @@ mod tests {
                       KERNELS(NAME, D, 5) KERNELS(NAME, D, 6) KERNELS(NAME, D, 7) \
                       KERNELS(NAME, D, 8)\n";
         assert!(source.contains(&format!("#define LR_FOR_WORLDS(KERNELS, NAME, D){worlds}")));
-        assert_eq!(all_kernel_names().len(), 3 * 7 * 3);
+        assert_eq!(all_kernel_names().len(), 4 * 7 * 3);
         assert_eq!(
             kernel_name(Algorithm::TwoStage, DType::BF16, 5),
             "linkreduce_two_stage_bf16_w5"
@@ -381,12 +441,15 @@ mod tests {
             "#define LR_MAX_RANKS 8",
             "#define LR_MAX_BLOCKS 256",
             "#define LR_THREADS 512",
-            "#define LR_SCRATCH_OFFSET 33792ull",
+            "#define LR_SCRATCH_OFFSET 51200ull",
             "#define LR_EPOCH_BITS 16",
             "#define LR_INDEX_BITS 16",
             "#define LR_PUSH_SLOTS 3",
             "#define LR_PUSH_HEADER 256ull",
             "#define LR_PUSH_EMPTY 0x80008000u",
+            "#define LR_CHUNK_BLOCKS 128",
+            "#define LR_CHUNK_SLOTS 4ull",
+            "#define LR_CHUNK_AHEAD 2ull",
             "#define LR_CHECK_THREADS 256",
         ] {
             assert!(

@@ -84,24 +84,6 @@ static __device__ __forceinline__ Pack lr_without_empty(Pack p) {
   return p;
 }
 
-// Packet `j` of this rank's input: whole, or (the last, partial packet)
-// its `valid` elements and zeros after them.
-template <typename D>
-static __device__ __forceinline__ Pack lr_load_input(const PushArgs& a, u64 j, u64 valid) {
-  if (valid == D::PER_PACK) return ((const Pack*)a.input)[j];
-  return lr_load_lanes<D>((const typename D::Bits*)a.input + j * D::PER_PACK, valid);
-}
-
-template <typename D>
-static __device__ __forceinline__ void lr_store_output(const PushArgs& a, u64 j, u64 valid,
-                                                       const Pack& p) {
-  if (valid == D::PER_PACK) {
-    ((Pack*)a.output)[j] = p;
-    return;
-  }
-  lr_store_lanes<D>((typename D::Bits*)a.output + j * D::PER_PACK, valid, p);
-}
-
 // Where `writer`'s segment of `slot` starts in the push area at `area`.
 template <int W>
 static __device__ __forceinline__ Pack* lr_segment(char* area, u32 slot, int writer, u64 bytes) {
@@ -191,12 +173,8 @@ static __device__ __forceinline__ void lr_push(const PushArgs& a) {
   const u64 packs = (a.count + D::PER_PACK - 1) / D::PER_PACK;
   const u64 first = (u64)blockIdx.x * blockDim.x + threadIdx.x;
   const u64 stride = (u64)gridDim.x * blockDim.x;
-  const auto valid = [&](u64 j) {
-    const u64 left = a.count - j * D::PER_PACK;
-    return left < (u64)D::PER_PACK ? left : (u64)D::PER_PACK;
-  };
   // This rank's packet j as it is sent.
-  const auto mine = [&](u64 j) { return lr_without_empty<D>(lr_load_input<D>(a, j, valid(j))); };
+  const auto mine = [&](u64 j) { return lr_without_empty<D>(lr_load_packet<D>(a.input, j, a.count)); };
 
   // Send: this rank's packets into its segment of every peer's slot. The
   // thread's first packet stays in registers for its sum below, so a
@@ -219,7 +197,7 @@ static __device__ __forceinline__ void lr_push(const PushArgs& a) {
       p[r] = r != rank ? lr_push_wait<D, W>(a, slot, j, r, timed_out) : j == first ? kept : mine(j);
     }
     if (timed_out) break;
-    lr_store_output<D>(a, j, valid(j), lr_reduce<D, W>(p));
+    lr_store_packet<D>(a.output, j, a.count, lr_reduce<D, W>(p));
     lr_push_reset<W>(a, slot, j);
   }
   // The last phase: this thread is done waiting for its peers.

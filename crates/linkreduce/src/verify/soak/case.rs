@@ -50,7 +50,8 @@ impl Rng {
 
     /// Automatic, or one of the kernels' algorithms forced.
     pub(super) fn algorithm(&mut self) -> AlgorithmChoice {
-        match self.below(10) {
+        let forced = 2 * Algorithm::ALL.len() as u64;
+        match self.below(4 + forced) {
             0..=3 => AlgorithmChoice::Auto,
             n => AlgorithmChoice::Force(Algorithm::ALL[(n as usize - 4) / 2]),
         }
