@@ -40,8 +40,9 @@ enum Command {
     Check(check::Args),
     /// Show devices, peer access, library versions and algorithm choices.
     Info(info::Args),
-    /// Time every linkreduce algorithm and write the tuning table that
-    /// automatic calls then follow (LINKREDUCE_TUNING=FILE).
+    /// Time every linkreduce algorithm, on its default grid and smaller
+    /// ones, and write the tuning table that automatic calls then follow
+    /// (LINKREDUCE_TUNING=FILE).
     Tune(bench::Args),
     /// Start N processes of a command as ranks of one job, torchrun-style.
     Launch(launch::Args),

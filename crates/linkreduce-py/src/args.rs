@@ -22,6 +22,7 @@ fn options(algorithm: &str, zero_copy: bool) -> PyResult<CallOptions> {
     Ok(CallOptions {
         algorithm: checks::algorithm(algorithm)?,
         zero_copy,
+        max_blocks: None,
     })
 }
 

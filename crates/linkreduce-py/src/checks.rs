@@ -268,6 +268,7 @@ mod tests {
     const AUTO: CallOptions = CallOptions {
         algorithm: AlgorithmChoice::Auto,
         zero_copy: false,
+        max_blocks: None,
     };
 
     fn message<T: fmt::Debug>(checked: Checked<T>) -> String {

@@ -213,31 +213,54 @@ pub struct TuningEntry {
     pub world_size: usize,
     pub up_to_bytes: Option<usize>,
     pub algorithm: TunedPath,
+    /// At most this many blocks per launch of the kernel `algorithm`
+    /// names, where `linkreduce tune` measured a smaller grid faster than
+    /// the default (one packet per thread up to the group's limit). Absent:
+    /// the default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blocks: Option<u32>,
 }
 
 impl Tuning {
     /// The variable naming a tuning file.
     pub const PATH_VAR: &'static str = "LINKREDUCE_TUNING";
 
-    /// The path for `bytes` on `world_size` ranks, if the table says.
-    pub fn pick(&self, world_size: usize, bytes: usize) -> Option<TunedPath> {
+    /// The entry for `bytes` on `world_size` ranks, if the table has one.
+    fn entry(&self, world_size: usize, bytes: usize) -> Option<&TuningEntry> {
         self.entries
             .iter()
             .filter(|e| e.world_size == world_size && e.up_to_bytes.is_none_or(|up| bytes <= up))
             .min_by_key(|e| e.up_to_bytes.unwrap_or(usize::MAX))
-            .map(|e| e.algorithm)
     }
 
-    /// The table for one world size from the fastest path measured at each
-    /// size: runs of sizes with the same winner become one entry, the last
-    /// bounded by the largest size measured.
-    pub fn from_fastest(world_size: usize, fastest: &[(usize, TunedPath)]) -> Vec<TuningEntry> {
+    /// The path for `bytes` on `world_size` ranks, if the table says.
+    pub fn pick(&self, world_size: usize, bytes: usize) -> Option<TunedPath> {
+        self.entry(world_size, bytes).map(|e| e.algorithm)
+    }
+
+    /// The grid the table measured best for `bytes` on `world_size` ranks
+    /// with `algorithm`: only where its entry for the size names that
+    /// algorithm (a grid is tuned for one kernel) and a grid.
+    pub fn blocks(&self, world_size: usize, bytes: usize, algorithm: Algorithm) -> Option<u32> {
+        self.entry(world_size, bytes)
+            .filter(|e| e.algorithm == TunedPath::Custom(algorithm))
+            .and_then(|e| e.blocks)
+    }
+
+    /// The table for one world size from the fastest (path, grid) measured
+    /// at each size (bytes, path, grid; None: the default grid): runs of
+    /// sizes with the same winner become one entry, the last bounded by
+    /// the largest size measured.
+    pub fn from_fastest(
+        world_size: usize,
+        fastest: &[(usize, TunedPath, Option<u32>)],
+    ) -> Vec<TuningEntry> {
         let mut sorted = fastest.to_vec();
-        sorted.sort_by_key(|&(bytes, _)| bytes);
+        sorted.sort_by_key(|&(bytes, _, _)| bytes);
         let mut entries: Vec<TuningEntry> = Vec::new();
-        for (index, &(bytes, algorithm)) in sorted.iter().enumerate() {
+        for (index, &(bytes, algorithm, blocks)) in sorted.iter().enumerate() {
             let next = sorted.get(index + 1);
-            if next.is_some_and(|&(_, following)| following == algorithm) {
+            if next.is_some_and(|&(_, path, grid)| (path, grid) == (algorithm, blocks)) {
                 continue;
             }
             // Bounded by the largest size measured: beyond it the
@@ -246,6 +269,7 @@ impl Tuning {
                 world_size,
                 up_to_bytes: Some(bytes),
                 algorithm,
+                blocks,
             });
         }
         entries
@@ -415,11 +439,11 @@ mod tests {
     fn a_tuning_table_picks_by_the_smallest_bound_that_covers() {
         let custom = TunedPath::Custom;
         let fastest = [
-            (1 << 10, custom(Algorithm::Push)),
-            (64 << 10, custom(Algorithm::Push)),
-            (1 << 20, custom(Algorithm::OneStage)),
-            (16 << 20, custom(Algorithm::TwoStage)),
-            (256 << 20, TunedPath::Nccl),
+            (1 << 10, custom(Algorithm::Push), None),
+            (64 << 10, custom(Algorithm::Push), None),
+            (1 << 20, custom(Algorithm::OneStage), None),
+            (16 << 20, custom(Algorithm::TwoStage), None),
+            (256 << 20, TunedPath::Nccl, None),
         ];
         let tuning = Tuning {
             measured_on: "test".into(),
@@ -440,6 +464,31 @@ mod tests {
         assert_eq!(tuning.pick(4, 100), None);
         let text = serde_json::to_string(&tuning).unwrap();
         assert!(text.contains(r#""algorithm":"nccl""#), "{text}");
+        assert_eq!(serde_json::from_str::<Tuning>(&text).unwrap(), tuning);
+    }
+
+    #[test]
+    fn a_tuned_grid_splits_runs_and_applies_only_to_its_algorithm() {
+        let one = TunedPath::Custom(Algorithm::OneStage);
+        let fastest = [
+            (1 << 20, one, None),
+            (4 << 20, one, Some(64)),
+            (16 << 20, one, Some(64)),
+            (64 << 20, one, None),
+        ];
+        let tuning = Tuning {
+            measured_on: "test".into(),
+            entries: Tuning::from_fastest(2, &fastest),
+        };
+        assert_eq!(tuning.entries.len(), 3);
+        assert_eq!(tuning.blocks(2, 1 << 20, Algorithm::OneStage), None);
+        assert_eq!(tuning.blocks(2, 2 << 20, Algorithm::OneStage), Some(64));
+        assert_eq!(tuning.blocks(2, 2 << 20, Algorithm::TwoStage), None);
+        assert_eq!(tuning.blocks(2, 32 << 20, Algorithm::OneStage), None);
+        // Tables without grids (all shipped before) still load, and write
+        // no grid where there is none.
+        let text = serde_json::to_string(&tuning).unwrap();
+        assert_eq!(text.matches("blocks").count(), 1, "{text}");
         assert_eq!(serde_json::from_str::<Tuning>(&text).unwrap(), tuning);
     }
 

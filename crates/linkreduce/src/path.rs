@@ -384,8 +384,8 @@ mod tests {
         let entries = Tuning::from_fastest(
             2,
             &[
-                (1 << 20, TunedPath::Custom(Algorithm::Push)),
-                (64 << 20, TunedPath::Nccl),
+                (1 << 20, TunedPath::Custom(Algorithm::Push), None),
+                (64 << 20, TunedPath::Nccl, None),
             ],
         );
         let tuning = Tuning {
@@ -447,7 +447,7 @@ mod tests {
         assert_eq!(plan.shared_gpu, Some((0, 2)));
         let tuning = Tuning {
             measured_on: "test".into(),
-            entries: Tuning::from_fastest(3, &[(1 << 30, TunedPath::Nccl)]),
+            entries: Tuning::from_fastest(3, &[(1 << 30, TunedPath::Nccl, None)]),
         };
         assert_eq!(
             plan.path(3, 64, AUTO, Some(&tuning)).unwrap(),

@@ -133,6 +133,7 @@ fn run_loop(comms: &mut [Communicator], algorithm: AlgorithmChoice) {
     let options = CallOptions {
         algorithm,
         zero_copy: false,
+        max_blocks: None,
     };
     let results = on_every_rank(comms, |comm| {
         let mut engine = Engine::new(comm)?;
@@ -192,6 +193,7 @@ fn nccl_is_not_set_up_inside_a_capture_but_is_captured_after_prepare_nccl() {
     let nccl = CallOptions {
         algorithm: AlgorithmChoice::Nccl,
         zero_copy: false,
+        max_blocks: None,
     };
     let results = on_every_rank(&mut comms, |comm| {
         let mut engine = Engine::new(comm)?;

@@ -102,6 +102,34 @@ fn chunked_push_through_the_smallest_rings() {
     sweep(3, config, &[Algorithm::ChunkedPush]);
 }
 
+/// Every algorithm with the grid capped below its default (as a tuned
+/// table or `CallOptions::max_blocks` caps it) still sums bitwise right:
+/// blocks then stride over more packets, chunks and slices each.
+#[test]
+fn capped_grids_give_the_same_sums() {
+    let Some(gpus) = gpus() else { return };
+    let mut comms = group(2, gpus, Config::default());
+    let lengths = [7, 4097, 73740, (1 << 20) + 3];
+    let mut failures = Vec::new();
+    let mut cases = 0;
+    for blocks in [1, 3, 50] {
+        for case in sweep_cases(&DType::ALL, &lengths) {
+            let case = Case {
+                max_blocks: Some(blocks),
+                ..case
+            };
+            let outcome =
+                check_case(&mut comms, case, cases).unwrap_or_else(|e| panic!("{case}: {e}"));
+            if !outcome.passed() {
+                failures.push(format!("{case}: {outcome}"));
+            }
+            cases += 1;
+        }
+    }
+    eprintln!("{cases} cases with capped grids, {} failed", failures.len());
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
 /// Runs random cases `0..warmup` of `seed` (they leave freed, reused and
 /// held buffers behind, as a caller would), then `cases`, then `after`
 /// more random ones, on ranks on `devices`; every one must pass.
@@ -276,6 +304,7 @@ fn a_rank_that_never_arrives_makes_the_others_time_out() {
     let one_stage = CallOptions {
         algorithm: AlgorithmChoice::Force(Algorithm::OneStage),
         zero_copy: false,
+        max_blocks: None,
     };
     let started = Instant::now();
     comm.all_reduce_with(&input, &mut output, one_stage)
@@ -319,6 +348,7 @@ fn bad_calls_get_clear_errors_and_leave_the_group_usable() {
             CallOptions {
                 algorithm: AlgorithmChoice::Force(Algorithm::OneStage),
                 zero_copy: true,
+                max_blocks: None,
             },
         );
         comm.register(&input)?;
@@ -345,6 +375,7 @@ fn bad_calls_get_clear_errors_and_leave_the_group_usable() {
             len,
             algorithm: AlgorithmChoice::Auto,
             placement: Placement::Staged,
+            max_blocks: None,
         };
         let outcome = check_case(&mut comms, case, 5).unwrap();
         assert!(outcome.passed(), "{case}: {outcome}");

@@ -106,6 +106,7 @@ fn worker_two_hosts(mut comm: Communicator) -> linkreduce::Result<ExitCode> {
     let forced = CallOptions {
         algorithm: AlgorithmChoice::Force(Algorithm::OneStage),
         zero_copy: false,
+        max_blocks: None,
     };
     let mut buffer = comm.alloc::<f32>(64)?;
     match comm.all_reduce_in_place(&mut buffer, forced) {

@@ -45,6 +45,7 @@ fn options(algorithm: Algorithm) -> CallOptions {
     CallOptions {
         algorithm: AlgorithmChoice::Force(algorithm),
         zero_copy: false,
+        max_blocks: None,
     }
 }
 

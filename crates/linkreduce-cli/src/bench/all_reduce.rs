@@ -4,6 +4,8 @@
 
 use std::fmt;
 
+use linkreduce::algorithm::blocks_for;
+use linkreduce::kernels::{PACKET_BYTES, THREADS_PER_BLOCK};
 use linkreduce::nccl::SymmetricBuffer;
 use linkreduce::verify::values::small_integer;
 use linkreduce::{
@@ -13,7 +15,7 @@ use linkreduce::{
 use serde::Serialize;
 
 use super::measure::{time_eager_and_graphed, Rank, RankRun};
-use super::sweep::{sweep_rank, write_report, Row};
+use super::sweep::{sweep_rank, write_report, Labels, Row};
 use super::{Args, Mode, Op, Report};
 use crate::error::{CliError, Result};
 
@@ -90,32 +92,105 @@ impl Implementation {
     }
 }
 
+/// The grids `linkreduce tune` tries besides the default, as divisors of
+/// it: each forced algorithm at half and a quarter of its default grid,
+/// at sizes where that default has at least twice the divisor in blocks.
+const TUNED_GRID_DIVISORS: [u32; 2] = [2, 4];
+
+/// The grid a pass of the sweep gives the forced algorithms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Grid {
+    /// The calls' own (bench): a tuning table's grid where it names one.
+    Own,
+    /// The group's limit (tune's first pass), so that a table in force
+    /// does not time its own grids as the default.
+    Limit,
+    /// The default grid over this divisor (tune's grid passes).
+    Divided(u32),
+}
+
+impl Grid {
+    /// At most how many blocks a call of `implementation` of `bytes` gets
+    /// (None: the call's own grid); the same on every rank.
+    fn max_blocks(
+        self,
+        comm: &Communicator,
+        implementation: Implementation,
+        bytes: usize,
+    ) -> Option<u32> {
+        let Some(AlgorithmChoice::Force(algorithm)) = implementation.algorithm() else {
+            return None;
+        };
+        let limit = comm.max_blocks()?;
+        match self {
+            Grid::Own => None,
+            Grid::Limit => Some(limit),
+            Grid::Divided(divisor) => {
+                let packets = bytes.div_ceil(PACKET_BYTES);
+                let full = blocks_for(
+                    algorithm,
+                    comm.world_size(),
+                    packets,
+                    THREADS_PER_BLOCK,
+                    limit,
+                );
+                Some((full / divisor).max(1))
+            }
+        }
+    }
+
+    /// Whether this pass times `bytes`: a divided grid only where it is
+    /// smaller than the default.
+    fn covers(self, comm: &Communicator, bytes: usize) -> bool {
+        let Grid::Divided(divisor) = self else {
+            return true;
+        };
+        let one_stage = Implementation::OneStage;
+        let full = Grid::Divided(1).max_blocks(comm, one_stage, bytes);
+        full.is_some_and(|full| full >= 2 * divisor)
+    }
+}
+
 /// Every implementation and size on this rank; rank 0 prints and writes
 /// the report and the tuning table. Returns whether every result was right.
+/// `tune` (a tuning table to write) adds passes that time the forced
+/// algorithms on smaller grids.
 pub(super) fn bench_rank(comm: &mut Communicator, args: &Args, sweep: &Sweep) -> Result<bool> {
-    let repetitions = args.repetitions;
-    let measure = |rank: &mut Rank, implementation, count| match args.dtype {
-        DType::F32 => measure::<f32>(rank, implementation, count, repetitions),
-        DType::F16 => measure::<half::f16>(rank, implementation, count, repetitions),
-        DType::BF16 => measure::<half::bf16>(rank, implementation, count, repetitions),
+    let passes = match args.tune_out {
+        Some(_) => [Grid::Limit]
+            .into_iter()
+            .chain(TUNED_GRID_DIVISORS.map(Grid::Divided))
+            .collect(),
+        None => vec![Grid::Own],
     };
-    let path_of = |comm: &Communicator, implementation: Implementation, bytes| match implementation
-        .algorithm()
-    {
-        Some(AlgorithmChoice::Auto) => Some(comm.path_for(bytes).name().to_string()),
-        Some(choice) => Some(choice.to_string()),
-        None => None,
-    };
-    let (right, report) = sweep_rank(
-        comm,
-        args,
-        Op::AllReduce,
-        &sweep.sizes,
-        &sweep.implementations,
-        measure,
-        path_of,
-    )?;
-    if let Some(report) = report {
+    let mut right = true;
+    let mut merged: Option<Report<Row>> = None;
+    for grid in passes {
+        let sizes: Vec<usize> = (sweep.sizes.iter().copied())
+            .filter(|&bytes| grid.covers(comm, bytes))
+            .collect();
+        let implementations: Vec<Implementation> = (sweep.implementations.iter().copied())
+            .filter(|i| {
+                grid == Grid::Limit
+                    || grid == Grid::Own
+                    || i.tuned_path().is_some_and(|p| p != TunedPath::Nccl)
+            })
+            .collect();
+        if sizes.is_empty() || implementations.is_empty() {
+            continue;
+        }
+        if let (Grid::Divided(divisor), 0) = (grid, comm.rank()) {
+            println!("\nforced algorithms on 1/{divisor} of their default grid:");
+        }
+        let (ok, report) = sweep_grid(comm, args, &sizes, &implementations, grid)?;
+        right &= ok;
+        match (&mut merged, report) {
+            (Some(all), Some(report)) => all.rows.extend(report.rows),
+            (None, report) => merged = report,
+            (Some(_), None) => {}
+        }
+    }
+    if let Some(report) = merged {
         if let Some(path) = &args.tune_out {
             write_tuning(&report, path)?;
         }
@@ -124,6 +199,59 @@ pub(super) fn bench_rank(comm: &mut Communicator, args: &Args, sweep: &Sweep) ->
         }
     }
     Ok(right)
+}
+
+/// One pass of the sweep with `grid`.
+fn sweep_grid(
+    comm: &mut Communicator,
+    args: &Args,
+    sizes: &[usize],
+    implementations: &[Implementation],
+    grid: Grid,
+) -> Result<(bool, Option<Report<Row>>)> {
+    let repetitions = args.repetitions;
+    let dtype = args.dtype;
+    let measure = |rank: &mut Rank, implementation, count: usize| {
+        let max_blocks = grid.max_blocks(rank.comm, implementation, count * dtype.size());
+        let call = Call {
+            implementation,
+            count,
+            max_blocks,
+        };
+        match dtype {
+            DType::F32 => measure::<f32>(rank, call, repetitions),
+            DType::F16 => measure::<half::f16>(rank, call, repetitions),
+            DType::BF16 => measure::<half::bf16>(rank, call, repetitions),
+        }
+    };
+    let path_of = |comm: &Communicator, implementation: Implementation, bytes| match implementation
+        .algorithm()
+    {
+        Some(AlgorithmChoice::Auto) => Some(comm.path_for(bytes).name().to_string()),
+        Some(choice) => Some(choice.to_string()),
+        None => None,
+    };
+    let blocks_of = |comm: &Communicator, implementation, bytes| match grid {
+        Grid::Divided(_) => grid.max_blocks(comm, implementation, bytes),
+        Grid::Own | Grid::Limit => None,
+    };
+    sweep_rank(
+        comm,
+        args,
+        Op::AllReduce,
+        sizes,
+        implementations,
+        measure,
+        Labels { path_of, blocks_of },
+    )
+}
+
+/// One timed call: which implementation, how many elements, and the grid.
+#[derive(Debug, Clone, Copy)]
+struct Call {
+    implementation: Implementation,
+    count: usize,
+    max_blocks: Option<u32>,
 }
 
 /// The buffers one rank all-reduces between.
@@ -155,12 +283,12 @@ impl<T: Element> Buffers<T> {
     }
 }
 
-fn call<T: Element>(
-    rank: &mut Rank,
-    implementation: Implementation,
-    buffers: &mut Buffers<T>,
-    count: usize,
-) -> Result<()> {
+fn call<T: Element>(rank: &mut Rank, call: Call, buffers: &mut Buffers<T>) -> Result<()> {
+    let Call {
+        implementation,
+        count,
+        max_blocks,
+    } = call;
     match (implementation.algorithm(), buffers) {
         (Some(algorithm), Buffers::Linkreduce { input, output }) => Ok(rank.comm.all_reduce_with(
             input,
@@ -168,6 +296,7 @@ fn call<T: Element>(
             CallOptions {
                 algorithm,
                 zero_copy: true,
+                max_blocks,
             },
         )?),
         (None, buffers) => {
@@ -191,10 +320,14 @@ fn call<T: Element>(
 /// correctness check of the buffers that are then timed, and the timing.
 fn measure<T: Element + Default>(
     rank: &mut Rank,
-    implementation: Implementation,
-    count: usize,
+    one: Call,
     repetitions: usize,
 ) -> Result<RankRun> {
+    let Call {
+        implementation,
+        count,
+        ..
+    } = one;
     let stream = rank.comm.stream().clone();
     let rendezvous = rank.comm.rendezvous().clone();
     let world = rank.comm.world_size();
@@ -230,7 +363,7 @@ fn measure<T: Element + Default>(
     // SAFETY: the input holds `count` elements of T.
     unsafe { linkreduce::memory::copy_to_device(&stream, input_address, &host) }?;
     // Correctness first, on the same buffers that are timed.
-    call(rank, implementation, &mut buffers, count)?;
+    call(rank, one, &mut buffers)?;
     stream
         .synchronize()
         .map_err(Error::driver("cuStreamSynchronize"))?;
@@ -249,7 +382,7 @@ fn measure<T: Element + Default>(
         count * std::mem::size_of::<T>(),
         repetitions,
         wrong,
-        || call(rank, implementation, &mut buffers, count),
+        || call(rank, one, &mut buffers),
     )?;
     rank.comm.synchronize()?;
     if let Buffers::Linkreduce { input, .. } = &buffers {
@@ -267,27 +400,34 @@ fn write_tuning(report: &Report<Row>, path: &std::path::Path) -> Result<()> {
              tune with one rank per GPU",
         ));
     }
-    let mut fastest: Vec<(usize, TunedPath, f64)> = Vec::new();
-    for row in &report.rows {
+    // Default grids first; a smaller grid replaces the fastest only where
+    // it is faster by more than the noise (2 %).
+    let (own, gridded): (Vec<&Row>, Vec<&Row>) =
+        report.rows.iter().partition(|row| row.blocks.is_none());
+    let mut fastest: Vec<(usize, TunedPath, Option<u32>, f64)> = Vec::new();
+    for row in own.into_iter().chain(gridded) {
         let Some(algorithm) = row.implementation.tuned_path() else {
             continue;
         };
         if row.wrong > 0 || !matches!(row.mode, Mode::Graph) {
             continue;
         }
+        let margin = if row.blocks.is_some() { 0.98 } else { 1.0 };
+        let candidate = (row.bytes, algorithm, row.blocks, row.time_us);
         match fastest.iter_mut().find(|f| f.0 == row.bytes) {
-            Some(best) if best.2 <= row.time_us => {}
-            Some(best) => *best = (row.bytes, algorithm, row.time_us),
-            None => fastest.push((row.bytes, algorithm, row.time_us)),
+            Some(best) if best.3 * margin <= row.time_us => {}
+            Some(best) => *best = candidate,
+            None => fastest.push(candidate),
         }
     }
     if fastest.is_empty() {
         return Err(CliError::Tuning(
-            "no forced linkreduce algorithm (one-stage, two-stage, push) was timed with right \
-             results",
+            "no forced linkreduce algorithm (one-stage, two-stage, push, chunked-push) was \
+             timed with right results",
         ));
     }
-    let winners: Vec<(usize, TunedPath)> = fastest.iter().map(|f| (f.0, f.1)).collect();
+    let winners: Vec<(usize, TunedPath, Option<u32>)> =
+        fastest.iter().map(|f| (f.0, f.1, f.2)).collect();
     let tuning = linkreduce::Tuning {
         measured_on: format!(
             "{} x {}, {} ranks as {}, commit {}{}",
@@ -334,6 +474,7 @@ mod tests {
             dtype: DType::BF16,
             implementation,
             path: None,
+            blocks: None,
             mode,
             time_us,
             algbw_gbps: 0.0,
@@ -375,6 +516,16 @@ mod tests {
             row(1 << 20, NcclSymmetric, Mode::Graph, 0.1),
             row(1 << 28, OneStage, Mode::Graph, 900.0),
             row(1 << 28, TwoStage, Mode::Graph, 800.0),
+            // Smaller grids: one within the noise of the default's best
+            // (kept out), one clearly faster (taken, with its grid).
+            Row {
+                blocks: Some(33),
+                ..row(1 << 20, OneStage, Mode::Graph, 7.9)
+            },
+            Row {
+                blocks: Some(66),
+                ..row(1 << 28, TwoStage, Mode::Graph, 700.0)
+            },
             wrong,
         ];
         let report = Report {
@@ -393,6 +544,8 @@ mod tests {
         assert_eq!(tuning.pick(2, 1024), Some(TunedPath::Nccl));
         assert_eq!(tuning.pick(2, 1 << 20), Some(custom(Algorithm::OneStage)));
         assert_eq!(tuning.pick(2, 1 << 28), Some(custom(Algorithm::TwoStage)));
+        assert_eq!(tuning.blocks(2, 1 << 20, Algorithm::OneStage), None);
+        assert_eq!(tuning.blocks(2, 1 << 28, Algorithm::TwoStage), Some(66));
         assert_eq!(tuning.pick(4, 1024), None);
         let shared = Report {
             facts: facts(1),

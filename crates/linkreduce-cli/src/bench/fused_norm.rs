@@ -341,6 +341,7 @@ fn call<T: Element>(
     let options = CallOptions {
         algorithm: AlgorithmChoice::Auto,
         zero_copy: true,
+        max_blocks: None,
     };
     let Results { residual, out } = results;
     match implementation {

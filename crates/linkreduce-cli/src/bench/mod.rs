@@ -46,7 +46,7 @@ pub struct Args {
     #[arg(long, default_value = "bf16")]
     dtype: DType,
     /// all-reduce: implementations to time [default:
-    /// nccl,auto,one-stage,two-stage,push,nccl-symmetric].
+    /// nccl,auto,one-stage,two-stage,push,chunked-push,nccl-symmetric].
     #[arg(long, value_delimiter = ',')]
     implementations: Option<Vec<Implementation>>,
     /// fused-norm: rows per call [default: 1,8,32,128,512,2048].
@@ -191,9 +191,10 @@ impl Args {
 }
 
 /// `linkreduce tune`: the benchmark of every linkreduce algorithm and of
-/// NCCL, written as the tuning table that automatic calls then follow
-/// (LINKREDUCE_TUNING=FILE or Config::tuning): sizes where NCCL was fastest
-/// take NCCL.
+/// NCCL, then of each algorithm on smaller grids, written as the tuning
+/// table that automatic calls then follow (LINKREDUCE_TUNING=FILE or
+/// Config::tuning): sizes where NCCL was fastest take NCCL, and a grid is
+/// kept where a smaller one beat the default by more than 2 %.
 pub fn tune(mut args: Args) -> Result<ExitCode> {
     if args.op != Op::AllReduce {
         return Err(CliError::BadArgument {

@@ -12,7 +12,7 @@ use linkreduce::{
 
 use super::all_reduce::Implementation;
 use super::measure::{time_eager_and_graphed, Rank, RankRun};
-use super::sweep::{sweep_rank, write_report};
+use super::sweep::{sweep_rank, write_report, Labels};
 use super::{Args, Op};
 use crate::error::{CliError, Result};
 
@@ -82,7 +82,10 @@ pub(super) fn bench_rank(comm: &mut Communicator, args: &Args, sweep: &Sweep) ->
         &sweep.sizes,
         &IMPLEMENTATIONS,
         measure,
-        path_of,
+        Labels {
+            path_of,
+            blocks_of: |_: &Communicator, _, _| None,
+        },
     )?;
     if let (Some(report), Some(path)) = (report, &args.json) {
         write_report(&report, path)?;
@@ -171,6 +174,7 @@ fn call<T: Element>(
                     _ => AlgorithmChoice::Auto,
                 },
                 zero_copy: false,
+                max_blocks: None,
             };
             Ok(match collective {
                 ScatterGather::ReduceScatter => {

@@ -25,6 +25,10 @@ pub(super) struct Row {
     /// (`one-stage`, `two-stage`, `push` or `nccl`): automatic calls show
     /// the choice at each size.
     pub path: Option<String>,
+    /// The grid `linkreduce tune` forced on a forced algorithm (at most
+    /// this many blocks); None: the call's own.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub blocks: Option<u32>,
     pub mode: Mode,
     /// Median over repetitions of the slowest rank's time per call.
     pub time_us: f64,
@@ -50,19 +54,31 @@ pub(super) fn bandwidths(op: Op, bytes: usize, world: usize, time_us: f64) -> (f
     (algbw, algbw * bus_factor)
 }
 
+/// How a sweep names what its calls took at a size: the path
+/// (`path_of`) and a grid the sweep forced (`blocks_of`), given the
+/// implementation and the size in bytes.
+pub(super) struct Labels<P, B> {
+    pub path_of: P,
+    pub blocks_of: B,
+}
+
 /// Every implementation and size of `op` on this rank. `measure` checks
-/// and times one implementation at one count of `args.dtype`; `path_of`
-/// names the path an implementation took at a size. Returns whether every
-/// result was right, and on rank 0 the report (printed already).
-pub(super) fn sweep_rank(
+/// and times one implementation at one count of `args.dtype`; `labels`
+/// name what it took. Returns whether every result was right, and on rank
+/// 0 the report (printed already).
+pub(super) fn sweep_rank<P, B>(
     comm: &mut Communicator,
     args: &Args,
     op: Op,
     sizes: &[usize],
     implementations: &[Implementation],
     mut measure: impl FnMut(&mut Rank, Implementation, usize) -> Result<RankRun>,
-    path_of: impl Fn(&Communicator, Implementation, usize) -> Option<String>,
-) -> Result<(bool, Option<Report<Row>>)> {
+    labels: Labels<P, B>,
+) -> Result<(bool, Option<Report<Row>>)>
+where
+    P: Fn(&Communicator, Implementation, usize) -> Option<String>,
+    B: Fn(&Communicator, Implementation, usize) -> Option<u32>,
+{
     let world = comm.world_size();
     let leader = comm.rank() == 0;
     let rendezvous = comm.rendezvous().clone();
@@ -91,7 +107,8 @@ pub(super) fn sweep_rank(
             progress.set_message(format!("{} {implementation}", format_size(bytes)));
             let mine = measure(&mut rank, implementation, count)?;
             let measured = slowest_rank(rendezvous.as_ref(), &mine)?;
-            let path = path_of(rank.comm, implementation, bytes);
+            let path = (labels.path_of)(rank.comm, implementation, bytes);
+            let blocks = (labels.blocks_of)(rank.comm, implementation, bytes);
             for (mode, time_us) in [
                 (Mode::Eager, measured.eager_us),
                 (Mode::Graph, measured.graph_us),
@@ -103,6 +120,7 @@ pub(super) fn sweep_rank(
                     dtype: args.dtype,
                     implementation,
                     path: path.clone(),
+                    blocks,
                     mode,
                     time_us,
                     algbw_gbps,
@@ -158,10 +176,12 @@ fn speedup_vs_nccl(rows: &[Row], row: &Row) -> Option<f64> {
 }
 
 /// The implementation as the table prints it: automatic calls with the
-/// path they took, as in `linkreduce(one-stage)`.
+/// path they took, as in `linkreduce(one-stage)`; a forced grid after an
+/// `@`, as in `lr-one-stage@66`.
 fn label(row: &Row) -> String {
-    match (row.implementation, &row.path) {
-        (Implementation::Auto, Some(path)) => format!("{}({path})", row.implementation),
+    match (row.implementation, &row.path, row.blocks) {
+        (Implementation::Auto, Some(path), _) => format!("{}({path})", row.implementation),
+        (_, _, Some(blocks)) => format!("{}@{blocks}", row.implementation),
         _ => row.implementation.to_string(),
     }
 }
@@ -229,6 +249,7 @@ mod tests {
             dtype: DType::BF16,
             implementation: Implementation::Auto,
             path: Some("one-stage".into()),
+            blocks: None,
             mode: Mode::Graph,
             time_us: 8.0,
             algbw_gbps: 4.096,
@@ -265,5 +286,14 @@ mod tests {
         );
         assert_eq!(format_row(&nccl).split_whitespace().nth(3), Some("nccl"));
         assert_eq!(format_row(&nccl).split_whitespace().last(), Some("-"));
+        let gridded = Row {
+            implementation: Implementation::OneStage,
+            blocks: Some(66),
+            ..nccl
+        };
+        assert_eq!(
+            format_row(&gridded).split_whitespace().nth(3),
+            Some("lr-one-stage@66")
+        );
     }
 }

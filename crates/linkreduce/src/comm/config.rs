@@ -152,6 +152,12 @@ pub struct CallOptions {
     /// Refuse (instead of copying into staging) an input that is not
     /// registered.
     pub zero_copy: bool,
+    /// At most this many blocks per launch of an all-reduce kernel (and
+    /// never more than the group's limit); the same on every rank, or the
+    /// call times out. None: the tuning table's grid for the size where it
+    /// names one (`linkreduce tune` measures grids), else one packet per
+    /// thread up to the group's limit.
+    pub max_blocks: Option<u32>,
 }
 
 #[cfg(test)]

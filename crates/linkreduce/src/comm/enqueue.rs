@@ -51,6 +51,18 @@ pub(super) enum LaunchInput {
 
 const PACKET: u64 = PACKET_BYTES as u64;
 
+/// One launch of a call: `count` elements of `dtype` from `input` into
+/// `output`, on at most `max_blocks` blocks.
+#[derive(Debug, Clone, Copy)]
+struct Launch {
+    algorithm: Algorithm,
+    dtype: DType,
+    input: LaunchInput,
+    output: u64,
+    count: usize,
+    max_blocks: u32,
+}
+
 /// What a call reduces: `count` elements of `dtype` from `input` into
 /// `output` (device addresses of this rank).
 #[derive(Debug, Clone, Copy)]
@@ -98,7 +110,7 @@ impl Communicator {
         };
         self.on_stream(stream, |comm, capturing| match path {
             CallPath::Custom(algorithm) => {
-                comm.enqueue_custom(stream, algorithm, call, options.zero_copy, capturing)
+                comm.enqueue_custom(stream, algorithm, call, options, capturing)
             }
             CallPath::Nccl(_) => comm.enqueue_nccl(stream, call, capturing),
         })
@@ -168,7 +180,7 @@ impl Communicator {
         stream: &Arc<CudaStream>,
         algorithm: Algorithm,
         call: Call,
-        zero_copy: bool,
+        options: CallOptions,
         capturing: bool,
     ) -> Result<()> {
         let Call {
@@ -178,8 +190,29 @@ impl Communicator {
             count,
         } = call;
         let bytes = count * dtype.size();
-        let source = self.locate_input(algorithm, input, output, bytes, zero_copy, capturing)?;
+        let source = self.locate_input(
+            algorithm,
+            input,
+            output,
+            bytes,
+            options.zero_copy,
+            capturing,
+        )?;
         let custom = self.custom()?;
+        // The caller's grid, else the tuned one, within the group's limit:
+        // the same on every rank, as the size and the table are.
+        let tuned = || {
+            custom
+                .tuning
+                .as_ref()?
+                .blocks(self.world_size, bytes, algorithm)
+        };
+        let max_blocks = options
+            .max_blocks
+            .or_else(tuned)
+            .map_or(custom.max_blocks, |wanted| {
+                wanted.clamp(1, custom.max_blocks)
+            });
         // A misaligned output is written whole packets at a time into the
         // bounce buffer, then copied into place: this rank's concern alone.
         let bounce = (output % PACKET != 0).then(|| custom.regions.bounce.ptr());
@@ -200,7 +233,15 @@ impl Communicator {
             let launch_input =
                 custom.launch_input(stream, algorithm, source, input, offset, n * dtype.size())?;
             let target = bounce.unwrap_or(output + offset);
-            self.launch(custom, stream, algorithm, dtype, launch_input, target, n)?;
+            let one = Launch {
+                algorithm,
+                dtype,
+                input: launch_input,
+                output: target,
+                count: n,
+                max_blocks,
+            };
+            self.launch(custom, stream, one)?;
             if let Some(bounce) = bounce {
                 copy(stream, output + offset, bounce, n * dtype.size())?;
             }
@@ -350,17 +391,15 @@ impl Communicator {
         bytes / dtype.size()
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn launch(
-        &self,
-        custom: &CustomPath,
-        stream: &Arc<CudaStream>,
-        algorithm: Algorithm,
-        dtype: DType,
-        input: LaunchInput,
-        output: u64,
-        count: usize,
-    ) -> Result<()> {
+    fn launch(&self, custom: &CustomPath, stream: &Arc<CudaStream>, one: Launch) -> Result<()> {
+        let Launch {
+            algorithm,
+            dtype,
+            input,
+            output,
+            count,
+            max_blocks,
+        } = one;
         // Push kernels take the partial last packet as a packet; the others
         // give it to a scalar tail path.
         let packets = if algorithm.reads_input_locally() {
@@ -373,7 +412,7 @@ impl Communicator {
             self.world_size,
             packets,
             THREADS_PER_BLOCK,
-            custom.max_blocks,
+            max_blocks,
         );
         // Not for a launch with a partial last packet: on 4 x H200 such a
         // launch (3000 bytes) took 4.91 us programmatically against 4.47

@@ -143,6 +143,7 @@ fn check_typed<T: Element>(comm: &mut Communicator, case: NormCase, seed: u64) -
     let options = CallOptions {
         algorithm: case.algorithm,
         zero_copy: false,
+        max_blocks: None,
     };
     let norm = RmsNorm {
         weight: &weight,

@@ -84,6 +84,8 @@ pub struct Case {
     pub len: usize,
     pub algorithm: AlgorithmChoice,
     pub placement: Placement,
+    /// The grid the call asks for (`CallOptions::max_blocks`).
+    pub max_blocks: Option<u32>,
 }
 
 impl fmt::Display for Case {
@@ -92,7 +94,11 @@ impl fmt::Display for Case {
             f,
             "{} {} len {} {}",
             self.dtype, self.algorithm, self.len, self.placement
-        )
+        )?;
+        match self.max_blocks {
+            Some(blocks) => write!(f, " at most {blocks} blocks"),
+            None => Ok(()),
+        }
     }
 }
 
@@ -108,6 +114,7 @@ pub fn sweep_cases(dtypes: &[DType], lengths: &[usize]) -> Vec<Case> {
                         len,
                         algorithm: AlgorithmChoice::Force(algorithm),
                         placement,
+                        max_blocks: None,
                     });
                 }
             }
@@ -465,6 +472,7 @@ fn check_typed<T: Element>(comm: &mut Communicator, case: Case, seed: u64) -> Re
     let options = CallOptions {
         algorithm: case.algorithm,
         zero_copy: false,
+        max_blocks: case.max_blocks,
     };
     let dtype = case.dtype;
     let rank = comm.rank() as u32;
@@ -571,6 +579,7 @@ fn check_graph_typed<T: Element>(
         let options = CallOptions {
             algorithm: in_place,
             zero_copy: false,
+            max_blocks: None,
         };
         comm.all_reduce_in_place(&mut inout, options)
     })?;

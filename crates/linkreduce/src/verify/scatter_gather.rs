@@ -242,6 +242,7 @@ impl<T: Element> Buffers<T> {
         let options = CallOptions {
             algorithm: shape.case.algorithm,
             zero_copy: false,
+            max_blocks: None,
         };
         let (op, lead) = (shape.case.op, shape.lead);
         match &mut self.recv {

@@ -351,6 +351,7 @@ impl<'c, T: Element> CaseRun<'c, T> {
         let options = CallOptions {
             algorithm: case.algorithm,
             zero_copy: false,
+            max_blocks: None,
         };
         let push = runs_push(comm, case.algorithm, case.len * T::DTYPE.size());
         if case.replays == 0 {
