@@ -21,7 +21,7 @@ pub enum Algorithm {
     /// Every rank writes its input into every peer's push area and polls
     /// its own for theirs: (W-1) x N bytes pushed per rank, no barrier (the
     /// data marks its own arrival). For small messages, where a tuning
-    /// table picks it (the shipped 2 x H200 table: up to 64 KiB).
+    /// table picks it (the shipped 2 x H200 table: up to 100000 bytes).
     Push,
     /// Every rank writes its input, chunk by chunk, into a ring in every
     /// peer's scratch, with one flag per chunk, and sums the chunks as
@@ -371,11 +371,11 @@ mod tests {
         let h200 = Tuning::builtin("NVIDIA H200", 2).expect("shipped");
         assert_eq!(h200.pick(2, 1024), Some(TunedPath::Custom(Algorithm::Push)));
         assert_eq!(
-            h200.pick(2, 65536),
+            h200.pick(2, 100_000),
             Some(TunedPath::Custom(Algorithm::Push))
         );
         assert_eq!(
-            h200.pick(2, 65537),
+            h200.pick(2, 100_001),
             Some(TunedPath::Custom(Algorithm::OneStage))
         );
         let four = Tuning::builtin("NVIDIA H200", 4).expect("shipped");
