@@ -129,7 +129,7 @@ fn print_kernel_resources(ctx: &std::sync::Arc<CudaContext>, world: usize) -> Re
     println!("kernels for {world} ranks on GPU {} (per thread: registers, local bytes; per block: static shared bytes; blocks per SM):", ctx.ordinal());
     for k in linkreduce::kernels::kernel_resources(ctx, world)? {
         println!(
-            "  {:>9} {:>4}: {} registers, {} B local, {} B shared, {} blocks/SM",
+            "  {:>12} {:>4}: {} registers, {} B local, {} B shared, {} blocks/SM",
             k.algorithm.to_string(),
             k.dtype.to_string(),
             k.registers,

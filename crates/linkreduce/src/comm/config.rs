@@ -152,11 +152,14 @@ pub struct CallOptions {
     /// Refuse (instead of copying into staging) an input that is not
     /// registered.
     pub zero_copy: bool,
-    /// At most this many blocks per launch of an all-reduce kernel (and
-    /// never more than the group's limit); the same on every rank, or the
-    /// call times out. None: the tuning table's grid for the size where it
-    /// names one (`linkreduce tune` measures grids), else one packet per
-    /// thread up to the group's limit.
+    /// At most this many blocks per launch of the all-reduce kernels (0
+    /// counts as 1, and never more than the group's limit; the fused,
+    /// reduce-scatter and all-gather kernels keep their own grids). It
+    /// must be the same on every rank: a mismatch is not detected, and
+    /// times out or (chunked push, whose chunks then differ) gives wrong
+    /// sums. None: the tuning table's grid for the size where it names one
+    /// (`linkreduce tune` measures grids), else one packet per thread up to
+    /// the group's limit.
     pub max_blocks: Option<u32>,
 }
 

@@ -12,6 +12,7 @@ use sha2::{Digest, Sha256};
 
 use super::register::Buffers;
 use super::{Config, Gpu};
+use crate::algorithm::Algorithm;
 use crate::algorithm::Tuning;
 use crate::driver::driver_version;
 use crate::error::{Error, Result};
@@ -32,6 +33,11 @@ pub(super) struct CustomPath {
     pub scatter_gather_kernels: Arc<ScatterGatherKernels>,
     /// Blocks per launch at most: the same on every rank.
     pub max_blocks: u32,
+    /// The same for the chunked push, whose kernels are the heaviest: kept
+    /// apart so that they do not lower every other kernel's grid (they fit
+    /// one block per SM where the other all-reduce kernels fit three or
+    /// four).
+    pub chunked_max_blocks: u32,
     pub regions: Regions,
     pub buffers: Buffers,
     /// Measured choices for automatic calls (the same on every rank).
@@ -116,6 +122,14 @@ const STAGING_TAG: u64 = 1;
 const PUSH_TAG: u64 = 2;
 
 impl CustomPath {
+    /// The most blocks a launch of `algorithm` may use.
+    pub fn max_blocks_for(&self, algorithm: Algorithm) -> u32 {
+        match algorithm {
+            Algorithm::ChunkedPush => self.chunked_max_blocks,
+            _ => self.max_blocks,
+        }
+    }
+
     /// Collective: builds this rank's side of the kernels on `gpu`.
     pub fn new(
         rendezvous: &dyn Rendezvous,
@@ -138,10 +152,11 @@ impl CustomPath {
             local.tuning_digest,
         ];
         let mut mine = local.uuid.to_vec();
-        mine.extend([local.capacity.resident as u64, local.capacity.sms as u64]);
+        let capacity = &local.capacity;
+        mine.extend([capacity.resident, capacity.sms, capacity.resident_chunked].map(u64::from));
         mine.extend(shared_settings);
         let peers = all_gather_u64s(rendezvous, "set-up", &mine)?;
-        if let Some(bad) = peers.iter().position(|p| p[4..] != shared_settings) {
+        if let Some(bad) = peers.iter().position(|p| p[5..] != shared_settings) {
             return Err(Error::RankMismatch {
                 what: "set-up",
                 detail: format!(
@@ -160,21 +175,25 @@ impl CustomPath {
         // kernel must still find room beside its co-tenants' spinning
         // blocks: sharing ranks together touch at most half the SMs
         // (docs/design.md, "Ranks sharing a GPU").
-        let max_blocks = peers
-            .iter()
-            .map(|p| {
-                let sharing = peers.iter().filter(|q| q[..2] == p[..2]).count() as u64;
-                let (resident, sms) = (p[2], p[3]);
-                if sharing == 1 {
-                    resident
-                } else {
-                    (resident / sharing).min(sms / (2 * sharing))
-                }
-            })
-            .min()
-            .unwrap_or(0)
-            .min(config.max_blocks as u64) as u32;
-        if max_blocks == 0 {
+        // `resident`: where in a peer's row its GPU's resident blocks are.
+        let limit = |resident: usize| {
+            peers
+                .iter()
+                .map(|p| {
+                    let sharing = peers.iter().filter(|q| q[..2] == p[..2]).count() as u64;
+                    let (resident, sms) = (p[resident], p[3]);
+                    if sharing == 1 {
+                        resident
+                    } else {
+                        (resident / sharing).min(sms / (2 * sharing))
+                    }
+                })
+                .min()
+                .unwrap_or(0)
+                .min(config.max_blocks as u64) as u32
+        };
+        let (max_blocks, chunked_max_blocks) = (limit(2), limit(4));
+        if max_blocks == 0 || chunked_max_blocks == 0 {
             return Err(Error::InvalidConfig(
                 "a GPU cannot keep one block of every rank on it resident; use fewer ranks per GPU"
                     .into(),
@@ -217,6 +236,7 @@ impl CustomPath {
             norm_kernels: local.norm_kernels,
             scatter_gather_kernels: local.scatter_gather_kernels,
             max_blocks,
+            chunked_max_blocks,
             regions: Regions {
                 signal_peers,
                 push_peers,
@@ -300,12 +320,15 @@ impl LocalSetup {
             .filter(|((kind, _), _)| kind.meets_peers())
             .map(|(_, function)| function);
         let scatter_gather_kernels = load_scatter_gather_kernels(ctx, world_size)?;
+        let (chunked, others): (Vec<_>, Vec<_>) = kernels
+            .iter()
+            .partition(|((algorithm, _), _)| *algorithm == Algorithm::ChunkedPush);
         let capacity = Capacity::of(
             ctx,
-            kernels
-                .values()
+            (others.into_iter().map(|(_, function)| function))
                 .chain(meeting_norm_kernels)
                 .chain(scatter_gather_kernels.values()),
+            chunked.into_iter().map(|(_, function)| function),
         )?;
         let signal = DeviceMemory::zeroed(stream, SCRATCH_OFFSET + config.scratch_bytes)?;
         let staging = DeviceMemory::zeroed(stream, config.staging_bytes)?;
@@ -349,31 +372,39 @@ impl LocalSetup {
 
 /// What one GPU holds at once.
 struct Capacity {
-    /// Blocks of the heaviest kernel, on the whole GPU.
+    /// Blocks of the heaviest kernel but the chunked push's, on the whole GPU.
     resident: u32,
     /// Streaming multiprocessors.
     sms: u32,
+    /// Blocks of the heaviest chunked-push kernel, on the whole GPU.
+    resident_chunked: u32,
 }
 
 impl Capacity {
-    /// `kernels`: every kernel that meets peers at barriers.
+    /// `kernels`: every kernel that waits for peers but the chunked push's
+    /// (`chunked`).
     fn of<'a>(
         ctx: &Arc<CudaContext>,
         kernels: impl Iterator<Item = &'a CudaFunction>,
+        chunked: impl Iterator<Item = &'a CudaFunction>,
     ) -> Result<Capacity> {
         let sms = ctx
             .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(Error::driver("cuDeviceGetAttribute"))? as u32;
-        let mut per_sm = u32::MAX;
-        for function in kernels {
-            let blocks = function
-                .occupancy_max_active_blocks_per_multiprocessor(THREADS_PER_BLOCK, 0, None)
-                .map_err(Error::driver("cuOccupancyMaxActiveBlocksPerMultiprocessor"))?;
-            per_sm = per_sm.min(blocks);
-        }
+        let resident = |functions: &mut dyn Iterator<Item = &'a CudaFunction>| {
+            let mut per_sm = u32::MAX;
+            for function in functions {
+                let blocks = function
+                    .occupancy_max_active_blocks_per_multiprocessor(THREADS_PER_BLOCK, 0, None)
+                    .map_err(Error::driver("cuOccupancyMaxActiveBlocksPerMultiprocessor"))?;
+                per_sm = per_sm.min(blocks);
+            }
+            Ok::<u32, Error>(per_sm.saturating_mul(sms))
+        };
         Ok(Capacity {
-            resident: per_sm.saturating_mul(sms),
+            resident: resident(&mut { kernels })?,
             sms,
+            resident_chunked: resident(&mut { chunked })?,
         })
     }
 }

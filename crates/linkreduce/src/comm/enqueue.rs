@@ -207,12 +207,11 @@ impl Communicator {
                 .as_ref()?
                 .blocks(self.world_size, bytes, algorithm)
         };
+        let limit = custom.max_blocks_for(algorithm);
         let max_blocks = options
             .max_blocks
             .or_else(tuned)
-            .map_or(custom.max_blocks, |wanted| {
-                wanted.clamp(1, custom.max_blocks)
-            });
+            .map_or(limit, |wanted| wanted.clamp(1, limit));
         // A misaligned output is written whole packets at a time into the
         // bounce buffer, then copied into place: this rank's concern alone.
         let bounce = (output % PACKET != 0).then(|| custom.regions.bounce.ptr());
@@ -437,7 +436,9 @@ impl Communicator {
         // a buffer checked shareable when it was shared; a push input holds
         // `count` elements and fits the push segment (chunks are cut to
         // it); a chunked push's slots lie in scratch (chunk_slot_bytes
-        // divides it among the rings) and its chunks fit a slot; the
+        // divides it among the rings), its chunks fit a slot, and its grid
+        // is at most CHUNK_BLOCKS (blocks_for), which its counters and
+        // rings are laid out for; the
         // output holds `count` elements (the caller's slice, or the bounce
         // buffer, which holds a whole chunk). Each kernel waits for the
         // previous one before it reads anything (lr_wait_for_previous_kernel),

@@ -131,8 +131,9 @@ impl Communicator {
         NcclComm::from_rendezvous(self.rendezvous.as_ref(), &self.gpu.stream)
     }
 
-    /// The largest grid a launch uses (same on every rank); None where
-    /// every call takes NCCL.
+    /// The largest grid a launch uses (same on every rank), but for the
+    /// chunked push, whose heavier kernels may get fewer; None where every
+    /// call takes NCCL.
     pub fn max_blocks(&self) -> Option<u32> {
         self.custom.as_ref().map(|custom| custom.max_blocks)
     }

@@ -12,10 +12,6 @@
 // One 64-bit store, so a peer sees the epoch and its payload together.
 #define LR_EPOCH_MASK ((1ull << LR_EPOCH_BITS) - 1)
 
-// One rank's synchronisation counters, at the start of its signal region.
-// counters[parity][block][peer] is written by `peer` and read by the owner.
-// Two arrays alternate (by epoch parity) because a fast peer can already be
-// at the next barrier while a slow owner still waits on this one.
 // The chunked push's counters (chunked.cu says how they order a ring's
 // slots), per block of its grid and per peer.
 struct ChunkSignal {
@@ -24,6 +20,10 @@ struct ChunkSignal {
   u64 sequence[LR_CHUNK_BLOCKS];             // chunks this block moved; only the owner's
 };
 
+// One rank's synchronisation counters, at the start of its signal region.
+// counters[parity][block][peer] is written by `peer` and read by the owner.
+// Two arrays alternate (by epoch parity) because a fast peer can already be
+// at the next barrier while a slow owner still waits on this one.
 struct Signal {
   u64 counters[2][LR_MAX_BLOCKS][LR_MAX_RANKS];
   ChunkSignal chunks;
@@ -41,10 +41,11 @@ struct Fault {
   u32 code;      // 0: none, 1: barrier timeout
   u32 rank;      // the rank that gave up waiting
   u32 peer;      // the rank it waited for
-  u32 barrier;   // which barrier of the kernel (0 = start; 99 = push data)
+  u32 barrier;   // which barrier (0 = start; 99 = push data; 97, 98 = chunked push
+                 // chunk and slot)
   u32 block;
-  u32 expected;  // the epoch awaited (low bits; 0 for push)
-  u32 seen;      // what the peer's counter held last (low bits; 0 for push)
+  u32 expected;  // the epoch awaited (low bits; 0 for push; chunked push: chunk number)
+  u32 seen;      // what the peer's counter held last (as `expected`)
 };
 
 // Everything a kernel needs to synchronise; passed by value.

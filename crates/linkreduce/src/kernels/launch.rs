@@ -205,9 +205,11 @@ mod tests {
         assert!(!ptx("compute_80").contains("griddepcontrol"));
     }
 
-    /// No kernel of the program spills to local memory: a per-thread array
-    /// indexed at run time (a partial packet's lanes, once) ends up there,
-    /// one more memory round trip on a path meant to be at the floor.
+    /// No kernel's PTX uses local memory: a per-thread array indexed at
+    /// run time (a partial packet's lanes, once) ends up there, one more
+    /// memory round trip on a path meant to be at the floor. Spills that
+    /// ptxas adds later are not seen here; `linkreduce info` prints each
+    /// kernel's local bytes on the GPU.
     #[test]
     fn no_kernel_uses_local_memory() {
         for (name, body) in entries(&ptx("compute_90")) {
