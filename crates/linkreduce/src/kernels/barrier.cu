@@ -124,6 +124,21 @@ static __device__ __forceinline__ u64 lr_load_acquire(u64* p) {
   return v;
 }
 
+// The deadline of every spin loop on a peer. A loop counts its spins and
+// calls this on every 1024th (LR_SPINS_PER_CLOCK) only: reading the clock
+// on every spin slows the common, short wait. The first call starts the
+// clock (`start` 0: not started), so a short wait never reads it. True
+// once the wait has run past `timeout_ns`.
+#define LR_SPINS_PER_CLOCK 1023u
+static __device__ __forceinline__ bool lr_past_deadline(u64& start, u64 timeout_ns) {
+  const u64 now = lr_now_ns();
+  if (start == 0) {
+    start = now;
+    return false;
+  }
+  return now - start > timeout_ns;
+}
+
 // Several blocks may time out together; any one of their reports is true,
 // so plain stores suffice (atomics on host memory need PCIe atomics).
 static __device__ void lr_record_fault(const BarrierArgs& a, u32 peer, u32 barrier, u32 expected,
@@ -159,16 +174,10 @@ static __device__ __forceinline__ u64 lr_meet(const BarrierArgs& a, u32 epoch, u
   for (;;) {
     const u64 seen = PUBLISH ? lr_load_acquire(from_peer) : lr_load_relaxed(from_peer);
     if ((seen & LR_EPOCH_MASK) == (epoch & LR_EPOCH_MASK)) return seen;
-    // Reading the clock on every spin slows the common, short wait.
-    if ((++spins & 1023u) == 0u) {
-      const u64 now = lr_now_ns();
-      if (start == 0) {
-        start = now;
-      } else if (now - start > a.timeout_ns) {
-        lr_record_fault(a, peer, barrier, epoch & LR_EPOCH_MASK, (u32)(seen & LR_EPOCH_MASK));
-        timed_out = true;
-        return 0;
-      }
+    if ((++spins & LR_SPINS_PER_CLOCK) == 0u && lr_past_deadline(start, a.timeout_ns)) {
+      lr_record_fault(a, peer, barrier, epoch & LR_EPOCH_MASK, (u32)(seen & LR_EPOCH_MASK));
+      timed_out = true;
+      return 0;
     }
   }
 }

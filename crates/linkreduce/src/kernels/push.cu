@@ -118,14 +118,9 @@ static __device__ __forceinline__ Pack lr_push_wait(const PushArgs& a, u32 slot,
   u32 spins = 0;
   Pack p = lr_load_volatile(at);
   while (!timed_out && lr_has_empty<D>(p)) {
-    if ((++spins & 1023u) == 0u) {
-      const u64 now = lr_now_ns();
-      if (start == 0) {
-        start = now;
-      } else if (now - start > a.bar.timeout_ns) {
-        lr_record_fault(a.bar, (u32)writer, LR_PUSH_WAIT, 0, 0);
-        timed_out = true;
-      }
+    if ((++spins & LR_SPINS_PER_CLOCK) == 0u && lr_past_deadline(start, a.bar.timeout_ns)) {
+      lr_record_fault(a.bar, (u32)writer, LR_PUSH_WAIT, 0, 0);
+      timed_out = true;
     }
     p = lr_load_volatile(at);
   }
