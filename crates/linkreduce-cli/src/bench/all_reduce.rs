@@ -121,34 +121,43 @@ impl Grid {
         let Some(AlgorithmChoice::Force(algorithm)) = implementation.algorithm() else {
             return None;
         };
-        let limit = comm.max_blocks()?;
         match self {
             Grid::Own => None,
-            Grid::Limit => Some(limit),
+            Grid::Limit => comm.max_blocks(),
             Grid::Divided(divisor) => {
-                let packets = bytes.div_ceil(PACKET_BYTES);
-                let full = blocks_for(
-                    algorithm,
-                    comm.world_size(),
-                    packets,
-                    THREADS_PER_BLOCK,
-                    limit,
-                );
-                Some((full / divisor).max(1))
+                Some((default_blocks(comm, algorithm, bytes)? / divisor).max(1))
             }
         }
     }
 
     /// Whether this pass times `bytes`: a divided grid only where it is
-    /// smaller than the default.
+    /// smaller than the default (one-stage's).
     fn covers(self, comm: &Communicator, bytes: usize) -> bool {
         let Grid::Divided(divisor) = self else {
             return true;
         };
-        let one_stage = Implementation::OneStage;
-        let full = Grid::Divided(1).max_blocks(comm, one_stage, bytes);
-        full.is_some_and(|full| full >= 2 * divisor)
+        default_blocks(comm, Algorithm::OneStage, bytes).is_some_and(|full| full >= 2 * divisor)
     }
+
+    /// Whether this pass times `implementation`: the divided grids only the
+    /// forced kernel algorithms.
+    fn times(self, implementation: Implementation) -> bool {
+        let forced = matches!(implementation.algorithm(), Some(AlgorithmChoice::Force(_)));
+        forced || !matches!(self, Grid::Divided(_))
+    }
+}
+
+/// The grid a call of `algorithm` of `bytes` gets without a cap.
+fn default_blocks(comm: &Communicator, algorithm: Algorithm, bytes: usize) -> Option<u32> {
+    let packets = bytes.div_ceil(PACKET_BYTES);
+    let limit = comm.max_blocks()?;
+    Some(blocks_for(
+        algorithm,
+        comm.world_size(),
+        packets,
+        THREADS_PER_BLOCK,
+        limit,
+    ))
 }
 
 /// Every implementation and size on this rank; rank 0 prints and writes
@@ -170,11 +179,7 @@ pub(super) fn bench_rank(comm: &mut Communicator, args: &Args, sweep: &Sweep) ->
             .filter(|&bytes| grid.covers(comm, bytes))
             .collect();
         let implementations: Vec<Implementation> = (sweep.implementations.iter().copied())
-            .filter(|i| {
-                grid == Grid::Limit
-                    || grid == Grid::Own
-                    || i.tuned_path().is_some_and(|p| p != TunedPath::Nccl)
-            })
+            .filter(|&i| grid.times(i))
             .collect();
         if sizes.is_empty() || implementations.is_empty() {
             continue;

@@ -370,6 +370,18 @@ impl LocalSetup {
     }
 }
 
+/// Blocks of the heaviest of `kernels` that one SM holds at once.
+fn resident_blocks<'a>(kernels: impl Iterator<Item = &'a CudaFunction>) -> Result<u32> {
+    let mut per_sm = u32::MAX;
+    for function in kernels {
+        let blocks = function
+            .occupancy_max_active_blocks_per_multiprocessor(THREADS_PER_BLOCK, 0, None)
+            .map_err(Error::driver("cuOccupancyMaxActiveBlocksPerMultiprocessor"))?;
+        per_sm = per_sm.min(blocks);
+    }
+    Ok(per_sm)
+}
+
 /// What one GPU holds at once.
 struct Capacity {
     /// Blocks of the heaviest kernel but the chunked push's, on the whole GPU.
@@ -391,20 +403,10 @@ impl Capacity {
         let sms = ctx
             .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(Error::driver("cuDeviceGetAttribute"))? as u32;
-        let resident = |functions: &mut dyn Iterator<Item = &'a CudaFunction>| {
-            let mut per_sm = u32::MAX;
-            for function in functions {
-                let blocks = function
-                    .occupancy_max_active_blocks_per_multiprocessor(THREADS_PER_BLOCK, 0, None)
-                    .map_err(Error::driver("cuOccupancyMaxActiveBlocksPerMultiprocessor"))?;
-                per_sm = per_sm.min(blocks);
-            }
-            Ok::<u32, Error>(per_sm.saturating_mul(sms))
-        };
         Ok(Capacity {
-            resident: resident(&mut { kernels })?,
+            resident: resident_blocks(kernels)?.saturating_mul(sms),
             sms,
-            resident_chunked: resident(&mut { chunked })?,
+            resident_chunked: resident_blocks(chunked)?.saturating_mul(sms),
         })
     }
 }
