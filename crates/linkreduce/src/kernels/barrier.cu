@@ -125,11 +125,11 @@ static __device__ __forceinline__ u64 lr_load_acquire(u64* p) {
 }
 
 // The deadline of every spin loop on a peer. A loop counts its spins and
-// calls this on every 1024th (LR_SPINS_PER_CLOCK) only: reading the clock
-// on every spin slows the common, short wait. The first call starts the
-// clock (`start` 0: not started), so a short wait never reads it. True
-// once the wait has run past `timeout_ns`.
-#define LR_SPINS_PER_CLOCK 1023u
+// calls this only where the count & LR_SPIN_MASK is 0, every 1024th spin:
+// reading the clock on every spin slows the common, short wait. The first
+// call starts the clock (`start` 0: not started), so a short wait never
+// reads it. True once the wait has run past `timeout_ns`.
+#define LR_SPIN_MASK 1023u
 static __device__ __forceinline__ bool lr_past_deadline(u64& start, u64 timeout_ns) {
   const u64 now = lr_now_ns();
   if (start == 0) {
@@ -174,7 +174,7 @@ static __device__ __forceinline__ u64 lr_meet(const BarrierArgs& a, u32 epoch, u
   for (;;) {
     const u64 seen = PUBLISH ? lr_load_acquire(from_peer) : lr_load_relaxed(from_peer);
     if ((seen & LR_EPOCH_MASK) == (epoch & LR_EPOCH_MASK)) return seen;
-    if ((++spins & LR_SPINS_PER_CLOCK) == 0u && lr_past_deadline(start, a.timeout_ns)) {
+    if ((++spins & LR_SPIN_MASK) == 0u && lr_past_deadline(start, a.timeout_ns)) {
       lr_record_fault(a, peer, barrier, epoch & LR_EPOCH_MASK, (u32)(seen & LR_EPOCH_MASK));
       timed_out = true;
       return 0;

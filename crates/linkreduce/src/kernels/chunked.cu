@@ -69,7 +69,7 @@ static __device__ __forceinline__ void lr_wait_for_count(const BarrierArgs& a, u
   for (;;) {
     const u64 seen = lr_load_acquire(at);
     if (seen >= target) return;
-    if ((++spins & LR_SPINS_PER_CLOCK) == 0u && lr_past_deadline(start, a.timeout_ns)) {
+    if ((++spins & LR_SPIN_MASK) == 0u && lr_past_deadline(start, a.timeout_ns)) {
       lr_record_fault(a, peer, what, (u32)target, (u32)seen);
       timed_out = true;
       return;

@@ -118,7 +118,7 @@ static __device__ __forceinline__ Pack lr_push_wait(const PushArgs& a, u32 slot,
   u32 spins = 0;
   Pack p = lr_load_volatile(at);
   while (!timed_out && lr_has_empty<D>(p)) {
-    if ((++spins & LR_SPINS_PER_CLOCK) == 0u && lr_past_deadline(start, a.bar.timeout_ns)) {
+    if ((++spins & LR_SPIN_MASK) == 0u && lr_past_deadline(start, a.bar.timeout_ns)) {
       lr_record_fault(a.bar, (u32)writer, LR_PUSH_WAIT, 0, 0);
       timed_out = true;
     }
